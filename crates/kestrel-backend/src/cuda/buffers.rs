@@ -1,0 +1,158 @@
+//! Device buffers and the backend's associated types.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+
+use super::weights::Format;
+use crate::error::BackendError;
+use crate::layout::{KvSpec, RopeStyle};
+
+/// A raw device allocation with its address cached (kernels take raw
+/// pointers; event tracking is off, so no per-use bookkeeping is needed).
+pub struct DevBuf {
+    _slice: CudaSlice<u8>,
+    pub(crate) ptr: u64,
+    pub(crate) bytes: usize,
+}
+
+impl DevBuf {
+    pub(crate) fn alloc(stream: &Arc<CudaStream>, bytes: usize, what: &str) -> Result<DevBuf, BackendError> {
+        // Never allocate 0 bytes: the driver rejects it and every kernel
+        // expects a valid address.
+        let n = bytes.max(16);
+        let slice = stream
+            .alloc_zeros::<u8>(n)
+            .map_err(|e| BackendError::OutOfMemory(format!("{what}: {n} bytes: {e}")))?;
+        let ptr = {
+            let (p, _sync) = slice.device_ptr(stream);
+            p
+        };
+        Ok(DevBuf {
+            _slice: slice,
+            ptr,
+            bytes,
+        })
+    }
+}
+
+/// f32 activation `[rows, cols]`.
+pub struct CudaAct {
+    pub(crate) buf: DevBuf,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+}
+
+impl CudaAct {
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    pub(crate) fn ptr(&self) -> u64 {
+        self.buf.ptr
+    }
+}
+
+/// Weight `[rows = out, cols = in]` in a device layout of `kernels/dequant.cu`.
+pub struct CudaWeight {
+    pub(crate) buf: DevBuf,
+    pub(crate) format: Format,
+    pub(crate) stored: kestrel_formats::DType,
+    pub(crate) name: String,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) off1: usize,
+    pub(crate) off2: usize,
+}
+
+impl CudaWeight {
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    /// Stored dtype of the source tensor.
+    pub fn stored_dtype(&self) -> kestrel_formats::DType {
+        self.stored
+    }
+    /// Bytes the weight occupies on the device.
+    pub fn device_bytes(&self) -> usize {
+        self.buf.bytes
+    }
+    pub(crate) fn ptrs(&self) -> (u64, u64, u64) {
+        (
+            self.buf.ptr,
+            self.buf.ptr + self.off1 as u64,
+            self.buf.ptr + self.off2 as u64,
+        )
+    }
+}
+
+/// f32 vector.
+pub struct CudaVector {
+    pub(crate) buf: DevBuf,
+    pub(crate) len: usize,
+}
+
+/// RoPE table: `inv_freq` on the device.
+pub struct CudaRope {
+    pub(crate) buf: DevBuf,
+    pub(crate) n_pairs: usize,
+    pub(crate) style: RopeStyle,
+    pub(crate) mscale: f32,
+}
+
+/// Paged KV pool. Layout per layer: K for every slot (`[slots, kv_dim]`),
+/// then V likewise; slot = block * block_size + offset.
+pub struct CudaKvPool {
+    pub(crate) buf: DevBuf,
+    pub(crate) spec: KvSpec,
+}
+
+impl CudaKvPool {
+    pub(crate) fn kv_dim(&self) -> usize {
+        self.spec.n_kv_heads * self.spec.head_dim
+    }
+    pub(crate) fn slots(&self) -> usize {
+        self.spec.num_blocks * self.spec.block_size
+    }
+    /// Element offset of layer `l`'s K, and of V relative to K.
+    pub(crate) fn offsets(&self, layer: usize) -> (i64, i64) {
+        let per = (self.slots() * self.kv_dim()) as i64;
+        (2 * per * layer as i64, per)
+    }
+    pub(crate) fn dtype_code(&self) -> i32 {
+        match self.spec.dtype {
+            crate::layout::KvDType::F32 => 0,
+            crate::layout::KvDType::F16 => 1,
+            crate::layout::KvDType::Bf16 => 2,
+        }
+    }
+}
+
+/// Device addresses of one step's metadata (inside the backend's persistent
+/// metadata buffer) plus the host facts kernels' launch shapes need.
+pub struct CudaBatch {
+    pub(crate) write_id: u64,
+    pub(crate) tokens: u64,
+    pub(crate) positions: u64,
+    pub(crate) slots: u64,
+    pub(crate) token_seq: u64,
+    pub(crate) block_tables: u64,
+    pub(crate) bt_stride: usize,
+    pub(crate) block_size: usize,
+    pub(crate) num_tokens: usize,
+    pub(crate) num_seqs: usize,
+    pub(crate) max_token: u32,
+    pub(crate) max_slot: u32,
+    pub(crate) max_block: u32,
+}
+
+impl CudaBatch {
+    pub fn num_tokens(&self) -> usize {
+        self.num_tokens
+    }
+}

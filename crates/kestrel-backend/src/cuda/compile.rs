@@ -1,0 +1,134 @@
+//! Kernel sources, NVRTC compilation for the device's compute capability,
+//! and the on-disk PTX cache (key: SHA-256 of source + architecture).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaModule};
+use cudarc::nvrtc::{CompileOptions, Ptx};
+use sha2::{Digest, Sha256};
+
+use super::device::guarded;
+use crate::error::BackendError;
+
+/// All kernels form one translation unit: the helpers come first.
+const SOURCES: [(&str, &str); 5] = [
+    ("common.cu", include_str!("kernels/common.cu")),
+    ("dequant.cu", include_str!("kernels/dequant.cu")),
+    ("elementwise.cu", include_str!("kernels/elementwise.cu")),
+    ("attention.cu", include_str!("kernels/attention.cu")),
+    ("gemv.cu", include_str!("kernels/gemv.cu")),
+];
+
+pub(crate) fn full_source() -> String {
+    let mut s = String::new();
+    for (name, text) in SOURCES {
+        s.push_str(&format!("// ---- {name} ----\n"));
+        s.push_str(text);
+        s.push('\n');
+    }
+    s
+}
+
+fn cache_dir() -> Option<PathBuf> {
+    if let Ok(dir) = std::env::var("KESTREL_KERNEL_CACHE") {
+        return Some(PathBuf::from(dir));
+    }
+    let home = std::env::var_os("HOME")?;
+    Some(PathBuf::from(home).join(".cache/kestrel/kernels"))
+}
+
+fn options(arch: &str) -> Vec<String> {
+    vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()]
+}
+
+/// Compiles `src` to PTX for `arch` (e.g. "compute_90") with NVRTC.
+pub(crate) fn compile_ptx(src: &str, arch: &str) -> Result<String, BackendError> {
+    // SAFETY: only probes for the library with dlopen.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(BackendError::Cuda(
+            "libnvrtc.so not found (needed to compile kernels at run time)".into(),
+        ));
+    }
+    guarded("NVRTC", || {
+        let co = CompileOptions {
+            options: options(arch),
+            ..Default::default()
+        };
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(src, co).map_err(|e| match e {
+            cudarc::nvrtc::CompileError::CompileError { log, .. } => BackendError::Cuda(format!(
+                "NVRTC failed to compile the kernels for {arch}:\n{}",
+                log.to_string_lossy()
+            )),
+            other => BackendError::Cuda(format!("NVRTC ({arch}): {other}")),
+        })?;
+        Ok(ptx.to_src())
+    })
+}
+
+/// Compiles (or loads from the cache) the kernel module for `cc`.
+pub(crate) fn load_module(ctx: &Arc<CudaContext>, cc: (i32, i32)) -> Result<Arc<CudaModule>, BackendError> {
+    let arch = format!("compute_{}{}", cc.0, cc.1);
+    let src = full_source();
+    let opts = options(&arch);
+    let mut h = Sha256::new();
+    h.update(src.as_bytes());
+    h.update(opts.join(" ").as_bytes());
+    let key: String = h.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect();
+    let path = cache_dir().map(|d| d.join(format!("{key}-{arch}.ptx")));
+
+    let cached = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok());
+    let ptx_text = match cached {
+        Some(t) => t,
+        None => {
+            let t = compile_ptx(&src, &arch)?;
+            if let Some(p) = &path {
+                // The cache is an optimisation: failing to write it is not an error.
+                if let Some(dir) = p.parent() {
+                    let _ = std::fs::create_dir_all(dir);
+                }
+                let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+                if std::fs::write(&tmp, &t).is_ok() {
+                    let _ = std::fs::rename(&tmp, p);
+                }
+            }
+            t
+        }
+    };
+    guarded("loading the kernel module", || {
+        ctx.load_module(Ptx::from_src(ptx_text))
+            .map_err(|e| BackendError::Cuda(format!("loading PTX for {arch}: {e}")))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernels compile with NVRTC wherever libnvrtc exists (no GPU needed).
+    #[test]
+    fn kernels_compile_with_nvrtc() {
+        match compile_ptx(&full_source(), "compute_90") {
+            Ok(ptx) => {
+                // For reading the PTX (local-memory use, load widths) offline.
+                if let Ok(path) = std::env::var("KESTREL_PTX_OUT") {
+                    std::fs::write(&path, &ptx).expect("writing KESTREL_PTX_OUT");
+                }
+                for k in [
+                    "gemv_q4_k_8",
+                    "attention",
+                    "qk_norm_rope",
+                    "argmax_rows",
+                    "dequant_f16",
+                ] {
+                    assert!(
+                        ptx.contains(&format!(".entry {k}(")),
+                        "kernel {k} missing from the PTX"
+                    );
+                }
+            }
+            Err(e) if e.to_string().contains("libnvrtc.so not found") => eprintln!("SKIP: no NVRTC: {e}"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+}

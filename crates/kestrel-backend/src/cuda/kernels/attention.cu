@@ -1,0 +1,245 @@
+// Causal attention over the paged KV pool. A query row at position p of
+// sequence s sees keys at positions max(0, p - window + 1) ..= p, read
+// through s's block table (pool slot = table[k / block_size] * block_size +
+// k % block_size). Scores: (q . k) * scale, then optional softcap.
+
+#define ATT_WARPS 4
+#define ATT_MAXJ 8 // head_dim <= 32 * ATT_MAXJ
+#define ATT_UNROLL 4
+
+__device__ __forceinline__ long long kv_slot(const u32* table, int block_size, int k) {
+    return (long long)table[k / block_size] * block_size + (k % block_size);
+}
+
+// Fused: grid = (rows, n_heads, splits), block = 32 * ATT_WARPS. Split z
+// takes an equal share of the row's visible keys (computed here from the
+// position, so a captured graph stays valid as contexts grow); each warp
+// walks every ATT_WARPS-th key of it with an online softmax and the warps
+// merge at the end. With splits == 1 the result goes to `out`; otherwise
+// (max, sum, unnormalised values) go to `part`, and the last split block of
+// a (row, head) to finish (counted in `counters`, which it resets to 0 for
+// the next launch or graph replay) merges them: no second launch.
+// Dynamic shared memory: (1 + ATT_WARPS) * head_dim + 2 * ATT_WARPS floats.
+// The KV element type is a template parameter so that every K/V load of a
+// key group is one plain load the compiler can issue back to back.
+// Eight consecutive pool elements from element index i (16-byte aligned).
+template <int KVT>
+__device__ __forceinline__ void kv_load8(const void* pool, long long i, float* dst) {
+    if (KVT == KV_F32) {
+        const float4* p = (const float4*)((const float*)pool + i);
+        float4 a = p[0], b = p[1];
+        dst[0] = a.x; dst[1] = a.y; dst[2] = a.z; dst[3] = a.w;
+        dst[4] = b.x; dst[5] = b.y; dst[6] = b.z; dst[7] = b.w;
+    } else {
+        uint4 r = *(const uint4*)((const u16*)pool + i);
+        u32 w[4] = {r.x, r.y, r.z, r.w};
+        #pragma unroll
+        for (int k = 0; k < 8; k++) {
+            u16 h = (u16)((w[k >> 1] >> (16 * (k & 1))) & 0xffffu);
+            dst[k] = KVT == KV_F16 ? h2f(h) : bf2f(h);
+        }
+    }
+}
+
+// VEC (head_dim % 8 == 0): lane owns dims lane*8 .. lane*8+7 and loads them
+// with one 16-byte (f16/bf16) or two (f32) loads; otherwise lane owns dims
+// lane + 32*j with scalar loads.
+template <int KVT, bool VEC>
+__device__ __forceinline__ void attention_impl(const float* q, const void* pool, long long layer_off,
+                                     long long v_off, const u32* positions,
+                                     const u32* token_seq, const u32* block_tables, int bt_stride,
+                                     int block_size, int n_heads, int n_kv_heads, int head_dim,
+                                     float scale, int window, float cap, float* out, int splits,
+                                     float* part, u32* counters) {
+    extern __shared__ float sm[];
+    float* qs = sm;
+    float* accs = sm + head_dim;
+    float* ms = accs + ATT_WARPS * head_dim;
+    float* ls = ms + ATT_WARPS;
+    int row = blockIdx.x, h = blockIdx.y;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int kvh = h / (n_heads / n_kv_heads);
+    int kv_dim = n_kv_heads * head_dim;
+    const float* qr = q + ((long long)row * n_heads + h) * head_dim;
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) qs[d] = qr[d] * scale;
+    __syncthreads();
+    int pos = (int)positions[row];
+    const u32* table = block_tables + (long long)token_seq[row] * bt_stride;
+    int start = window > 0 ? max(0, pos - window + 1) : 0;
+    int total = pos - start + 1;
+    int chunk = (total + splits - 1) / splits;
+    int kbeg = start + (int)blockIdx.z * chunk;
+    int kend = min(pos, kbeg + chunk - 1);
+
+    float m = -__int_as_float(0x7f800000), l = 0.0f;
+    float acc[ATT_MAXJ];
+    float qv[ATT_MAXJ];
+    #pragma unroll
+    for (int j = 0; j < ATT_MAXJ; j++) {
+        int d = VEC ? lane * 8 + j : lane + 32 * j;
+        acc[j] = 0.0f;
+        qv[j] = d < head_dim ? qs[d] : 0.0f;
+    }
+    bool lane_live = lane * 8 < head_dim;
+    // Keys in groups of ATT_UNROLL per warp: every K and V load of a group
+    // is issued before the first reduction, so a group costs about one
+    // memory latency instead of two per key.
+    for (int k0 = kbeg + warp; k0 <= kend; k0 += ATT_WARPS * ATT_UNROLL) {
+        float kk[ATT_UNROLL][ATT_MAXJ], vv[ATT_UNROLL][ATT_MAXJ];
+        #pragma unroll
+        for (int u = 0; u < ATT_UNROLL; u++) {
+            int key = k0 + u * ATT_WARPS;
+            long long base = key <= kend
+                ? layer_off + kv_slot(table, block_size, key) * kv_dim + (long long)kvh * head_dim : -1;
+            if (VEC) {
+                if (base >= 0 && lane_live) {
+                    kv_load8<KVT>(pool, base + lane * 8, kk[u]);
+                    kv_load8<KVT>(pool, base + v_off + lane * 8, vv[u]);
+                } else {
+                    #pragma unroll
+                    for (int j = 0; j < ATT_MAXJ; j++) { kk[u][j] = 0.0f; vv[u][j] = 0.0f; }
+                }
+            } else {
+                #pragma unroll
+                for (int j = 0; j < ATT_MAXJ; j++) {
+                    int d = lane + 32 * j;
+                    bool ok = base >= 0 && d < head_dim;
+                    kk[u][j] = ok ? kv_load(pool, base + d, KVT) : 0.0f;
+                    vv[u][j] = ok ? kv_load(pool, base + v_off + d, KVT) : 0.0f;
+                }
+            }
+        }
+        #pragma unroll
+        for (int u = 0; u < ATT_UNROLL; u++) {
+            if (k0 + u * ATT_WARPS > kend) break; // uniform across the warp
+            float s = 0.0f;
+            #pragma unroll
+            for (int j = 0; j < ATT_MAXJ; j++) s += qv[j] * kk[u][j];
+            s = warp_sum(s);
+            if (cap > 0.0f) s = cap * tanhf(s / cap);
+            float mn = fmaxf(m, s);
+            float corr = expf(m - mn);
+            float p = expf(s - mn);
+            l = l * corr + p;
+            #pragma unroll
+            for (int j = 0; j < ATT_MAXJ; j++) acc[j] = acc[j] * corr + p * vv[u][j];
+            m = mn;
+        }
+    }
+    #pragma unroll
+    for (int j = 0; j < ATT_MAXJ; j++) {
+        int d = VEC ? lane * 8 + j : lane + 32 * j;
+        if (d < head_dim) accs[warp * head_dim + d] = acc[j];
+    }
+    if (lane == 0) { ms[warp] = m; ls[warp] = l; }
+    __syncthreads();
+    float mt = -__int_as_float(0x7f800000);
+    for (int w = 0; w < ATT_WARPS; w++) mt = fmaxf(mt, ms[w]);
+    float lt = 0.0f;
+    for (int w = 0; w < ATT_WARPS; w++) if (ls[w] > 0.0f) lt += ls[w] * expf(ms[w] - mt);
+    if (splits == 1) {
+        float* orow = out + ((long long)row * n_heads + h) * head_dim;
+        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+            float v = 0.0f;
+            for (int w = 0; w < ATT_WARPS; w++) if (ls[w] > 0.0f) v += accs[w * head_dim + d] * expf(ms[w] - mt);
+            orow[d] = lt > 0.0f ? v / lt : 0.0f;
+        }
+    } else {
+        long long rh = (long long)row * n_heads + h;
+        float* prow = part + (rh * splits + blockIdx.z) * (head_dim + 2);
+        if (threadIdx.x == 0) { prow[0] = mt; prow[1] = lt; }
+        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+            float v = 0.0f;
+            for (int w = 0; w < ATT_WARPS; w++) if (ls[w] > 0.0f) v += accs[w * head_dim + d] * expf(ms[w] - mt);
+            prow[2 + d] = v;
+        }
+        __shared__ int s_last;
+        __threadfence();
+        __syncthreads();
+        if (threadIdx.x == 0) s_last = atomicAdd(counters + rh, 1u) == (u32)(splits - 1);
+        __syncthreads();
+        if (!s_last) return;
+        __threadfence();
+        __shared__ float wz[32];
+        __shared__ float inv_l;
+        const float* p = part + rh * splits * (head_dim + 2);
+        if (warp == 0) {
+            int z = lane;
+            float lz = z < splits ? __ldcg(p + z * (head_dim + 2) + 1) : 0.0f;
+            bool ok = lz > 0.0f;
+            float m = ok ? __ldcg(p + z * (head_dim + 2)) : -__int_as_float(0x7f800000);
+            float mx = warp_max(m);
+            float w = ok ? expf(m - mx) : 0.0f;
+            float lsum = warp_sum(lz * w);
+            wz[z] = w;
+            if (z == 0) inv_l = lsum > 0.0f ? 1.0f / lsum : 0.0f;
+        }
+        __syncthreads();
+        float* orow = out + rh * head_dim;
+        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+            float v = 0.0f;
+            #pragma unroll 8
+            for (int z = 0; z < splits; z++) v += wz[z] * __ldcg(p + z * (head_dim + 2) + 2 + d);
+            orow[d] = v * inv_l;
+        }
+        if (threadIdx.x == 0) counters[rh] = 0u;
+    }
+}
+
+extern "C" __global__ void attention(const float* q, const void* pool, long long layer_off,
+                                     long long v_off, int kvt, const u32* positions,
+                                     const u32* token_seq, const u32* block_tables, int bt_stride,
+                                     int block_size, int n_heads, int n_kv_heads, int head_dim,
+                                     float scale, int window, float cap, float* out, int splits,
+                                     float* part, u32* counters) {
+#define ATT_ARGS q, pool, layer_off, v_off, positions, token_seq, block_tables, bt_stride, block_size, \
+                 n_heads, n_kv_heads, head_dim, scale, window, cap, out, splits, part, counters
+    bool vec = head_dim % 8 == 0;
+    if (kvt == KV_F32) {
+        if (vec) attention_impl<KV_F32, true>(ATT_ARGS); else attention_impl<KV_F32, false>(ATT_ARGS);
+    } else if (kvt == KV_F16) {
+        if (vec) attention_impl<KV_F16, true>(ATT_ARGS); else attention_impl<KV_F16, false>(ATT_ARGS);
+    } else {
+        if (vec) attention_impl<KV_BF16, true>(ATT_ARGS); else attention_impl<KV_BF16, false>(ATT_ARGS);
+    }
+#undef ATT_ARGS
+}
+
+// Reference: one thread per (row, head, dim); three plain passes (max, sum,
+// weighted values), every score recomputed. No shared memory, no shuffles.
+extern "C" __global__ void attention_ref(const float* q, const void* pool, long long layer_off,
+                                         long long v_off, int kvt, const u32* positions,
+                                         const u32* token_seq, const u32* block_tables, int bt_stride,
+                                         int block_size, int rows, int n_heads, int n_kv_heads,
+                                         int head_dim, float scale, int window, float cap, float* out) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)rows * n_heads * head_dim) return;
+    int d = (int)(i % head_dim);
+    long long rh = i / head_dim;
+    int h = (int)(rh % n_heads), row = (int)(rh / n_heads);
+    int kvh = h / (n_heads / n_kv_heads);
+    int kv_dim = n_kv_heads * head_dim;
+    const float* qr = q + rh * head_dim;
+    int pos = (int)positions[row];
+    const u32* table = block_tables + (long long)token_seq[row] * bt_stride;
+    int start = window > 0 ? max(0, pos - window + 1) : 0;
+    float mx = -__int_as_float(0x7f800000);
+    for (int pass = 0; pass < 3; pass++) {
+        float sum = 0.0f, acc = 0.0f;
+        for (int k = start; k <= pos; k++) {
+            long long base = layer_off + kv_slot(table, block_size, k) * kv_dim + (long long)kvh * head_dim;
+            float s = 0.0f;
+            for (int e = 0; e < head_dim; e++) s += qr[e] * kv_load(pool, base + e, kvt);
+            s *= scale;
+            if (cap > 0.0f) s = cap * tanhf(s / cap);
+            if (pass == 0) mx = fmaxf(mx, s);
+            else {
+                float p = expf(s - mx);
+                sum += p;
+                acc += p * kv_load(pool, base + v_off + d, kvt);
+            }
+        }
+        if (pass == 2) out[i] = acc / sum;
+        if (pass == 1 && sum == 0.0f) { out[i] = 0.0f; return; }
+    }
+}

@@ -1,0 +1,97 @@
+// Shared helpers of every kestrel kernel. Deliberately free of toolkit
+// headers (cuda_fp16.h, cuda_bf16.h): NVRTC on the target machine may have
+// no include path, so half and bfloat16 are handled as raw 16-bit patterns.
+
+typedef unsigned char u8;
+typedef signed char i8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+// Weight dtype codes; must match `WeightFormat::code` on the Rust side.
+#define DT_F32 0
+#define DT_F16 1
+#define DT_BF16 2
+#define DT_Q8_0 3
+#define DT_Q4_0 4
+#define DT_Q5_0 5
+#define DT_Q4_K 6
+#define DT_Q5_K 7
+#define DT_Q6_K 8
+
+// KV pool element codes; must match `KvDType` order on the Rust side.
+#define KV_F32 0
+#define KV_F16 1
+#define KV_BF16 2
+
+__device__ __forceinline__ float h2f(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ u16 f2h(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+__device__ __forceinline__ float bf2f(u16 b) {
+    return __uint_as_float(((u32)b) << 16);
+}
+
+// Round to nearest even, NaN kept quiet (same as half::bf16::from_f32).
+__device__ __forceinline__ u16 f2bf(float f) {
+    u32 x = __float_as_uint(f);
+    if ((x & 0x7fffffffu) > 0x7f800000u) {
+        return (u16)((x >> 16) | 0x40u);
+    }
+    u32 round = 0x7fffu + ((x >> 16) & 1u);
+    return (u16)((x + round) >> 16);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over a block whose size is a multiple of 32 (at most 1024 threads).
+// `scratch` must hold 32 floats; the result is returned to every thread.
+__device__ float block_sum(float v, float* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int nwarps = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float t = lane < nwarps ? scratch[lane] : 0.0f;
+    return warp_sum(t);
+}
+
+__device__ __forceinline__ float gelu_tanh(float x) {
+    const float k = 0.7978845608028654f; // sqrt(2/pi)
+    return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
+}
+
+__device__ __forceinline__ float silu(float x) {
+    return x / (1.0f + expf(-x));
+}
+
+__device__ __forceinline__ float kv_load(const void* base, u64 i, int kvt) {
+    if (kvt == KV_F32) return ((const float*)base)[i];
+    if (kvt == KV_F16) return h2f(((const u16*)base)[i]);
+    return bf2f(((const u16*)base)[i]);
+}
+
+__device__ __forceinline__ void kv_store(void* base, u64 i, int kvt, float v) {
+    if (kvt == KV_F32) ((float*)base)[i] = v;
+    else if (kvt == KV_F16) ((u16*)base)[i] = f2h(v);
+    else ((u16*)base)[i] = f2bf(v);
+}

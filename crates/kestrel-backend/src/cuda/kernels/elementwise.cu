@@ -1,0 +1,187 @@
+// Norms, residual adds, activations, RoPE, KV writes, row gathers, argmax.
+
+// out = x / rms(x) * w, one block per row.
+extern "C" __global__ void rms_norm(const float* x, const float* w, float eps, int cols, float* out) {
+    __shared__ float scratch[32];
+    const float* xr = x + (long long)blockIdx.x * cols;
+    float* o = out + (long long)blockIdx.x * cols;
+    float ss = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) ss += xr[c] * xr[c];
+    ss = block_sum(ss, scratch);
+    float inv = rsqrtf(ss / (float)cols + eps);
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) o[c] = xr[c] * inv * w[c];
+}
+
+// x += delta; out = rms_norm(x) * w, one block per row (one pass over x).
+extern "C" __global__ void add_rms_norm(float* x, const float* delta, const float* w, float eps,
+                                        int cols, float* out) {
+    __shared__ float scratch[32];
+    float* xr = x + (long long)blockIdx.x * cols;
+    const float* dr = delta + (long long)blockIdx.x * cols;
+    float* o = out + (long long)blockIdx.x * cols;
+    float ss = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        float v = xr[c] + dr[c];
+        xr[c] = v;
+        ss += v * v;
+    }
+    ss = block_sum(ss, scratch);
+    float inv = rsqrtf(ss / (float)cols + eps);
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) o[c] = xr[c] * inv * w[c];
+}
+
+extern "C" __global__ void add_inplace(float* x, const float* y, long long n) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) x[i] += y[i];
+}
+
+extern "C" __global__ void add_bias(float* x, const float* b, int cols, long long n) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) x[i] += b[i % cols];
+}
+
+extern "C" __global__ void softcap(float* x, float cap, long long n) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) x[i] = cap * tanhf(x[i] / cap);
+}
+
+// act: 0 = SiLU, 1 = GELU (tanh).
+extern "C" __global__ void gated_act(const float* gate, const float* up, int act, long long n, float* out) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        float g = gate[i];
+        out[i] = (act == 0 ? silu(g) : gelu_tanh(g)) * up[i];
+    }
+}
+
+extern "C" __global__ void gather_rows(const float* x, const u32* idx, int cols, float* out) {
+    const float* src = x + (long long)idx[blockIdx.x] * cols;
+    float* dst = out + (long long)blockIdx.x * cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = src[c];
+}
+
+// Index of the largest value of each row, first one on ties; NaN never wins
+// (same as layout::argmax). grid = (blocks per row, rows); each block
+// reduces its share and folds it into keys[row] (zeroed before the launch)
+// with a 64-bit atomicMax on (order-preserving bits of the value, ~index),
+// so equal values resolve to the smallest index. The host decodes keys.
+__device__ __forceinline__ u32 ordered_bits(float f) {
+    u32 u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+extern "C" __global__ void argmax_rows(const float* x, int cols, u64* keys) {
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    const float* xr = x + (long long)blockIdx.y * cols;
+    float best = -__int_as_float(0x7f800000);
+    int bi = 0x7fffffff;
+    #pragma unroll 4
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x) {
+        float v = xr[c];
+        if (v > best) { best = v; bi = c; }
+    }
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, best, o);
+        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (ov > best || (ov == best && oi < bi)) { best = ov; bi = oi; }
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) { sv[warp] = best; si[warp] = bi; }
+    __syncthreads();
+    if (warp == 0) {
+        int nw = blockDim.x >> 5;
+        best = lane < nw ? sv[lane] : -__int_as_float(0x7f800000);
+        bi = lane < nw ? si[lane] : 0x7fffffff;
+        #pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, best, o);
+            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (ov > best || (ov == best && oi < bi)) { best = ov; bi = oi; }
+        }
+        if (lane == 0 && bi != 0x7fffffff) {
+            u64 key = ((u64)ordered_bits(best) << 32) | (u64)(0xffffffffu - (u32)bi);
+            atomicMax(keys + blockIdx.y, key);
+        }
+    }
+}
+
+// Rotation of one pair by position `pos` of pair index `i`.
+// The angle is formed and evaluated in f64 (as the CPU backend does): at
+// long contexts pos * inv_freq reaches 1e4..1e5 rad, where f32 loses ~1e-3.
+__device__ __forceinline__ void rope_pair(float* a, float* b, u32 pos, float inv_freq, float mscale) {
+    double sd, cd;
+    sincos((double)pos * (double)inv_freq, &sd, &cd);
+    float c = (float)cd * mscale, s = (float)sd * mscale;
+    float x0 = *a, x1 = *b;
+    *a = x0 * c - x1 * s;
+    *b = x0 * s + x1 * c;
+}
+
+// Per-head RMSNorm (when w != 0) then RoPE, in place. grid = (rows, n_heads).
+// style: 0 = interleaved pairs (2i, 2i+1), 1 = NeoX halves (i, i + n_pairs).
+extern "C" __global__ void qk_norm_rope(float* x, int n_heads, int head_dim, const float* w, float eps,
+                                        const float* inv_freq, int n_pairs, int style, float mscale,
+                                        const u32* positions) {
+    extern __shared__ float hbuf[];
+    __shared__ float scratch[32];
+    float* h = x + ((long long)blockIdx.x * n_heads + blockIdx.y) * head_dim;
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) hbuf[d] = h[d];
+    if (w) {
+        float ss = 0.0f;
+        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) ss += hbuf[d] * hbuf[d];
+        ss = block_sum(ss, scratch);
+        float inv = rsqrtf(ss / (float)head_dim + eps);
+        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) hbuf[d] = hbuf[d] * inv * w[d];
+    }
+    __syncthreads();
+    u32 pos = positions[blockIdx.x];
+    for (int i = threadIdx.x; i < n_pairs; i += blockDim.x) {
+        int ia = style == 0 ? 2 * i : i;
+        int ib = style == 0 ? 2 * i + 1 : i + n_pairs;
+        rope_pair(&hbuf[ia], &hbuf[ib], pos, inv_freq[i], mscale);
+    }
+    __syncthreads();
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) h[d] = hbuf[d];
+}
+
+// Reference path, unfused: per-head RMSNorm, one thread per (row, head).
+extern "C" __global__ void head_norm_ref(float* x, int total_heads, int head_dim, const float* w, float eps) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= total_heads) return;
+    float* h = x + (long long)i * head_dim;
+    float ss = 0.0f;
+    for (int d = 0; d < head_dim; d++) ss += h[d] * h[d];
+    float inv = 1.0f / sqrtf(ss / (float)head_dim + eps);
+    for (int d = 0; d < head_dim; d++) h[d] = h[d] * inv * w[d];
+}
+
+// Reference path: RoPE, one thread per (row, head, pair).
+extern "C" __global__ void rope_ref(float* x, int rows, int n_heads, int head_dim, const float* inv_freq,
+                                    int n_pairs, int style, float mscale, const u32* positions) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)rows * n_heads * n_pairs) return;
+    int p = (int)(i % n_pairs);
+    long long rh = i / n_pairs;
+    int row = (int)(rh / n_heads);
+    float* h = x + rh * head_dim;
+    int ia = style == 0 ? 2 * p : p;
+    int ib = style == 0 ? 2 * p + 1 : p + n_pairs;
+    rope_pair(&h[ia], &h[ib], positions[row], inv_freq[p], mscale);
+}
+
+// Store K and V rows into the pool at their slots. Pool layout per layer:
+// K block-major [num_blocks*block_size slots][kv_dim], then V likewise.
+// grid.x = rows.
+extern "C" __global__ void write_kv(void* pool, long long layer_off, long long v_off, int kvt,
+                                    const float* k, const float* v, const u32* slots, int kv_dim) {
+    long long slot = slots[blockIdx.x];
+    const float* kr = k + (long long)blockIdx.x * kv_dim;
+    const float* vr = v + (long long)blockIdx.x * kv_dim;
+    long long base = layer_off + slot * kv_dim;
+    for (int c = threadIdx.x; c < kv_dim; c += blockDim.x) {
+        kv_store(pool, base + c, kvt, kr[c]);
+        kv_store(pool, base + v_off + c, kvt, vr[c]);
+    }
+}

@@ -1,0 +1,136 @@
+//! Kernel arguments and launches through the driver API directly (cudarc's
+//! builder would allocate and track events on every launch).
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaFunction, CudaModule, CudaStream};
+
+use crate::error::BackendError;
+
+/// One kernel parameter. Pointers are raw device addresses.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Arg {
+    Ptr(u64),
+    I32(i32),
+    I64(i64),
+    F32(f32),
+}
+
+impl Arg {
+    /// The value's bytes, little-endian, in the low bytes of a u64: the
+    /// driver copies exactly the parameter's size from this address.
+    fn bits(self) -> u64 {
+        match self {
+            Arg::Ptr(p) => p,
+            Arg::I32(v) => v as u32 as u64,
+            Arg::I64(v) => v as u64,
+            Arg::F32(v) => v.to_bits() as u64,
+        }
+    }
+}
+
+pub(crate) fn i32_of(v: usize, what: &str) -> Result<Arg, BackendError> {
+    i32::try_from(v)
+        .map(Arg::I32)
+        .map_err(|_| BackendError::Other(format!("{what} = {v} exceeds the 32-bit kernel index range")))
+}
+
+/// Every kernel entry point of the module, looked up once.
+pub(crate) struct Kernels {
+    funcs: HashMap<String, CudaFunction>,
+}
+
+const PLAIN: [&str; 18] = [
+    "embed",
+    "matmul_ref",
+    "dequant_f16",
+    "f32_to_f16",
+    "rms_norm",
+    "add_rms_norm",
+    "add_inplace",
+    "add_bias",
+    "softcap",
+    "gated_act",
+    "gather_rows",
+    "argmax_rows",
+    "qk_norm_rope",
+    "head_norm_ref",
+    "rope_ref",
+    "write_kv",
+    "attention",
+    "attention_ref",
+];
+
+const GEMV: [&str; 12] = [
+    "gemv_f32",
+    "gemv_f16",
+    "gemv_bf16",
+    "gemv_q8_0",
+    "gemv_q8_0r4",
+    "gemv_q4_0",
+    "gemv_q4_0r2",
+    "gemv_q5_0r2",
+    "gemv_q5_0",
+    "gemv_q4_k",
+    "gemv_q5_k",
+    "gemv_q6_k",
+];
+
+impl Kernels {
+    pub fn load(module: &Arc<CudaModule>) -> Result<Kernels, BackendError> {
+        let mut names: Vec<String> = PLAIN.iter().map(|s| s.to_string()).collect();
+        for g in GEMV {
+            for t in [1, 2, 4, 8] {
+                names.push(format!("{g}_{t}"));
+            }
+        }
+        let mut funcs = HashMap::new();
+        for n in names {
+            let f = module
+                .load_function(&n)
+                .map_err(|e| BackendError::Cuda(format!("kernel '{n}' missing from the module: {e}")))?;
+            funcs.insert(n, f);
+        }
+        Ok(Kernels { funcs })
+    }
+
+    pub fn launch(
+        &self,
+        stream: &CudaStream,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        args: &[Arg],
+    ) -> Result<(), BackendError> {
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            return Ok(()); // nothing to do (empty batch)
+        }
+        let f = self
+            .funcs
+            .get(name)
+            .ok_or_else(|| BackendError::Cuda(format!("unknown kernel '{name}'")))?;
+        let mut vals: Vec<u64> = args.iter().map(|a| a.bits()).collect();
+        let mut params: Vec<*mut c_void> = vals.iter_mut().map(|v| v as *mut u64 as *mut c_void).collect();
+        // SAFETY: `params` points at one properly sized value per kernel
+        // parameter (callers mirror the .cu signatures); `vals` outlives the call.
+        unsafe {
+            cudarc::driver::result::launch_kernel(
+                f.cu_function(),
+                grid,
+                (block, 1, 1),
+                smem,
+                stream.cu_stream(),
+                &mut params,
+            )
+        }
+        .map_err(|e| BackendError::Cuda(format!("launching '{name}' grid {grid:?} block {block}: {e}")))
+    }
+}
+
+/// Blocks for a grid-stride elementwise kernel over `n` elements.
+pub(crate) fn grid_for(n: usize) -> u32 {
+    n.div_ceil(256).clamp(1, 65_535 * 8) as u32
+}

@@ -1,0 +1,965 @@
+//! CUDA backend: kernels compiled at run time by NVRTC (cached on disk),
+//! quantized weights kept in their stored precision on the device,
+//! dequant-fused GEMV for decode, cuBLAS for prefill, paged attention, and
+//! persistent batch-metadata buffers so that decode steps can be captured
+//! into CUDA graphs and replayed (see `graph.rs`).
+//!
+//! Two kernel sets: `Fused` (the fast path) and `Reference` (plain kernels:
+//! whole-row dequantize + naive dot, unfused norms and RoPE, three-pass
+//! attention, host argmax) so that the two can be compared token by token.
+
+mod buffers;
+mod compile;
+mod device;
+mod graph;
+mod launch;
+mod matmul;
+mod meta;
+mod timing;
+mod weights;
+
+#[cfg(test)]
+mod cross_check;
+#[cfg(test)]
+mod tests;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use cudarc::driver::CudaModule;
+use kestrel_formats::TensorView;
+
+pub use buffers::{CudaAct, CudaBatch, CudaKvPool, CudaRope, CudaVector, CudaWeight, DevBuf};
+pub use graph::DecodeGraph;
+
+use crate::backend::{Activation, Backend, Result};
+use crate::error::BackendError;
+use crate::layout::{AttnParams, BatchLayout, KvSpec, RopeParams, RopeStyle};
+use device::Device;
+use launch::{grid_for, i32_of, Arg, Kernels};
+use meta::Meta;
+
+/// Which kernels the backend runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelSet {
+    /// Fused, fast kernels.
+    Fused,
+    /// Plain kernels for validation (`--kernels reference`).
+    Reference,
+}
+
+impl std::str::FromStr for KernelSet {
+    type Err = BackendError;
+    fn from_str(s: &str) -> Result<KernelSet> {
+        match s {
+            "fused" => Ok(KernelSet::Fused),
+            "reference" => Ok(KernelSet::Reference),
+            _ => Err(BackendError::Other(format!(
+                "--kernels: expected 'fused' or 'reference', got '{s}'"
+            ))),
+        }
+    }
+}
+
+/// Mutable state shared by operations: metadata, scratch, handles.
+#[derive(Default)]
+pub(crate) struct State {
+    meta: Meta,
+    x16: Option<DevBuf>,
+    w16: Option<DevBuf>,
+    blas: Option<cudarc::cublas::CudaBlas>,
+    gather: Option<DevBuf>,
+    ids: Option<DevBuf>,
+    /// Partial results of split attention, and per-(row, head) counters of
+    /// finished splits (zero between launches).
+    att_part: Option<DevBuf>,
+    att_count: Option<DevBuf>,
+    capturing: bool,
+}
+
+pub struct CudaBackend {
+    dev: Device,
+    /// Upper bound of the key splits of decode attention (tuning knob).
+    max_attn_splits: std::sync::atomic::AtomicUsize,
+    _module: Arc<CudaModule>,
+    k: Kernels,
+    kernels: KernelSet,
+    state: Mutex<State>,
+}
+
+fn shape_err(op: &str, msg: String) -> BackendError {
+    BackendError::Other(format!("{op}: {msg}"))
+}
+
+fn same_shape(op: &str, a: &CudaAct, b: &CudaAct) -> Result<()> {
+    if a.rows != b.rows || a.cols != b.cols {
+        return Err(shape_err(
+            op,
+            format!(
+                "shapes [{}, {}] and [{}, {}] differ",
+                a.rows, a.cols, b.rows, b.cols
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl CudaBackend {
+    /// Opens device `ordinal` with the fused kernels.
+    pub fn new(ordinal: usize) -> Result<CudaBackend> {
+        Self::with_kernels(ordinal, KernelSet::Fused)
+    }
+
+    /// Opens device `ordinal`; errors (never panics) when no driver, NVRTC,
+    /// cuBLAS or GPU is available, saying which.
+    pub fn with_kernels(ordinal: usize, kernels: KernelSet) -> Result<CudaBackend> {
+        let dev = Device::open(ordinal)?;
+        let module = compile::load_module(&dev.ctx, dev.cc)?;
+        let k = Kernels::load(&module)?;
+        Ok(CudaBackend {
+            dev,
+            max_attn_splits: std::sync::atomic::AtomicUsize::new(32),
+            _module: module,
+            k,
+            kernels,
+            state: Mutex::new(State::default()),
+        })
+    }
+
+    /// Caps how many blocks split one query row's keys in fused attention
+    /// (1..=32; default 32). A tuning knob for benchmarks; graphs captured
+    /// before a change keep the old split count.
+    pub fn set_max_attention_splits(&self, n: usize) {
+        self.max_attn_splits
+            .store(n.clamp(1, 32), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn kernel_set(&self) -> KernelSet {
+        self.kernels
+    }
+
+    /// Multiprocessor count of the device.
+    pub fn sm_count(&self) -> i32 {
+        self.dev.sm_count
+    }
+
+    pub(crate) fn lock(&self) -> Result<MutexGuard<'_, State>> {
+        self.state
+            .lock()
+            .map_err(|_| BackendError::Other("CUDA backend state poisoned by an earlier panic".into()))
+    }
+
+    pub(crate) fn run(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        args: &[Arg],
+    ) -> Result<()> {
+        self.dev
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| BackendError::Cuda(format!("binding the context: {e}")))?;
+        self.k.launch(&self.dev.stream, name, grid, block, smem, args)
+    }
+
+    /// Pre-sizes the batch metadata (and argmax/gather buffers) so that no
+    /// reallocation happens inside a captured graph or between replays.
+    pub fn reserve_batch(&self, max_tokens: usize, max_seqs: usize, max_blocks_per_seq: usize) -> Result<()> {
+        let mut st = self.lock()?;
+        st.meta
+            .reserve(&self.dev.stream, max_tokens, max_seqs, max_blocks_per_seq)?;
+        Self::ensure(&self.dev, &mut st.ids, max_tokens * 8, "argmax keys")?;
+        Self::ensure(&self.dev, &mut st.gather, max_tokens * 4, "gather indices")?;
+        Ok(())
+    }
+
+    fn ensure(dev: &Device, b: &mut Option<DevBuf>, bytes: usize, what: &str) -> Result<u64> {
+        if b.as_ref().is_none_or(|x| x.bytes < bytes) {
+            *b = Some(DevBuf::alloc(
+                &dev.stream,
+                bytes.next_power_of_two().max(256),
+                what,
+            )?);
+        }
+        b.as_ref()
+            .map(|x| x.ptr)
+            .ok_or_else(|| BackendError::Other(format!("{what}: buffer missing")))
+    }
+
+    fn check_batch(&self, b: &CudaBatch) -> Result<()> {
+        let st = self.lock()?;
+        if b.write_id != st.meta.write_id {
+            return Err(BackendError::Other(
+                "stale batch: a later prepare_batch overwrote its device metadata (use one batch per step)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Host-to-device copy ordered on the backend's stream, then a wait.
+    /// Copies always go through the stream: memory from the stream-ordered
+    /// allocator may still be in use by earlier work of any stream until
+    /// this stream reaches it, which a legacy synchronous copy ignores.
+    fn htod<T>(&self, dst: u64, src: &[T], what: &str) -> Result<()> {
+        self.dev
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| BackendError::Cuda(format!("binding the context: {e}")))?;
+        // SAFETY: callers pass a device range of at least size_of_val(src) bytes;
+        // `src` outlives the copy because the stream is synchronized below.
+        unsafe { cudarc::driver::result::memcpy_htod_async(dst, src, self.dev.stream.cu_stream()) }
+            .map_err(|e| BackendError::Cuda(format!("{what}: {e}")))?;
+        self.dev
+            .stream
+            .synchronize()
+            .map_err(|e| BackendError::Cuda(format!("{what}: {e}")))
+    }
+
+    /// Device-to-host copy ordered on the backend's stream, then a wait.
+    fn dtoh<T>(&self, dst: &mut [T], src: u64, what: &str) -> Result<()> {
+        self.dev
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| BackendError::Cuda(format!("binding the context: {e}")))?;
+        // SAFETY: callers pass a device range of at least size_of_val(dst) bytes;
+        // `dst` stays borrowed until the stream is synchronized below.
+        unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, src, self.dev.stream.cu_stream()) }
+            .map_err(|e| BackendError::Cuda(format!("{what}: {e}")))?;
+        self.dev
+            .stream
+            .synchronize()
+            .map_err(|e| BackendError::Cuda(format!("{what}: {e}")))
+    }
+
+    /// Allocations and synchronous copies cannot be part of a graph.
+    fn refuse_in_capture(&self, what: &str) -> Result<()> {
+        if self.lock()?.capturing {
+            return Err(BackendError::Unsupported(format!(
+                "{what} inside a graph capture"
+            )));
+        }
+        Ok(())
+    }
+
+    fn upload_bytes(&self, bytes: &[u8], what: &str) -> Result<DevBuf> {
+        self.refuse_in_capture(what)?;
+        let buf = DevBuf::alloc(&self.dev.stream, bytes.len(), what)?;
+        self.htod(buf.ptr, bytes, &format!("uploading {what}"))?;
+        Ok(buf)
+    }
+
+    fn upload_f32(&self, v: &[f32], what: &str) -> Result<DevBuf> {
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.upload_bytes(&bytes, what)
+    }
+
+    /// Writes f32 values into an existing activation (tests, host inputs).
+    pub fn write_act(&self, a: &mut CudaAct, v: &[f32]) -> Result<()> {
+        self.refuse_in_capture("write_act")?;
+        if v.len() != a.rows * a.cols {
+            return Err(shape_err(
+                "write_act",
+                format!("{} values for [{}, {}]", v.len(), a.rows, a.cols),
+            ));
+        }
+        self.htod(a.ptr(), v, "write_act")
+    }
+
+    /// Queues the on-device argmax of every row of `x` into the backend's id
+    /// buffer (capturable; `reserve_batch` first). Fetch with `fetch_argmax`.
+    pub fn launch_argmax(&self, x: &CudaAct) -> Result<()> {
+        let keys = {
+            let mut st = self.lock()?;
+            if st.capturing && st.ids.as_ref().is_none_or(|b| b.bytes < x.rows * 8) {
+                return Err(BackendError::Other(
+                    "argmax during capture needs reserve_batch first".into(),
+                ));
+            }
+            Self::ensure(&self.dev, &mut st.ids, x.rows * 8, "argmax keys")?
+        };
+        if x.rows == 0 {
+            return Ok(());
+        }
+        self.dev
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| BackendError::Cuda(format!("binding the context: {e}")))?;
+        // SAFETY: the key buffer holds at least rows * 8 bytes.
+        unsafe { cudarc::driver::result::memset_d8_async(keys, 0, x.rows * 8, self.dev.stream.cu_stream()) }
+            .map_err(|e| BackendError::Cuda(format!("clearing argmax keys: {e}")))?;
+        // About 2K elements per 256-thread block: enough blocks to fill the GPU.
+        let per_row = x.cols.div_ceil(2048).clamp(1, 1024) as u32;
+        self.run(
+            "argmax_rows",
+            (per_row, x.rows as u32, 1),
+            256,
+            0,
+            &[Arg::Ptr(x.ptr()), i32_of(x.cols, "cols")?, Arg::Ptr(keys)],
+        )
+    }
+
+    /// Waits for the stream and returns the first `rows` ids of the last `launch_argmax`.
+    pub fn fetch_argmax(&self, rows: usize) -> Result<Vec<u32>> {
+        let st = self.lock()?;
+        if st.capturing {
+            return Err(BackendError::Unsupported(
+                "fetch_argmax inside a graph capture".into(),
+            ));
+        }
+        let keys = st
+            .ids
+            .as_ref()
+            .ok_or_else(|| BackendError::Other("fetch_argmax before launch_argmax".into()))?;
+        if keys.bytes < rows * 8 {
+            return Err(BackendError::Other(format!(
+                "fetch_argmax: {rows} rows exceed the id buffer"
+            )));
+        }
+        let mut out = vec![0u64; rows];
+        self.dtoh(&mut out, keys.ptr, "reading argmax ids")?;
+        // Key 0: the row had only NaNs (layout::argmax answers 0 then too).
+        Ok(out
+            .iter()
+            .map(|&k| if k == 0 { 0 } else { u32::MAX - (k as u32) })
+            .collect())
+    }
+
+    fn elementwise(&self, name: &str, n: usize, args: &[Arg]) -> Result<()> {
+        self.run(name, (grid_for(n), 1, 1), 256, 0, args)
+    }
+
+    fn norm_threads(cols: usize) -> u32 {
+        (cols.div_ceil(32) * 32).clamp(32, 1024) as u32
+    }
+}
+
+impl Backend for CudaBackend {
+    type Act = CudaAct;
+    type Weight = CudaWeight;
+    type Vector = CudaVector;
+    type Rope = CudaRope;
+    type KvPool = CudaKvPool;
+    type Batch = CudaBatch;
+
+    fn describe(&self) -> String {
+        format!(
+            "cuda ({}, sm_{}{}, {} SMs, {} kernels)",
+            self.dev.name,
+            self.dev.cc.0,
+            self.dev.cc.1,
+            self.dev.sm_count,
+            match self.kernels {
+                KernelSet::Fused => "fused",
+                KernelSet::Reference => "reference",
+            }
+        )
+    }
+
+    fn upload_matrix(&self, t: &TensorView<'_>) -> Result<CudaWeight> {
+        let p = weights::pack(t)?;
+        let buf = self.upload_bytes(&p.bytes, t.name)?;
+        Ok(CudaWeight {
+            buf,
+            format: p.format,
+            stored: p.stored,
+            name: t.name.to_string(),
+            rows: t.shape[0],
+            cols: t.shape[1],
+            off1: p.off1,
+            off2: p.off2,
+        })
+    }
+
+    fn upload_vector(&self, t: &TensorView<'_>, offset: f32) -> Result<CudaVector> {
+        let v = t.to_f32().map_err(|e| BackendError::Tensor {
+            name: t.name.to_string(),
+            problem: e.to_string(),
+        })?;
+        let v: Vec<f32> = v.into_iter().map(|x| x + offset).collect();
+        let buf = self.upload_f32(&v, t.name)?;
+        Ok(CudaVector { buf, len: v.len() })
+    }
+
+    fn make_rope(&self, p: &RopeParams) -> Result<CudaRope> {
+        if p.inv_freq.is_empty() {
+            return Err(BackendError::Other("RopeParams.inv_freq is empty".into()));
+        }
+        let buf = self.upload_f32(&p.inv_freq, "rope inv_freq")?;
+        Ok(CudaRope {
+            buf,
+            n_pairs: p.inv_freq.len(),
+            style: p.style,
+            mscale: p.mscale,
+        })
+    }
+
+    fn alloc_kv(&self, spec: &KvSpec) -> Result<CudaKvPool> {
+        self.refuse_in_capture("alloc_kv")?;
+        if spec.block_size == 0 || spec.num_blocks == 0 || spec.n_kv_heads == 0 || spec.head_dim == 0 {
+            return Err(BackendError::Other(format!(
+                "KvSpec has a zero dimension: {spec:?}"
+            )));
+        }
+        let buf = DevBuf::alloc(&self.dev.stream, spec.bytes(), "KV pool")?;
+        Ok(CudaKvPool {
+            buf,
+            spec: spec.clone(),
+        })
+    }
+
+    fn alloc_act(&self, rows: usize, cols: usize) -> Result<CudaAct> {
+        self.refuse_in_capture("alloc_act")?;
+        let bytes = rows
+            .checked_mul(cols)
+            .and_then(|n| n.checked_mul(4))
+            .ok_or_else(|| BackendError::Other(format!("alloc_act [{rows}, {cols}] overflows")))?;
+        Ok(CudaAct {
+            buf: DevBuf::alloc(&self.dev.stream, bytes, "activation")?,
+            rows,
+            cols,
+        })
+    }
+
+    fn read_act(&self, a: &CudaAct) -> Result<Vec<f32>> {
+        self.refuse_in_capture("read_act")?;
+        let mut out = vec![0f32; a.rows * a.cols];
+        self.dtoh(&mut out, a.ptr(), "read_act")?;
+        Ok(out)
+    }
+
+    fn prepare_batch(&self, b: &BatchLayout) -> Result<CudaBatch> {
+        let mut st = self.lock()?;
+        if st.capturing {
+            return Err(BackendError::Other(
+                "prepare_batch inside a graph capture: call it before begin_capture".into(),
+            ));
+        }
+        self.dev
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| BackendError::Cuda(format!("binding the context: {e}")))?;
+        st.meta.upload(&self.dev.stream, b)
+    }
+
+    fn embed(&self, table: &CudaWeight, batch: &CudaBatch, scale: f32, out: &mut CudaAct) -> Result<()> {
+        self.check_batch(batch)?;
+        if out.rows != batch.num_tokens || out.cols != table.cols {
+            return Err(shape_err(
+                "embed",
+                format!(
+                    "out [{}, {}] for {} tokens of width {}",
+                    out.rows, out.cols, batch.num_tokens, table.cols
+                ),
+            ));
+        }
+        if batch.num_tokens > 0 && batch.max_token as usize >= table.rows {
+            return Err(shape_err(
+                "embed",
+                format!(
+                    "token id {} out of range for '{}' with {} rows",
+                    batch.max_token, table.name, table.rows
+                ),
+            ));
+        }
+        let mut args = Self::weight_args(table)?.to_vec();
+        args.extend([Arg::Ptr(batch.tokens), Arg::F32(scale), Arg::Ptr(out.ptr())]);
+        self.run("embed", (out.rows as u32, 1, 1), 256, 0, &args)
+    }
+
+    fn rms_norm(&self, x: &CudaAct, w: &CudaVector, eps: f32, out: &mut CudaAct) -> Result<()> {
+        same_shape("rms_norm", x, out)?;
+        if w.len != x.cols {
+            return Err(shape_err(
+                "rms_norm",
+                format!("weight of {} for rows of {}", w.len, x.cols),
+            ));
+        }
+        self.run(
+            "rms_norm",
+            (x.rows as u32, 1, 1),
+            Self::norm_threads(x.cols),
+            0,
+            &[
+                Arg::Ptr(x.ptr()),
+                Arg::Ptr(w.buf.ptr),
+                Arg::F32(eps),
+                i32_of(x.cols, "cols")?,
+                Arg::Ptr(out.ptr()),
+            ],
+        )
+    }
+
+    fn add_rms_norm(
+        &self,
+        x: &mut CudaAct,
+        delta: &CudaAct,
+        w: &CudaVector,
+        eps: f32,
+        out: &mut CudaAct,
+    ) -> Result<()> {
+        same_shape("add_rms_norm", x, delta)?;
+        same_shape("add_rms_norm", x, out)?;
+        if w.len != x.cols {
+            return Err(shape_err(
+                "add_rms_norm",
+                format!("weight of {} for rows of {}", w.len, x.cols),
+            ));
+        }
+        if self.kernels == KernelSet::Reference {
+            self.add(x, delta)?;
+            return self.rms_norm(x, w, eps, out);
+        }
+        self.run(
+            "add_rms_norm",
+            (x.rows as u32, 1, 1),
+            Self::norm_threads(x.cols),
+            0,
+            &[
+                Arg::Ptr(x.ptr()),
+                Arg::Ptr(delta.ptr()),
+                Arg::Ptr(w.buf.ptr),
+                Arg::F32(eps),
+                i32_of(x.cols, "cols")?,
+                Arg::Ptr(out.ptr()),
+            ],
+        )
+    }
+
+    fn add(&self, x: &mut CudaAct, y: &CudaAct) -> Result<()> {
+        same_shape("add", x, y)?;
+        let n = x.rows * x.cols;
+        self.elementwise(
+            "add_inplace",
+            n,
+            &[Arg::Ptr(x.ptr()), Arg::Ptr(y.ptr()), Arg::I64(n as i64)],
+        )
+    }
+
+    fn matmul(&self, x: &CudaAct, w: &CudaWeight, out: &mut CudaAct) -> Result<()> {
+        self.matmul_impl(x, w, out)
+    }
+
+    fn add_bias(&self, x: &mut CudaAct, b: &CudaVector) -> Result<()> {
+        if b.len != x.cols {
+            return Err(shape_err(
+                "add_bias",
+                format!("bias of {} for rows of {}", b.len, x.cols),
+            ));
+        }
+        let n = x.rows * x.cols;
+        self.elementwise(
+            "add_bias",
+            n,
+            &[
+                Arg::Ptr(x.ptr()),
+                Arg::Ptr(b.buf.ptr),
+                i32_of(x.cols, "cols")?,
+                Arg::I64(n as i64),
+            ],
+        )
+    }
+
+    fn qk_norm_rope(
+        &self,
+        x: &mut CudaAct,
+        n_heads: usize,
+        head_dim: usize,
+        norm: Option<&CudaVector>,
+        eps: f32,
+        rope: &CudaRope,
+        batch: &CudaBatch,
+    ) -> Result<()> {
+        self.check_batch(batch)?;
+        if x.cols != n_heads * head_dim || x.rows != batch.num_tokens {
+            return Err(shape_err(
+                "qk_norm_rope",
+                format!(
+                    "x [{}, {}] is not [{} tokens, {n_heads}×{head_dim}]",
+                    x.rows, x.cols, batch.num_tokens
+                ),
+            ));
+        }
+        if 2 * rope.n_pairs > head_dim {
+            return Err(shape_err(
+                "qk_norm_rope",
+                format!("{} RoPE pairs exceed head_dim {head_dim}", rope.n_pairs),
+            ));
+        }
+        if let Some(w) = norm {
+            if w.len != head_dim {
+                return Err(shape_err(
+                    "qk_norm_rope",
+                    format!("norm weight of {} for head_dim {head_dim}", w.len),
+                ));
+            }
+        }
+        let style = match rope.style {
+            RopeStyle::Interleaved => 0,
+            RopeStyle::Neox => 1,
+        };
+        let wptr = norm.map(|w| w.buf.ptr).unwrap_or(0);
+        if self.kernels == KernelSet::Reference {
+            let heads = x.rows * n_heads;
+            if norm.is_some() {
+                self.run(
+                    "head_norm_ref",
+                    (heads.div_ceil(128) as u32, 1, 1),
+                    128,
+                    0,
+                    &[
+                        Arg::Ptr(x.ptr()),
+                        i32_of(heads, "heads")?,
+                        i32_of(head_dim, "head_dim")?,
+                        Arg::Ptr(wptr),
+                        Arg::F32(eps),
+                    ],
+                )?;
+            }
+            let n = heads * rope.n_pairs;
+            return self.run(
+                "rope_ref",
+                (n.div_ceil(128) as u32, 1, 1),
+                128,
+                0,
+                &[
+                    Arg::Ptr(x.ptr()),
+                    i32_of(x.rows, "rows")?,
+                    i32_of(n_heads, "n_heads")?,
+                    i32_of(head_dim, "head_dim")?,
+                    Arg::Ptr(rope.buf.ptr),
+                    i32_of(rope.n_pairs, "pairs")?,
+                    Arg::I32(style),
+                    Arg::F32(rope.mscale),
+                    Arg::Ptr(batch.positions),
+                ],
+            );
+        }
+        if head_dim * 4 > 48 * 1024 {
+            return Err(BackendError::Unsupported(format!(
+                "qk_norm_rope with head_dim {head_dim}"
+            )));
+        }
+        self.run(
+            "qk_norm_rope",
+            (x.rows as u32, n_heads as u32, 1),
+            128,
+            (head_dim * 4) as u32,
+            &[
+                Arg::Ptr(x.ptr()),
+                i32_of(n_heads, "n_heads")?,
+                i32_of(head_dim, "head_dim")?,
+                Arg::Ptr(wptr),
+                Arg::F32(eps),
+                Arg::Ptr(rope.buf.ptr),
+                i32_of(rope.n_pairs, "pairs")?,
+                Arg::I32(style),
+                Arg::F32(rope.mscale),
+                Arg::Ptr(batch.positions),
+            ],
+        )
+    }
+
+    fn write_kv(
+        &self,
+        pool: &mut CudaKvPool,
+        layer: usize,
+        k: &CudaAct,
+        v: &CudaAct,
+        batch: &CudaBatch,
+    ) -> Result<()> {
+        self.check_batch(batch)?;
+        same_shape("write_kv", k, v)?;
+        let kv_dim = pool.kv_dim();
+        if k.cols != kv_dim || k.rows != batch.num_tokens {
+            return Err(shape_err(
+                "write_kv",
+                format!(
+                    "k [{}, {}] is not [{} tokens, {kv_dim}]",
+                    k.rows, k.cols, batch.num_tokens
+                ),
+            ));
+        }
+        if layer >= pool.spec.n_layers {
+            return Err(shape_err(
+                "write_kv",
+                format!("layer {layer} of {}", pool.spec.n_layers),
+            ));
+        }
+        if batch.num_tokens > 0 && batch.max_slot as usize >= pool.slots() {
+            return Err(shape_err(
+                "write_kv",
+                format!("slot {} beyond the pool's {} slots", batch.max_slot, pool.slots()),
+            ));
+        }
+        let (lo, vo) = pool.offsets(layer);
+        self.run(
+            "write_kv",
+            (k.rows as u32, 1, 1),
+            Self::norm_threads(kv_dim).min(256),
+            0,
+            &[
+                Arg::Ptr(pool.buf.ptr),
+                Arg::I64(lo),
+                Arg::I64(vo),
+                Arg::I32(pool.dtype_code()),
+                Arg::Ptr(k.ptr()),
+                Arg::Ptr(v.ptr()),
+                Arg::Ptr(batch.slots),
+                i32_of(kv_dim, "kv_dim")?,
+            ],
+        )
+    }
+
+    fn attention(
+        &self,
+        q: &CudaAct,
+        pool: &CudaKvPool,
+        layer: usize,
+        batch: &CudaBatch,
+        p: &AttnParams,
+        out: &mut CudaAct,
+    ) -> Result<()> {
+        self.check_batch(batch)?;
+        same_shape("attention", q, out)?;
+        if p.head_dim != pool.spec.head_dim || p.n_kv_heads != pool.spec.n_kv_heads {
+            return Err(shape_err(
+                "attention",
+                format!("params {p:?} do not match the pool {:?}", pool.spec),
+            ));
+        }
+        if p.n_heads.checked_rem(p.n_kv_heads) != Some(0) {
+            return Err(shape_err(
+                "attention",
+                format!("{} heads not a multiple of {} KV heads", p.n_heads, p.n_kv_heads),
+            ));
+        }
+        if q.cols != p.n_heads * p.head_dim || q.rows != batch.num_tokens {
+            return Err(shape_err(
+                "attention",
+                format!(
+                    "q [{}, {}] is not [{} tokens, {}×{}]",
+                    q.rows, q.cols, batch.num_tokens, p.n_heads, p.head_dim
+                ),
+            ));
+        }
+        if layer >= pool.spec.n_layers {
+            return Err(shape_err(
+                "attention",
+                format!("layer {layer} of {}", pool.spec.n_layers),
+            ));
+        }
+        if batch.block_size != pool.spec.block_size {
+            return Err(shape_err(
+                "attention",
+                format!(
+                    "batch block_size {} but pool block_size {}",
+                    batch.block_size, pool.spec.block_size
+                ),
+            ));
+        }
+        if batch.num_seqs > 0 && batch.max_block as usize >= pool.spec.num_blocks {
+            return Err(shape_err(
+                "attention",
+                format!(
+                    "block id {} beyond the pool's {}",
+                    batch.max_block, pool.spec.num_blocks
+                ),
+            ));
+        }
+        let (lo, vo) = pool.offsets(layer);
+        let window = p.window.map(|w| w.min(i32::MAX as u32) as i32).unwrap_or(0);
+        let cap = p.softcap.unwrap_or(0.0);
+        let mut args = vec![
+            Arg::Ptr(q.ptr()),
+            Arg::Ptr(pool.buf.ptr),
+            Arg::I64(lo),
+            Arg::I64(vo),
+            Arg::I32(pool.dtype_code()),
+            Arg::Ptr(batch.positions),
+            Arg::Ptr(batch.token_seq),
+            Arg::Ptr(batch.block_tables),
+            i32_of(batch.bt_stride, "bt_stride")?,
+            i32_of(batch.block_size, "block_size")?,
+        ];
+        if self.kernels == KernelSet::Reference {
+            args.push(i32_of(q.rows, "rows")?);
+        }
+        args.extend([
+            i32_of(p.n_heads, "n_heads")?,
+            i32_of(p.n_kv_heads, "n_kv_heads")?,
+            i32_of(p.head_dim, "head_dim")?,
+            Arg::F32(p.scale),
+            Arg::I32(window),
+            Arg::F32(cap),
+            Arg::Ptr(out.ptr()),
+        ]);
+        if self.kernels == KernelSet::Reference {
+            let n = q.rows * p.n_heads * p.head_dim;
+            return self.run("attention_ref", (n.div_ceil(128) as u32, 1, 1), 128, 0, &args);
+        }
+        if p.head_dim > 256 {
+            return Err(BackendError::Unsupported(format!(
+                "fused attention with head_dim {} (max 256)",
+                p.head_dim
+            )));
+        }
+        let smem = ((5 * p.head_dim + 8) * 4) as u32;
+        // Split the keys over enough blocks to fill the GPU twice; the count
+        // depends only on the launch shape, so captured graphs stay valid.
+        let blocks = q.rows * p.n_heads;
+        let target = 2 * self.dev.sm_count.max(1) as usize;
+        let cap = self.max_attn_splits.load(std::sync::atomic::Ordering::Relaxed);
+        let splits = target.div_ceil(blocks.max(1)).clamp(1, cap);
+        let (part, counters) = if splits > 1 {
+            let bytes = blocks * splits * (p.head_dim + 2) * 4;
+            let mut st = self.lock()?;
+            let small = |b: &Option<DevBuf>, n: usize| b.as_ref().is_none_or(|b| b.bytes < n);
+            if st.capturing && (small(&st.att_part, bytes) || small(&st.att_count, blocks * 4)) {
+                return Err(BackendError::Other(
+                    "attention inside a capture needs its scratch sized first: run the step once before capturing".into(),
+                ));
+            }
+            let part = Self::ensure(&self.dev, &mut st.att_part, bytes, "attention partials")?;
+            // A fresh (zeroed) counter buffer whenever it must grow.
+            let counters = Self::ensure(
+                &self.dev,
+                &mut st.att_count,
+                blocks * 4,
+                "attention split counters",
+            )?;
+            (part, counters)
+        } else {
+            (0, 0)
+        };
+        args.extend([Arg::I32(splits as i32), Arg::Ptr(part), Arg::Ptr(counters)]);
+        self.run(
+            "attention",
+            (q.rows as u32, p.n_heads as u32, splits as u32),
+            128,
+            smem,
+            &args,
+        )
+    }
+
+    fn gated_activation(
+        &self,
+        gate: &CudaAct,
+        up: &CudaAct,
+        act: Activation,
+        out: &mut CudaAct,
+    ) -> Result<()> {
+        same_shape("gated_activation", gate, up)?;
+        same_shape("gated_activation", gate, out)?;
+        let n = gate.rows * gate.cols;
+        let a = match act {
+            Activation::Silu => 0,
+            Activation::GeluTanh => 1,
+        };
+        self.elementwise(
+            "gated_act",
+            n,
+            &[
+                Arg::Ptr(gate.ptr()),
+                Arg::Ptr(up.ptr()),
+                Arg::I32(a),
+                Arg::I64(n as i64),
+                Arg::Ptr(out.ptr()),
+            ],
+        )
+    }
+
+    fn gather_rows(&self, x: &CudaAct, rows: &[u32], out: &mut CudaAct) -> Result<()> {
+        if out.rows != rows.len() || out.cols != x.cols {
+            return Err(shape_err(
+                "gather_rows",
+                format!(
+                    "out [{}, {}] for {} rows of {}",
+                    out.rows,
+                    out.cols,
+                    rows.len(),
+                    x.cols
+                ),
+            ));
+        }
+        if let Some(&r) = rows.iter().find(|&&r| r as usize >= x.rows) {
+            return Err(shape_err(
+                "gather_rows",
+                format!("row {r} of a {}-row activation", x.rows),
+            ));
+        }
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let idx = {
+            let mut st = self.lock()?;
+            if st.capturing {
+                return Err(BackendError::Unsupported(
+                    "gather_rows inside a graph capture (its host indices would be captured by address)"
+                        .into(),
+                ));
+            }
+            Self::ensure(&self.dev, &mut st.gather, rows.len() * 4, "gather indices")?
+        };
+        self.dev
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| BackendError::Cuda(format!("binding the context: {e}")))?;
+        // SAFETY: buffer sized above; pageable source is staged before return.
+        unsafe { cudarc::driver::result::memcpy_htod_async(idx, rows, self.dev.stream.cu_stream()) }
+            .map_err(|e| BackendError::Cuda(format!("uploading gather indices: {e}")))?;
+        self.run(
+            "gather_rows",
+            (rows.len() as u32, 1, 1),
+            Self::norm_threads(x.cols).min(256),
+            0,
+            &[
+                Arg::Ptr(x.ptr()),
+                Arg::Ptr(idx),
+                i32_of(x.cols, "cols")?,
+                Arg::Ptr(out.ptr()),
+            ],
+        )
+    }
+
+    fn softcap(&self, x: &mut CudaAct, cap: f32) -> Result<()> {
+        let n = x.rows * x.cols;
+        self.elementwise(
+            "softcap",
+            n,
+            &[Arg::Ptr(x.ptr()), Arg::F32(cap), Arg::I64(n as i64)],
+        )
+    }
+
+    fn argmax_rows(&self, x: &CudaAct) -> Result<Vec<u32>> {
+        if self.kernels == KernelSet::Reference {
+            let v = self.read_act(x)?;
+            let cols = x.cols.max(1);
+            return Ok((0..x.rows)
+                .map(|r| crate::layout::argmax(&v[r * cols..(r + 1) * cols]) as u32)
+                .collect());
+        }
+        if x.rows == 0 {
+            return Ok(Vec::new());
+        }
+        self.launch_argmax(x)?;
+        self.fetch_argmax(x.rows)
+    }
+
+    fn act_rows(&self, x: &CudaAct) -> usize {
+        x.rows
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.refuse_in_capture("synchronize")?;
+        self.dev
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| BackendError::Cuda(format!("binding the context: {e}")))?;
+        self.dev
+            .stream
+            .synchronize()
+            .map_err(|e| BackendError::Cuda(format!("synchronize: {e}")))
+    }
+}

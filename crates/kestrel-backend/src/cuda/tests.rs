@@ -1,0 +1,714 @@
+//! GPU tests: every op against a float64 host reference on random inputs of
+//! awkward sizes, for both kernel sets. Without a GPU they print
+//! "SKIP: no CUDA device: <reason>" and return (the no-device test still
+//! checks that the error is clean).
+
+use kestrel_formats::{dequantize_row, quantize_row, DType, TensorView};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::{CudaBackend, KernelSet};
+use crate::backend::{Activation, Backend};
+use crate::layout::{AttnParams, BatchLayout, KvDType, KvSpec, RopeParams, RopeStyle, SeqLayout};
+
+fn backend(ks: KernelSet) -> Option<CudaBackend> {
+    match CudaBackend::with_kernels(0, ks) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            eprintln!("SKIP: no CUDA device: {e}");
+            None
+        }
+    }
+}
+
+const SETS: [KernelSet; 2] = [KernelSet::Fused, KernelSet::Reference];
+
+fn rvec(rng: &mut ChaCha8Rng, n: usize, amp: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-amp..amp)).collect()
+}
+
+/// ‖a − b‖ / ‖b‖ in f64; NaN anywhere fails.
+fn rel_err(a: &[f32], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        assert!(x.is_finite(), "non-finite output {x}");
+        num += (x as f64 - y) * (x as f64 - y);
+        den += y * y;
+    }
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn act(be: &CudaBackend, rows: usize, cols: usize, v: &[f32]) -> super::CudaAct {
+    let mut a = be.alloc_act(rows, cols).expect("alloc_act");
+    be.write_act(&mut a, v).expect("write_act");
+    a
+}
+
+/// Poisoned output buffer: NaN everywhere, so unwritten elements fail.
+fn poisoned(be: &CudaBackend, rows: usize, cols: usize) -> super::CudaAct {
+    act(be, rows, cols, &vec![f32::NAN; rows * cols])
+}
+
+/// Random weight in `dtype`: stored bytes and their exact dequantized values.
+fn make_weight(rng: &mut ChaCha8Rng, dtype: DType, rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
+    let mut bytes = Vec::new();
+    for _ in 0..rows {
+        let src = rvec(rng, cols, 1.0);
+        quantize_row(dtype, &src, &mut bytes).expect("quantize_row");
+    }
+    let rb = dtype.row_bytes(cols).expect("row bytes");
+    let mut deq = vec![0f32; rows * cols];
+    for r in 0..rows {
+        dequantize_row(
+            dtype,
+            &bytes[r * rb..(r + 1) * rb],
+            &mut deq[r * cols..(r + 1) * cols],
+        )
+        .expect("dequantize");
+    }
+    (bytes, deq)
+}
+
+fn view<'a>(name: &'a str, dtype: DType, shape: &'a [usize], data: &'a [u8]) -> TensorView<'a> {
+    TensorView {
+        name,
+        dtype,
+        shape,
+        data,
+    }
+}
+
+#[test]
+fn no_device_error_is_clean() {
+    match CudaBackend::new(0) {
+        Err(e) => {
+            let msg = e.to_string();
+            eprintln!("SKIP: no CUDA device: {msg}");
+            assert!(
+                msg.contains("not found") || msg.contains("CUDA"),
+                "unhelpful error: {msg}"
+            );
+        }
+        Ok(be) => {
+            assert!(be.describe().starts_with("cuda ("));
+            let e = CudaBackend::new(999)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                e.contains("out of range"),
+                "ordinal 999 should fail clearly, got '{e}'"
+            );
+        }
+    }
+}
+
+#[test]
+fn matmul_every_dtype() {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let cases: [(DType, usize); 13] = [
+        (DType::F32, 100),
+        (DType::F32, 96),
+        (DType::F16, 100),
+        (DType::F16, 200),
+        (DType::BF16, 136),
+        (DType::Q8_0, 672),
+        (DType::Q4_0, 672),
+        (DType::Q5_0, 352),
+        (DType::Q4_K, 768),
+        (DType::Q5_K, 512),
+        (DType::Q6_K, 768),
+        (DType::Q4_1, 96),
+        (DType::Q3_K, 256),
+    ];
+    for ks in SETS {
+        let Some(be) = backend(ks) else { return };
+        // A tall Q8_0 matrix takes the 4-rows-per-warp kernel (LM head shape).
+        let all = cases
+            .iter()
+            .map(|&(d, c)| (d, c, 77))
+            .chain([(DType::Q8_0, 96, 16_389)]);
+        for (dtype, cols, rows) in all {
+            let (bytes, deq) = make_weight(&mut rng, dtype, rows, cols);
+            let shape = [rows, cols];
+            let w = be
+                .upload_matrix(&view("w", dtype, &shape, &bytes))
+                .expect("upload");
+            for t in [1usize, 3, 8, 13, 40] {
+                let x = rvec(&mut rng, t * cols, 1.0);
+                let xa = act(&be, t, cols, &x);
+                let mut out = poisoned(&be, t, rows);
+                be.matmul(&xa, &w, &mut out).expect("matmul");
+                let got = be.read_act(&out).expect("read");
+                let mut want = vec![0f64; t * rows];
+                for r in 0..t {
+                    for o in 0..rows {
+                        want[r * rows + o] = (0..cols)
+                            .map(|i| deq[o * cols + i] as f64 * x[r * cols + i] as f64)
+                            .sum();
+                    }
+                }
+                let err = rel_err(&got, &want);
+                // Rows > 32 go through f16 operands + cuBLAS on the fused set.
+                // Types without a device kernel are stored as f16 (rounded).
+                let host_fallback = matches!(dtype, DType::Q4_1 | DType::Q3_K);
+                let tol = if ks == KernelSet::Fused && t > 32 {
+                    5e-3
+                } else if host_fallback {
+                    2e-3
+                } else {
+                    1e-5
+                };
+                assert!(
+                    err < tol,
+                    "{ks:?} matmul {dtype} [{rows}x{cols}] rows={t}: rel err {err:e}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn embed_tables() {
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    for ks in SETS {
+        let Some(be) = backend(ks) else { return };
+        for (dtype, cols) in [
+            (DType::Q8_0, 160),
+            (DType::Q6_K, 256),
+            (DType::F16, 40),
+            (DType::Q5_0, 64),
+        ] {
+            let rows = 301;
+            let (bytes, deq) = make_weight(&mut rng, dtype, rows, cols);
+            let shape = [rows, cols];
+            let w = be
+                .upload_matrix(&view("emb", dtype, &shape, &bytes))
+                .expect("upload");
+            let tokens: Vec<u32> = (0..11).map(|_| rng.random_range(0..rows as u32)).collect();
+            let batch = be
+                .prepare_batch(&BatchLayout::single(&tokens, 0, &[0], 16))
+                .expect("batch");
+            let mut out = poisoned(&be, tokens.len(), cols);
+            be.embed(&w, &batch, 3.5, &mut out).expect("embed");
+            let got = be.read_act(&out).expect("read");
+            let want: Vec<f64> = tokens
+                .iter()
+                .flat_map(|&t| (0..cols).map(move |c| (t as usize, c)))
+                .map(|(t, c)| deq[t * cols + c] as f64 * 3.5)
+                .collect();
+            assert!(rel_err(&got, &want) < 1e-6, "{ks:?} embed {dtype}");
+            let bad = be
+                .prepare_batch(&BatchLayout::single(&[rows as u32], 0, &[0], 16))
+                .expect("batch");
+            assert!(
+                be.embed(&w, &bad, 1.0, &mut poisoned(&be, 1, cols)).is_err(),
+                "out-of-range token accepted"
+            );
+        }
+    }
+}
+
+fn rms_ref(x: &[f32], w: &[f32], eps: f32) -> Vec<f64> {
+    let ms: f64 = x.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / x.len() as f64;
+    let inv = 1.0 / (ms + eps as f64).sqrt();
+    x.iter()
+        .zip(w)
+        .map(|(&v, &g)| v as f64 * inv * g as f64)
+        .collect()
+}
+
+#[test]
+fn norms_and_elementwise() {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    for ks in SETS {
+        let Some(be) = backend(ks) else { return };
+        let (rows, cols) = (5, 1000);
+        let x = rvec(&mut rng, rows * cols, 2.0);
+        let d = rvec(&mut rng, rows * cols, 2.0);
+        let g = rvec(&mut rng, cols, 1.5);
+        let gbytes: Vec<u8> = g.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let gshape = [cols];
+        let gv = be
+            .upload_vector(&view("norm", DType::F32, &gshape, &gbytes), 1.0)
+            .expect("vector");
+        let g1: Vec<f32> = g.iter().map(|v| v + 1.0).collect();
+        let xa = act(&be, rows, cols, &x);
+        let mut out = poisoned(&be, rows, cols);
+        be.rms_norm(&xa, &gv, 1e-6, &mut out).expect("rms_norm");
+        let want: Vec<f64> = x.chunks(cols).flat_map(|r| rms_ref(r, &g1, 1e-6)).collect();
+        assert!(
+            rel_err(&be.read_act(&out).expect("read"), &want) < 1e-6,
+            "{ks:?} rms_norm"
+        );
+
+        let mut xm = act(&be, rows, cols, &x);
+        let da = act(&be, rows, cols, &d);
+        let mut out = poisoned(&be, rows, cols);
+        be.add_rms_norm(&mut xm, &da, &gv, 1e-5, &mut out)
+            .expect("add_rms_norm");
+        let sum: Vec<f32> = x.iter().zip(&d).map(|(a, b)| a + b).collect();
+        let want: Vec<f64> = sum.chunks(cols).flat_map(|r| rms_ref(r, &g1, 1e-5)).collect();
+        assert!(
+            rel_err(&be.read_act(&out).expect("read"), &want) < 1e-6,
+            "{ks:?} add_rms_norm out"
+        );
+        let sum64: Vec<f64> = sum.iter().map(|&v| v as f64).collect();
+        assert!(
+            rel_err(&be.read_act(&xm).expect("read"), &sum64) < 1e-7,
+            "{ks:?} add_rms_norm residual"
+        );
+
+        let mut xb = act(&be, rows, cols, &x);
+        be.add_bias(&mut xb, &gv).expect("add_bias");
+        let want: Vec<f64> = x
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| v as f64 + g1[i % cols] as f64)
+            .collect();
+        assert!(
+            rel_err(&be.read_act(&xb).expect("read"), &want) < 1e-7,
+            "{ks:?} add_bias"
+        );
+
+        let mut xs = act(&be, rows, cols, &x);
+        be.softcap(&mut xs, 1.5).expect("softcap");
+        let want: Vec<f64> = x.iter().map(|&v| 1.5 * (v as f64 / 1.5).tanh()).collect();
+        assert!(
+            rel_err(&be.read_act(&xs).expect("read"), &want) < 1e-6,
+            "{ks:?} softcap"
+        );
+
+        for a in [Activation::Silu, Activation::GeluTanh] {
+            let mut out = poisoned(&be, rows, cols);
+            be.gated_activation(&xa, &da, a, &mut out).expect("gated");
+            let want: Vec<f64> = x
+                .iter()
+                .zip(&d)
+                .map(|(&g, &u)| {
+                    let g = g as f64;
+                    let act = match a {
+                        Activation::Silu => g / (1.0 + (-g).exp()),
+                        Activation::GeluTanh => {
+                            0.5 * g
+                                * (1.0
+                                    + ((2.0 / std::f64::consts::PI).sqrt() * (g + 0.044715 * g * g * g))
+                                        .tanh())
+                        }
+                    };
+                    act * u as f64
+                })
+                .collect();
+            assert!(
+                rel_err(&be.read_act(&out).expect("read"), &want) < 1e-6,
+                "{ks:?} gated {a:?}"
+            );
+        }
+
+        let idx = [4u32, 0, 4, 2];
+        let mut out = poisoned(&be, idx.len(), cols);
+        be.gather_rows(&xa, &idx, &mut out).expect("gather");
+        let want: Vec<f64> = idx
+            .iter()
+            .flat_map(|&r| {
+                x[r as usize * cols..(r as usize + 1) * cols]
+                    .iter()
+                    .map(|&v| v as f64)
+            })
+            .collect();
+        assert_eq!(
+            rel_err(&be.read_act(&out).expect("read"), &want),
+            0.0,
+            "{ks:?} gather_rows"
+        );
+        assert!(
+            be.gather_rows(&xa, &[5], &mut poisoned(&be, 1, cols)).is_err(),
+            "gather of a missing row accepted"
+        );
+
+        // argmax: ties resolve to the first index; a large vocabulary row.
+        let vcols = 262_147;
+        let mut logits = rvec(&mut rng, 4 * vcols, 10.0);
+        logits[vcols + 7] = 50.0;
+        logits[vcols + 90_000] = 50.0;
+        logits[2 * vcols + vcols - 1] = 60.0;
+        logits[3 * vcols..]
+            .iter_mut()
+            .for_each(|v| *v = f32::NEG_INFINITY);
+        let la = act(&be, 4, vcols, &logits);
+        let ids = be.argmax_rows(&la).expect("argmax");
+        let want: Vec<u32> = logits
+            .chunks(vcols)
+            .map(|r| crate::layout::argmax(r) as u32)
+            .collect();
+        assert_eq!(ids, want, "{ks:?} argmax");
+        assert_eq!(ids[1], 7);
+    }
+}
+
+/// Host RoPE (f64) of one head, in place: style and pairing as the kernels.
+fn rope_ref(h: &mut [f64], pos: u32, inv_freq: &[f32], style: RopeStyle, mscale: f32) {
+    let np = inv_freq.len();
+    for (i, &f) in inv_freq.iter().enumerate() {
+        let (a, b) = match style {
+            RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+            RopeStyle::Neox => (i, i + np),
+        };
+        let (s, c) = (pos as f64 * f as f64).sin_cos();
+        let (c, s) = (c * mscale as f64, s * mscale as f64);
+        let (x0, x1) = (h[a], h[b]);
+        h[a] = x0 * c - x1 * s;
+        h[b] = x0 * s + x1 * c;
+    }
+}
+
+#[test]
+fn qk_norm_rope_styles() {
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    for ks in SETS {
+        let Some(be) = backend(ks) else { return };
+        for (style, head_dim, n_pairs, with_norm) in [
+            (RopeStyle::Neox, 256, 128, true),
+            (RopeStyle::Interleaved, 64, 32, false),
+            (RopeStyle::Neox, 80, 20, true),
+        ] {
+            let n_heads = 3;
+            let tokens = [5u32, 6, 7, 8, 9, 10, 11];
+            let start = 30_000;
+            let layout = BatchLayout::single(&tokens, start, &(0..2000).collect::<Vec<_>>(), 16);
+            let batch = be.prepare_batch(&layout).expect("batch");
+            let rows = tokens.len();
+            let x = rvec(&mut rng, rows * n_heads * head_dim, 2.0);
+            let inv_freq: Vec<f32> = (0..n_pairs)
+                .map(|i| 10000f32.powf(-(i as f32) / n_pairs as f32))
+                .collect();
+            let rope = be
+                .make_rope(&RopeParams {
+                    style,
+                    inv_freq: inv_freq.clone(),
+                    mscale: 1.25,
+                })
+                .expect("rope");
+            let w = rvec(&mut rng, head_dim, 1.0);
+            let wb: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let wshape = [head_dim];
+            let wv = be
+                .upload_vector(&view("qn", DType::F32, &wshape, &wb), 0.0)
+                .expect("vector");
+            let mut xa = act(&be, rows, n_heads * head_dim, &x);
+            be.qk_norm_rope(
+                &mut xa,
+                n_heads,
+                head_dim,
+                with_norm.then_some(&wv),
+                1e-6,
+                &rope,
+                &batch,
+            )
+            .expect("rope");
+            let mut want = Vec::new();
+            for (r, hrow) in x.chunks(head_dim).enumerate() {
+                let mut h: Vec<f64> = if with_norm {
+                    rms_ref(hrow, &w, 1e-6)
+                } else {
+                    hrow.iter().map(|&v| v as f64).collect()
+                };
+                rope_ref(&mut h, start + (r / n_heads) as u32, &inv_freq, style, 1.25);
+                want.extend(h);
+            }
+            let err = rel_err(&be.read_act(&xa).expect("read"), &want);
+            assert!(err < 1e-5, "{ks:?} qk_norm_rope {style:?} d={head_dim}: {err:e}");
+        }
+    }
+}
+
+fn round_kv(v: f32, dt: KvDType) -> f64 {
+    match dt {
+        KvDType::F32 => v as f64,
+        KvDType::F16 => half::f16::from_f32(v).to_f64(),
+        KvDType::Bf16 => half::bf16::from_f32(v).to_f64(),
+    }
+}
+
+#[test]
+fn paged_attention() {
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let bs = 16usize;
+    for ks in SETS {
+        let Some(be) = backend(ks) else { return };
+        // n_heads 8 makes 344 query blocks: the unsplit path; the others split.
+        for (dt, head_dim, window, softcap, n_heads) in [
+            (KvDType::F32, 80, None, None, 4usize),
+            (KvDType::F16, 256, Some(20u32), None, 8),
+            (KvDType::Bf16, 64, None, Some(30.0f32), 4),
+            (KvDType::F16, 128, Some(7u32), Some(20.0f32), 2),
+            // head_dim not a multiple of 8: the scalar-load path.
+            (KvDType::Bf16, 36, Some(30u32), None, 4),
+        ] {
+            let n_kv = 2usize;
+            let kv_dim = n_kv * head_dim;
+            let spec = KvSpec {
+                n_layers: 2,
+                num_blocks: 24,
+                block_size: bs,
+                n_kv_heads: n_kv,
+                head_dim,
+                dtype: dt,
+            };
+            let mut pool = be.alloc_kv(&spec).expect("pool");
+            // (context_len, query_len): a prefill, a decode, a chunked prefill.
+            let seqs_shape = [(37usize, 37usize), (70, 1), (50, 5)];
+            let mut free: Vec<u32> = (0..24).rev().collect();
+            free.swap(3, 17);
+            free.swap(5, 11);
+            let tables: Vec<Vec<u32>> = seqs_shape
+                .iter()
+                .map(|&(ctx, _)| {
+                    (0..ctx.div_ceil(bs))
+                        .map(|_| free.pop().expect("blocks"))
+                        .collect()
+                })
+                .collect();
+            let slot = |s: usize, p: usize| tables[s][p / bs] * bs as u32 + (p % bs) as u32;
+            // Step 1: write the whole history of every sequence (layer 1).
+            let mut hist = BatchLayout {
+                block_size: bs as u32,
+                ..Default::default()
+            };
+            for (s, &(ctx, _)) in seqs_shape.iter().enumerate() {
+                let q0 = hist.tokens.len() as u32;
+                for p in 0..ctx {
+                    hist.tokens.push(0);
+                    hist.positions.push(p as u32);
+                    hist.slot_mapping.push(slot(s, p));
+                }
+                hist.seqs.push(SeqLayout {
+                    block_table: tables[s].clone(),
+                    context_len: ctx as u32,
+                    query_start: q0,
+                    query_len: ctx as u32,
+                });
+            }
+            let nh = hist.tokens.len();
+            let k = rvec(&mut rng, nh * kv_dim, 1.0);
+            let v = rvec(&mut rng, nh * kv_dim, 1.0);
+            let hb = be.prepare_batch(&hist).expect("batch");
+            be.write_kv(
+                &mut pool,
+                1,
+                &act(&be, nh, kv_dim, &k),
+                &act(&be, nh, kv_dim, &v),
+                &hb,
+            )
+            .expect("write_kv");
+            // Step 2: queries = the last query_len positions of each sequence.
+            let mut step = BatchLayout {
+                block_size: bs as u32,
+                ..Default::default()
+            };
+            let mut hist_row = Vec::new(); // (seq, hist row offset)
+            let mut off = 0;
+            for (s, &(ctx, ql)) in seqs_shape.iter().enumerate() {
+                let q0 = step.tokens.len() as u32;
+                for p in ctx - ql..ctx {
+                    step.tokens.push(0);
+                    step.positions.push(p as u32);
+                    step.slot_mapping.push(slot(s, p));
+                }
+                step.seqs.push(SeqLayout {
+                    block_table: tables[s].clone(),
+                    context_len: ctx as u32,
+                    query_start: q0,
+                    query_len: ql as u32,
+                });
+                hist_row.push(off);
+                off += ctx;
+            }
+            let nq = step.tokens.len();
+            let q = rvec(&mut rng, nq * n_heads * head_dim, 1.0);
+            let sb = be.prepare_batch(&step).expect("batch");
+            let p = AttnParams {
+                n_heads,
+                n_kv_heads: n_kv,
+                head_dim,
+                scale: 1.0 / (head_dim as f32).sqrt(),
+                window,
+                softcap,
+            };
+            let mut out = poisoned(&be, nq, n_heads * head_dim);
+            be.attention(&act(&be, nq, n_heads * head_dim, &q), &pool, 1, &sb, &p, &mut out)
+                .expect("attention");
+            let got = be.read_act(&out).expect("read");
+            let mut want = vec![0f64; nq * n_heads * head_dim];
+            for (s, &(ctx, ql)) in seqs_shape.iter().enumerate() {
+                for (j, pos) in (ctx - ql..ctx).enumerate() {
+                    let row = step.seqs[s].query_start as usize + j;
+                    let lo = window.map(|w| (pos + 1).saturating_sub(w as usize)).unwrap_or(0);
+                    for h in 0..n_heads {
+                        let kvh = h / (n_heads / n_kv);
+                        let qh = &q[(row * n_heads + h) * head_dim..][..head_dim];
+                        let kv = |t: usize, src: &[f32], d: usize| {
+                            round_kv(src[(hist_row[s] + t) * kv_dim + kvh * head_dim + d], dt)
+                        };
+                        let scores: Vec<f64> = (lo..=pos)
+                            .map(|t| {
+                                let mut sc = (0..head_dim).map(|d| qh[d] as f64 * kv(t, &k, d)).sum::<f64>()
+                                    * p.scale as f64;
+                                if let Some(c) = softcap {
+                                    sc = c as f64 * (sc / c as f64).tanh();
+                                }
+                                sc
+                            })
+                            .collect();
+                        let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                        let e: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
+                        let z: f64 = e.iter().sum();
+                        for d in 0..head_dim {
+                            want[(row * n_heads + h) * head_dim + d] =
+                                (lo..=pos).zip(&e).map(|(t, w)| w * kv(t, &v, d)).sum::<f64>() / z;
+                        }
+                    }
+                }
+            }
+            let err = rel_err(&got, &want);
+            assert!(
+                err < 1e-5,
+                "{ks:?} attention {dt:?} d={head_dim} window={window:?} cap={softcap:?}: {err:e}"
+            );
+            // A stale batch is refused rather than silently read.
+            assert!(be
+                .attention(
+                    &act(&be, nq, n_heads * head_dim, &q),
+                    &pool,
+                    1,
+                    &hb,
+                    &p,
+                    &mut poisoned(&be, nq, n_heads * head_dim)
+                )
+                .is_err());
+        }
+    }
+}
+
+#[test]
+fn graph_replay_sees_new_metadata() {
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    let Some(be) = backend(KernelSet::Fused) else {
+        return;
+    };
+    let (vocab, dim, heads, hd) = (500usize, 256usize, 2usize, 128usize);
+    let up = |name: &'static str, dtype: DType, rows: usize, rng: &mut ChaCha8Rng| {
+        let (b, _) = make_weight(rng, dtype, rows, dim);
+        let shape = [rows, dim];
+        be.upload_matrix(&view(name, dtype, &shape, &b)).expect("upload")
+    };
+    let emb = up("emb", DType::Q8_0, vocab, &mut rng);
+    let wq = up("wq", DType::Q4_K, heads * hd, &mut rng);
+    let wk = up("wk", DType::Q5_0, hd, &mut rng);
+    let wv = up("wv", DType::Q6_K, hd, &mut rng);
+    let inv: Vec<f32> = (0..hd / 2)
+        .map(|i| 10000f32.powf(-2.0 * i as f32 / hd as f32))
+        .collect();
+    let rope = be
+        .make_rope(&RopeParams {
+            style: RopeStyle::Neox,
+            inv_freq: inv,
+            mscale: 1.0,
+        })
+        .expect("rope");
+    let spec = KvSpec {
+        n_layers: 1,
+        num_blocks: 32,
+        block_size: 16,
+        n_kv_heads: 1,
+        head_dim: hd,
+        dtype: KvDType::F16,
+    };
+    let mut pool = be.alloc_kv(&spec).expect("pool");
+    let p = AttnParams {
+        n_heads: heads,
+        n_kv_heads: 1,
+        head_dim: hd,
+        scale: 0.1,
+        window: None,
+        softcap: None,
+    };
+    struct Bufs {
+        x: super::CudaAct,
+        q: super::CudaAct,
+        k: super::CudaAct,
+        v: super::CudaAct,
+        att: super::CudaAct,
+    }
+    let a = |r, c| be.alloc_act(r, c).expect("act");
+    let mut s = Bufs {
+        x: a(1, dim),
+        q: a(1, heads * hd),
+        k: a(1, hd),
+        v: a(1, hd),
+        att: a(1, heads * hd),
+    };
+    let table_a: Vec<u32> = (0..8).collect();
+    let table_b: Vec<u32> = (10..18).collect();
+    be.reserve_batch(128, 4, 64).expect("reserve");
+    // History of sequence A: positions 0..77.
+    let hist: Vec<u32> = (0..77).collect();
+    let hb = be
+        .prepare_batch(&BatchLayout::single(&hist, 0, &table_a, 16))
+        .expect("batch");
+    let hk = act(&be, 77, hd, &rvec(&mut rng, 77 * hd, 1.0));
+    let hv = act(&be, 77, hd, &rvec(&mut rng, 77 * hd, 1.0));
+    be.write_kv(&mut pool, 0, &hk, &hv, &hb).expect("history");
+    let step = |be: &CudaBackend, pool: &mut super::CudaKvPool, s: &mut Bufs, b: &super::CudaBatch| {
+        be.embed(&emb, b, 2.0, &mut s.x).expect("embed");
+        be.matmul(&s.x, &wq, &mut s.q).expect("matmul");
+        be.matmul(&s.x, &wk, &mut s.k).expect("matmul");
+        be.matmul(&s.x, &wv, &mut s.v).expect("matmul");
+        be.qk_norm_rope(&mut s.q, heads, hd, None, 1e-6, &rope, b)
+            .expect("rope");
+        be.qk_norm_rope(&mut s.k, 1, hd, None, 1e-6, &rope, b)
+            .expect("rope");
+        be.write_kv(pool, 0, &s.k, &s.v, b).expect("write_kv");
+        be.attention(&s.q, pool, 0, b, &p, &mut s.att).expect("attention");
+        be.launch_argmax(&s.att).expect("argmax");
+    };
+    // Eager result of the second step (sequence A, position 77).
+    let b2 = be
+        .prepare_batch(&BatchLayout::single(&[321], 77, &table_a, 16))
+        .expect("batch");
+    step(&be, &mut pool, &mut s, &b2);
+    let eager = be.read_act(&s.att).expect("read");
+    let eager_id = be.fetch_argmax(1).expect("ids");
+    // Capture on another sequence's first step (B, position 3), replay with A's.
+    let b1 = be
+        .prepare_batch(&BatchLayout::single(&[7], 3, &table_b, 16))
+        .expect("batch");
+    be.begin_capture().expect("begin");
+    step(&be, &mut pool, &mut s, &b1);
+    // What cannot live in a graph is refused instead of silently captured.
+    assert!(be.read_act(&s.att).is_err(), "read_act inside a capture");
+    assert!(be.alloc_act(1, 4).is_err(), "alloc_act inside a capture");
+    assert!(
+        be.prepare_batch(&BatchLayout::single(&[1], 0, &table_b, 16))
+            .is_err(),
+        "prepare_batch inside a capture"
+    );
+    let g = be.end_capture().expect("end");
+    be.replay(&g).expect("replay");
+    let first = be.read_act(&s.att).expect("read");
+    let _b2 = be
+        .prepare_batch(&BatchLayout::single(&[321], 77, &table_a, 16))
+        .expect("batch");
+    be.replay(&g).expect("replay");
+    let replayed = be.read_act(&s.att).expect("read");
+    assert_eq!(
+        replayed, eager,
+        "graph replay must equal the eager step bit for bit"
+    );
+    assert_ne!(
+        first, eager,
+        "different tokens/positions must give different results"
+    );
+    assert_eq!(be.fetch_argmax(1).expect("ids"), eager_id);
+}

@@ -1,0 +1,140 @@
+//! Plain data that crosses the Backend boundary: batch metadata, KV pool
+//! shape, attention and RoPE parameters. No device types here.
+
+/// How RoPE pairs the dimensions of a head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Adjacent pairs (x[2i], x[2i+1]): llama as stored in GGUF (the converter
+    /// permuted q/k so that this style applies).
+    Interleaved,
+    /// Halves (x[i], x[i + d/2]): NeoX / Hugging Face layout (gemma, qwen,
+    /// llama from safetensors).
+    Neox,
+}
+
+/// One RoPE configuration: `inv_freq[i]` is the angle per position of pair i
+/// (already including any frequency scaling such as llama3's). Rotates the
+/// first `2 * inv_freq.len()` dimensions of a head.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RopeParams {
+    pub style: RopeStyle,
+    pub inv_freq: Vec<f32>,
+    /// Multiplier of cos/sin (YaRN's attention factor); 1.0 otherwise.
+    pub mscale: f32,
+}
+
+/// Element type of the KV pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvDType {
+    F32,
+    F16,
+    Bf16,
+}
+
+/// Shape of the paged KV pool: `num_blocks` blocks of `block_size` token
+/// slots, per layer, each slot holding `n_kv_heads * head_dim` keys and as
+/// many values. Slot `s` lives in block `s / block_size` at offset
+/// `s % block_size`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KvSpec {
+    pub n_layers: usize,
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub dtype: KvDType,
+}
+
+impl KvSpec {
+    /// Bytes the pool takes on the device.
+    pub fn bytes(&self) -> usize {
+        let elt = match self.dtype {
+            KvDType::F32 => 4,
+            KvDType::F16 | KvDType::Bf16 => 2,
+        };
+        2 * self.n_layers * self.num_blocks * self.block_size * self.n_kv_heads * self.head_dim * elt
+    }
+}
+
+/// One sequence's part of a step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeqLayout {
+    /// KV block ids of the sequence, in order of position.
+    pub block_table: Vec<u32>,
+    /// Tokens in the KV cache once this step's tokens are written.
+    pub context_len: u32,
+    /// First row of this sequence's tokens in the step.
+    pub query_start: u32,
+    /// Number of this sequence's tokens in the step.
+    pub query_len: u32,
+}
+
+/// The flattened batch of one forward step (vLLM-style): tokens of several
+/// sequences, each a contiguous run of rows.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BatchLayout {
+    pub tokens: Vec<u32>,
+    /// Position of each token in its sequence.
+    pub positions: Vec<u32>,
+    /// KV slot of each token (block * block_size + offset).
+    pub slot_mapping: Vec<u32>,
+    pub seqs: Vec<SeqLayout>,
+    pub block_size: u32,
+}
+
+impl BatchLayout {
+    pub fn num_tokens(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Layout of a single sequence whose tokens `tokens` sit at positions
+    /// `start..start+len`, with KV in `block_table`.
+    pub fn single(tokens: &[u32], start: u32, block_table: &[u32], block_size: u32) -> Self {
+        let n = tokens.len() as u32;
+        let positions: Vec<u32> = (start..start + n).collect();
+        let slot_mapping = positions
+            .iter()
+            .map(|&p| block_table[(p / block_size) as usize] * block_size + p % block_size)
+            .collect();
+        BatchLayout {
+            tokens: tokens.to_vec(),
+            positions,
+            slot_mapping,
+            seqs: vec![SeqLayout {
+                block_table: block_table.to_vec(),
+                context_len: start + n,
+                query_start: 0,
+                query_len: n,
+            }],
+            block_size,
+        }
+    }
+}
+
+/// Attention parameters of one layer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttnParams {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Multiplier of q·k.
+    pub scale: f32,
+    /// Sliding window: a query at position p sees keys at positions
+    /// `p - window + 1 ..= p`. None: all earlier positions.
+    pub window: Option<u32>,
+    /// Attention-logit soft-capping (gemma2); None for most models.
+    pub softcap: Option<f32>,
+}
+
+/// Index of the largest element (the first one on ties); 0 for an empty slice.
+pub fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    let mut best_v = f32::NEG_INFINITY;
+    for (i, &x) in v.iter().enumerate() {
+        if x > best_v {
+            best_v = x;
+            best = i;
+        }
+    }
+    best
+}

@@ -1,0 +1,13 @@
+//! Backends: the `Backend` trait of fused operations, and its CPU and CUDA
+//! implementations.
+
+pub mod backend;
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod error;
+pub mod layout;
+
+pub use backend::{Activation, Backend, Result};
+pub use error::BackendError;
+pub use layout::{AttnParams, BatchLayout, KvDType, KvSpec, RopeParams, RopeStyle, SeqLayout};

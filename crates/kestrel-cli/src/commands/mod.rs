@@ -1,0 +1,8 @@
+//! One module per subcommand.
+
+pub mod bench;
+pub mod chat;
+pub mod inspect;
+pub mod run;
+pub mod sampling_args;
+pub mod tokenize;

@@ -1,0 +1,71 @@
+//! `--device auto|cpu|cuda[:N]`: pick a backend and run a command on it.
+//!
+//! Commands are generic over the backend; `dispatch` builds the chosen one
+//! and calls the command's `run::<B>`.
+
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use kestrel_backend::cpu::CpuBackend;
+use kestrel_backend::Backend;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Device::Auto),
+            "cpu" => Ok(Device::Cpu),
+            "cuda" | "gpu" => Ok(Device::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(Device::Cuda(n)),
+                _ => Err(format!("'{s}' is not a device: use auto, cpu, cuda or cuda:N")),
+            },
+        }
+    }
+}
+
+/// A command that can run on any backend.
+pub trait BackendTask {
+    type Output;
+    fn run<B: Backend + 'static>(self, backend: Arc<B>) -> Result<Self::Output>;
+}
+
+/// Build the backend for `device` and run `task` on it. `auto` takes the
+/// GPU when one is usable and otherwise says in one line why it runs on the CPU.
+pub fn dispatch<T: BackendTask>(device: Device, task: T) -> Result<T::Output> {
+    match device {
+        Device::Cpu => task.run(Arc::new(CpuBackend::new())),
+        Device::Cuda(n) => match open_cuda(n) {
+            Ok(run) => run(task),
+            Err(why) => bail!("--device cuda:{n}: no usable GPU: {why}"),
+        },
+        Device::Auto => match open_cuda(0) {
+            Ok(run) => run(task),
+            Err(why) => {
+                eprintln!("device: cpu (no usable GPU: {why})");
+                task.run(Arc::new(CpuBackend::new()))
+            }
+        },
+    }
+}
+
+type Runner<T> = Box<dyn FnOnce(T) -> Result<<T as BackendTask>::Output>>;
+
+#[cfg(feature = "cuda")]
+fn open_cuda<T: BackendTask>(ordinal: usize) -> std::result::Result<Runner<T>, String> {
+    use kestrel_backend::cuda::CudaBackend;
+    let be = CudaBackend::new(ordinal).map_err(|e| e.to_string())?;
+    Ok(Box::new(move |task: T| task.run(Arc::new(be))))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda<T: BackendTask>(_ordinal: usize) -> std::result::Result<Runner<T>, String> {
+    Err("this kestrel was built without the `cuda` feature".into())
+}

@@ -1,0 +1,642 @@
+//! The engine: many requests over one model and one paged KV pool.
+//!
+//! Each `step` asks the scheduler for a batch, runs `Model::forward` on it
+//! once, samples a token for every sequence whose known tokens are now all
+//! computed, and turns tokens into events (text deltas through each
+//! request's detokenizer and stop matcher). `Engine::spawn` moves the engine
+//! onto its own thread and returns a cloneable [`EngineHandle`] that any
+//! thread (or async task) can use; requests are validated on the caller's
+//! side so errors come back at once.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use kestrel_backend::{Backend, KvDType};
+use kestrel_model::Model;
+use kestrel_tokenizer::Tokenizer;
+
+use crate::block_manager::{BlockManager, CacheStats};
+use crate::error::EngineError;
+use crate::events::{channel, Event, EventReceiver, EventSender, FinishReason, RequestId, Usage};
+use crate::output::SeqOutput;
+use crate::sampling::{Sampled, SamplingParams};
+use crate::scheduler::{Scheduler, SchedulerConfig, StepPlan};
+
+/// Engine sizing. The CLI computes `num_kv_blocks` from `--num-kv-blocks` or
+/// from free device memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Blocks in the paged KV pool.
+    pub num_kv_blocks: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Most sequences running at once.
+    pub max_num_seqs: usize,
+    /// Token budget of one step.
+    pub max_num_batched_tokens: usize,
+    pub enable_prefix_caching: bool,
+    pub kv_dtype: KvDType,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            num_kv_blocks: 1024,
+            block_size: 16,
+            max_num_seqs: 256,
+            max_num_batched_tokens: 2048,
+            enable_prefix_caching: true,
+            kv_dtype: KvDType::F32,
+        }
+    }
+}
+
+impl EngineConfig {
+    pub fn validate(&self) -> Result<(), EngineError> {
+        let bad = |field: &'static str, value: usize, expected: &'static str| {
+            Err(EngineError::Config {
+                field,
+                value: value.to_string(),
+                expected,
+            })
+        };
+        if self.num_kv_blocks == 0 || self.num_kv_blocks >= u32::MAX as usize / self.block_size.max(1) {
+            return bad(
+                "num_kv_blocks",
+                self.num_kv_blocks,
+                "at least 1 (and slots addressable by u32)",
+            );
+        }
+        if !(1..=1024).contains(&self.block_size) {
+            return bad(
+                "block_size",
+                self.block_size,
+                "an integer in [1, 1024] (16 is usual)",
+            );
+        }
+        if self.max_num_seqs == 0 {
+            return bad("max_num_seqs", self.max_num_seqs, "at least 1");
+        }
+        if self.max_num_batched_tokens == 0 {
+            return bad(
+                "max_num_batched_tokens",
+                self.max_num_batched_tokens,
+                "at least 1",
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A snapshot of the engine's state and counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct EngineStats {
+    pub running: usize,
+    pub waiting: usize,
+    pub kv_blocks_used: usize,
+    pub kv_blocks_total: usize,
+    /// Blocks findable by prefix hash (in use or free).
+    pub kv_blocks_cached: usize,
+    pub prefix_cache: CacheStats,
+    pub steps: u64,
+    /// Tokens run through the model (prompt chunks and decodes).
+    pub tokens_computed: u64,
+    pub tokens_generated: u64,
+    pub preemptions: u64,
+}
+
+/// Checks a request against what the engine can serve; shared by the
+/// engine and its handles so a bad request fails on the caller's side.
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    vocab_size: usize,
+    /// Longest sequence (prompt + output): the model's context, or the
+    /// whole pool when that is smaller (a sequence must fit alone).
+    max_model_len: usize,
+}
+
+impl Limits {
+    fn check(&self, prompt: &[u32], params: &SamplingParams) -> Result<(), EngineError> {
+        params.validate()?;
+        if prompt.is_empty() {
+            return Err(EngineError::Request("the prompt is empty (no tokens)".into()));
+        }
+        if let Some((i, &t)) = prompt
+            .iter()
+            .enumerate()
+            .find(|(_, &t)| t as usize >= self.vocab_size)
+        {
+            return Err(EngineError::Request(format!(
+                "prompt token {i} is id {t}, outside the vocabulary of {} tokens",
+                self.vocab_size
+            )));
+        }
+        if prompt.len() >= self.max_model_len {
+            return Err(EngineError::Request(format!(
+                "the prompt has {} tokens but at most {} fit (model context or KV pool, \
+                 leaving room for one generated token); shorten the prompt or enlarge the pool",
+                prompt.len(),
+                self.max_model_len - 1
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// What one `step` did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StepReport {
+    pub num_seqs: usize,
+    pub num_tokens: usize,
+    pub num_sampled: usize,
+    pub num_finished: usize,
+    pub num_preempted: usize,
+}
+
+pub struct Engine<B: Backend> {
+    model: Arc<Model<B>>,
+    tok: Arc<Tokenizer>,
+    config: EngineConfig,
+    kv: B::KvPool,
+    sched: Scheduler,
+    outputs: HashMap<RequestId, SeqOutput>,
+    limits: Limits,
+    next_id: Arc<AtomicU64>,
+    stats: EngineStats,
+}
+
+impl<B: Backend> Engine<B> {
+    /// Allocates the KV pool on the model's backend.
+    pub fn new(
+        model: Arc<Model<B>>,
+        tokenizer: Arc<Tokenizer>,
+        config: EngineConfig,
+    ) -> Result<Self, EngineError> {
+        config.validate()?;
+        let spec = model.kv_spec(config.num_kv_blocks, config.block_size, config.kv_dtype);
+        let kv = model
+            .backend
+            .alloc_kv(&spec)
+            .map_err(|e| EngineError::Model(e.into()))?;
+        let blocks = BlockManager::new(
+            config.num_kv_blocks,
+            config.block_size,
+            config.enable_prefix_caching,
+        );
+        let sched = Scheduler::new(
+            SchedulerConfig {
+                max_num_seqs: config.max_num_seqs,
+                max_num_batched_tokens: config.max_num_batched_tokens,
+            },
+            blocks,
+        );
+        let limits = Limits {
+            vocab_size: model.config.vocab_size,
+            max_model_len: model
+                .config
+                .context_len
+                .min(config.num_kv_blocks * config.block_size),
+        };
+        Ok(Engine {
+            model,
+            tok: tokenizer,
+            config,
+            kv,
+            sched,
+            outputs: HashMap::new(),
+            limits,
+            next_id: Arc::new(AtomicU64::new(1)),
+            stats: EngineStats::default(),
+        })
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Longest sequence (prompt + output) the engine serves.
+    pub fn max_model_len(&self) -> usize {
+        self.limits.max_model_len
+    }
+
+    /// Queues a request; its events arrive on the returned receiver.
+    pub fn add_request(
+        &mut self,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+    ) -> Result<(RequestId, EventReceiver), EngineError> {
+        self.limits.check(&prompt, &params)?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = channel();
+        self.enqueue(id, prompt, params, tx)?;
+        Ok((id, rx))
+    }
+
+    fn enqueue(
+        &mut self,
+        id: RequestId,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        sink: EventSender,
+    ) -> Result<(), EngineError> {
+        self.sched.add(id, prompt)?;
+        self.outputs.insert(id, SeqOutput::new(&self.tok, params, sink));
+        Ok(())
+    }
+
+    /// Stops a request at once, frees its blocks and ends its stream with
+    /// `Finished { Abort }`. False when the request is unknown (or done).
+    pub fn abort(&mut self, id: RequestId) -> bool {
+        let Some(out) = self.outputs.remove(&id) else {
+            return false;
+        };
+        let usage = self.sched.finish(id).map(|s| usage_of(&s)).unwrap_or_default();
+        out.finish(FinishReason::Abort, usage);
+        true
+    }
+
+    /// Whether any request is queued or running.
+    pub fn has_work(&self) -> bool {
+        self.sched.has_work()
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        let b = self.sched.blocks();
+        EngineStats {
+            running: self.sched.num_running(),
+            waiting: self.sched.num_waiting(),
+            kv_blocks_used: b.num_used_blocks(),
+            kv_blocks_total: b.num_blocks(),
+            kv_blocks_cached: b.num_cached_blocks(),
+            prefix_cache: b.stats(),
+            ..self.stats
+        }
+    }
+
+    /// The block manager (for inspection: tests, metrics).
+    pub fn block_manager(&self) -> &BlockManager {
+        self.sched.blocks()
+    }
+
+    /// Drops requests whose receiver is gone: nobody would read their output.
+    fn reap_disconnected(&mut self) {
+        let gone: Vec<RequestId> = self
+            .outputs
+            .iter()
+            .filter(|(_, o)| o.sink.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in gone {
+            self.outputs.remove(&id);
+            self.sched.finish(id);
+        }
+    }
+
+    /// Ends a request with an error event.
+    fn fail(&mut self, id: RequestId, message: &str) {
+        self.sched.finish(id);
+        if let Some(out) = self.outputs.remove(&id) {
+            out.sink.send(Event::Error {
+                message: message.to_string(),
+            });
+        }
+    }
+
+    /// Runs one scheduling step. A model error fails the requests of this
+    /// step (each gets an `Error` event) and is returned; the engine stays
+    /// usable for the others.
+    pub fn step(&mut self) -> Result<StepReport, EngineError> {
+        self.reap_disconnected();
+        let plan = self.sched.schedule();
+        let mut report = StepReport {
+            num_seqs: plan.scheduled.len(),
+            num_tokens: plan.layout.num_tokens(),
+            num_preempted: plan.preempted.len(),
+            ..StepReport::default()
+        };
+        self.stats.preemptions += plan.preempted.len() as u64;
+        if plan.is_empty() {
+            return Ok(report);
+        }
+        let ids: Vec<RequestId> = plan.samplers().collect();
+        let picked = self.run_model(&plan, &ids);
+        let picked = match picked {
+            Ok(p) => p,
+            Err(e) => {
+                let msg = format!("the model failed on this step: {e}");
+                for s in &plan.scheduled {
+                    self.fail(s.id, &msg);
+                }
+                return Err(e);
+            }
+        };
+        self.sched.complete_step(&plan)?;
+        self.stats.steps += 1;
+        self.stats.tokens_computed += report.num_tokens as u64;
+
+        match picked {
+            Picked::Tokens(tokens) => {
+                for (token, id) in tokens.into_iter().zip(ids) {
+                    report.num_sampled += 1;
+                    let greedy = Sampled {
+                        token,
+                        logprob: None,
+                        top: Vec::new(),
+                    };
+                    if self.emit(id, greedy)? {
+                        report.num_finished += 1;
+                    }
+                }
+            }
+            Picked::Logits(mut logits) => {
+                let vocab = self.model.config.vocab_size;
+                for (row, id) in logits.chunks_exact_mut(vocab).zip(ids) {
+                    report.num_sampled += 1;
+                    if self.sample_one(id, row)? {
+                        report.num_finished += 1;
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Runs the step's forward pass. When every sampling sequence is plain
+    /// greedy, only the argmax ids leave the device; otherwise the logits
+    /// rows come to the host for the full sampler.
+    fn run_model(&mut self, plan: &StepPlan, ids: &[RequestId]) -> Result<Picked, EngineError> {
+        let act = self.model.forward(&plan.layout, &mut self.kv, &plan.logit_rows)?;
+        let be = self.model.backend.as_ref();
+        let all_greedy = ids
+            .iter()
+            .all(|id| self.outputs.get(id).is_none_or(|o| is_plain_greedy(&o.params)));
+        let picked = if all_greedy {
+            Picked::Tokens(be.argmax_rows(&act).map_err(|e| EngineError::Model(e.into()))?)
+        } else {
+            Picked::Logits(be.read_act(&act).map_err(|e| EngineError::Model(e.into()))?)
+        };
+        let (got, want) = match &picked {
+            Picked::Tokens(t) => (t.len(), ids.len()),
+            Picked::Logits(l) => (l.len(), ids.len() * self.model.config.vocab_size),
+        };
+        if got != want {
+            return Err(EngineError::Request(format!(
+                "the model returned {got} values for {} sampling rows, expected {want}",
+                ids.len()
+            )));
+        }
+        Ok(picked)
+    }
+
+    /// Samples one sequence's next token from its logits row (used as
+    /// scratch), then records and streams it; true when the request ended.
+    fn sample_one(&mut self, id: RequestId, row: &mut [f32]) -> Result<bool, EngineError> {
+        let (Some(out), Some(seq)) = (self.outputs.get_mut(&id), self.sched.seq(id)) else {
+            return Ok(false);
+        };
+        match out.sampler.sample(row, seq.prompt(), seq.generated()) {
+            Ok(sampled) => self.emit(id, sampled),
+            Err(e) => {
+                self.fail(id, &e.to_string());
+                Ok(true)
+            }
+        }
+    }
+
+    /// Appends a chosen token to its sequence, streams it and applies the
+    /// stop conditions; true when the request ended.
+    fn emit(&mut self, id: RequestId, sampled: Sampled) -> Result<bool, EngineError> {
+        if self.sched.seq(id).is_none() || !self.outputs.contains_key(&id) {
+            return Ok(false);
+        }
+        self.sched.append_token(id, sampled.token)?;
+        self.stats.tokens_generated += 1;
+        let (Some(out), Some(seq)) = (self.outputs.get_mut(&id), self.sched.seq(id)) else {
+            return Ok(false);
+        };
+        let generated = seq.generated().len();
+        let full = seq.tokens.len() >= self.limits.max_model_len;
+        let finish = match out.accept(&self.tok, sampled, generated, full) {
+            Ok(f) => f,
+            Err(e) => {
+                self.fail(id, &e.to_string());
+                return Ok(true);
+            }
+        };
+        if let Some(reason) = finish {
+            let usage = self.sched.finish(id).map(|s| usage_of(&s)).unwrap_or_default();
+            if let Some(out) = self.outputs.remove(&id) {
+                out.finish(reason, usage);
+            }
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Aborts every request (shutdown).
+    pub fn abort_all(&mut self) {
+        let ids: Vec<RequestId> = self.outputs.keys().copied().collect();
+        for id in ids {
+            self.abort(id);
+        }
+    }
+}
+
+/// What a step's forward pass hands to sampling.
+enum Picked {
+    /// Argmax ids, one per sampling sequence.
+    Tokens(Vec<u32>),
+    /// Logits rows `[samplers, vocab]` on the host.
+    Logits(Vec<f32>),
+}
+
+/// Greedy with nothing that needs the logits on the host: the argmax (the
+/// lowest id on ties, as the sampler picks) is the whole decision.
+fn is_plain_greedy(p: &SamplingParams) -> bool {
+    p.temperature == 0.0
+        && p.repetition_penalty == 1.0
+        && p.presence_penalty == 0.0
+        && p.frequency_penalty == 0.0
+        && p.logprobs.is_none()
+}
+
+fn usage_of(s: &crate::scheduler::SeqState) -> Usage {
+    Usage {
+        prompt_tokens: s.prompt_len,
+        completion_tokens: s.tokens.len() - s.prompt_len,
+        cached_tokens: s.cached_prompt_tokens.unwrap_or(0),
+    }
+}
+
+enum Command {
+    Add {
+        id: RequestId,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        sink: EventSender,
+    },
+    Abort(RequestId),
+    Shutdown,
+}
+
+struct HandleShared {
+    limits: Limits,
+    next_id: Arc<AtomicU64>,
+    stats: Mutex<EngineStats>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// A cloneable handle to an engine running on its own thread. Its methods
+/// never wait for the engine's step. The thread ends after `shutdown`, or
+/// once every handle is dropped and the remaining requests are done.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Command>,
+    shared: Arc<HandleShared>,
+}
+
+impl<B: Backend + 'static> Engine<B> {
+    /// Moves the engine onto its own thread.
+    pub fn spawn(self) -> Result<EngineHandle, EngineError> {
+        let (tx, rx) = mpsc::channel();
+        let shared = Arc::new(HandleShared {
+            limits: self.limits,
+            next_id: self.next_id.clone(),
+            stats: Mutex::new(self.stats()),
+            thread: Mutex::new(None),
+        });
+        let loop_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("kestrel-engine".into())
+            .spawn(move || run_loop(self, rx, &loop_shared))
+            .map_err(|e| EngineError::Request(format!("could not start the engine thread: {e}")))?;
+        *shared.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(thread);
+        Ok(EngineHandle { tx, shared })
+    }
+}
+
+fn run_loop<B: Backend>(mut engine: Engine<B>, rx: mpsc::Receiver<Command>, shared: &HandleShared) {
+    let mut handles_gone = false;
+    loop {
+        // Idle: sleep until a command arrives.
+        if !engine.has_work() {
+            if handles_gone {
+                break;
+            }
+            match rx.recv() {
+                Ok(cmd) => {
+                    if !apply(&mut engine, cmd) {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        let mut stop = false;
+        loop {
+            match rx.try_recv() {
+                Ok(cmd) => {
+                    if !apply(&mut engine, cmd) {
+                        stop = true;
+                        break;
+                    }
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    handles_gone = true;
+                    break;
+                }
+            }
+        }
+        if stop {
+            engine.abort_all();
+            break;
+        }
+        if engine.has_work() {
+            if let Err(e) = engine.step() {
+                tracing::error!("engine step failed: {e}");
+            }
+        }
+        *shared.stats.lock().unwrap_or_else(|e| e.into_inner()) = engine.stats();
+    }
+    *shared.stats.lock().unwrap_or_else(|e| e.into_inner()) = engine.stats();
+}
+
+/// Applies one command; false on shutdown.
+fn apply<B: Backend>(engine: &mut Engine<B>, cmd: Command) -> bool {
+    match cmd {
+        Command::Add {
+            id,
+            prompt,
+            params,
+            sink,
+        } => {
+            if let Err(e) = engine.enqueue(id, prompt, params, sink) {
+                tracing::error!("request {id} rejected by the engine: {e}");
+            }
+        }
+        Command::Abort(id) => {
+            engine.abort(id);
+        }
+        Command::Shutdown => return false,
+    }
+    true
+}
+
+impl EngineHandle {
+    /// Queues a request; its events arrive on the returned receiver.
+    /// Validation errors come back here, at once.
+    pub fn add_request(
+        &self,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+    ) -> Result<(RequestId, EventReceiver), EngineError> {
+        self.shared.limits.check(&prompt, &params)?;
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let (sink, rx) = channel();
+        self.tx
+            .send(Command::Add {
+                id,
+                prompt,
+                params,
+                sink,
+            })
+            .map_err(|_| EngineError::Stopped)?;
+        Ok((id, rx))
+    }
+
+    /// Stops a request at once (its stream ends with `Finished { Abort }`).
+    /// Dropping the request's receiver has the same effect, silently.
+    pub fn abort(&self, id: RequestId) -> Result<(), EngineError> {
+        self.tx.send(Command::Abort(id)).map_err(|_| EngineError::Stopped)
+    }
+
+    /// State as of the end of the engine's latest step.
+    pub fn stats(&self) -> EngineStats {
+        *self.shared.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Longest sequence (prompt + output) the engine serves.
+    pub fn max_model_len(&self) -> usize {
+        self.shared.limits.max_model_len
+    }
+
+    /// Aborts everything and waits for the engine thread to end.
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(Command::Shutdown);
+        let thread = self
+            .shared
+            .thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(t) = thread {
+            if t.join().is_err() {
+                tracing::error!("the engine thread panicked");
+            }
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! Generation: sampling, stop conditions, the single-sequence `Session`
+//! used by `run` and `chat`, and the batching `Engine` (scheduler, paged KV
+//! block manager with prefix caching, engine loop on its own thread).
+
+pub mod block_manager;
+pub mod engine;
+pub mod error;
+pub mod events;
+pub mod output;
+pub mod sampling;
+pub mod scheduler;
+pub mod session;
+pub mod stop;
+
+pub use error::EngineError;
+pub use sampling::{Sampled, Sampler, SamplingError, SamplingParams};
+pub use engine::{Engine, EngineConfig, EngineHandle, EngineStats};
+pub use events::{Event, EventReceiver, FinishReason, RequestId, Usage};
+pub use session::{Generation, Session, BLOCK_SIZE};
+pub use stop::{StopMatcher, StopOutput};

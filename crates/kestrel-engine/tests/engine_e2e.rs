@@ -1,0 +1,484 @@
+//! The engine end to end on the default model (Gemma 3 270M Q4_K_M) with the
+//! CPU backend: batching, chunked prefill, preemption and prefix caching must
+//! not change any request's greedy output, and aborts must give back every
+//! KV block. Sizes are kept small so the file runs in well under two
+//! minutes on two cores.
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use kestrel_backend::cpu::CpuBackend;
+use kestrel_engine::engine::{Engine, EngineConfig};
+use kestrel_engine::events::{Event, EventReceiver, FinishReason, Usage};
+use kestrel_engine::{SamplingParams, Session};
+use kestrel_formats::ModelFile;
+use kestrel_model::Model;
+use kestrel_tokenizer::Tokenizer;
+use serde_json::Value;
+
+const GEN: usize = 12;
+
+struct Fixture {
+    model: Arc<Model<CpuBackend>>,
+    tok: Arc<Tokenizer>,
+}
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let path = std::env::var_os("KESTREL_MODEL")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+                home.join(".cache/kestrel/models/gemma-3-270m-q4_k_m.gguf")
+            });
+        assert!(
+            path.exists(),
+            "default model not found at {}: run scripts/fetch-model.sh (or set KESTREL_MODEL)",
+            path.display()
+        );
+        let model = Model::load(&path, Arc::new(CpuBackend::new()))
+            .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()));
+        let tok = match model.file() {
+            ModelFile::Gguf(g) => Tokenizer::from_gguf(g).expect("tokenizer from the GGUF"),
+            _ => panic!("{} is not a GGUF file", path.display()),
+        };
+        Fixture {
+            model: Arc::new(model),
+            tok: Arc::new(tok),
+        }
+    })
+}
+
+fn engine(cfg: EngineConfig) -> Engine<CpuBackend> {
+    let f = fixture();
+    Engine::new(f.model.clone(), f.tok.clone(), cfg).expect("engine")
+}
+
+fn greedy(max_tokens: usize) -> SamplingParams {
+    SamplingParams {
+        max_tokens,
+        ignore_eos: true,
+        ..SamplingParams::default()
+    }
+}
+
+/// Everything one request produced.
+#[derive(Clone, Debug, PartialEq)]
+struct Outcome {
+    tokens: Vec<u32>,
+    text: String,
+    reason: Option<FinishReason>,
+    usage: Usage,
+}
+
+fn collect(rx: &EventReceiver) -> Outcome {
+    let mut o = Outcome {
+        tokens: Vec::new(),
+        text: String::new(),
+        reason: None,
+        usage: Usage::default(),
+    };
+    while let Ok(ev) = rx.try_recv() {
+        match ev {
+            Event::Token { id, text, .. } => {
+                o.tokens.push(id);
+                o.text.push_str(&text);
+            }
+            Event::Finished { reason, usage } => {
+                o.reason = Some(reason);
+                o.usage = usage;
+            }
+            Event::Error { message } => panic!("request failed: {message}"),
+        }
+    }
+    o
+}
+
+/// Runs all prompts together until done.
+fn run_batch(e: &mut Engine<CpuBackend>, prompts: &[Vec<u32>], max_tokens: usize) -> Vec<Outcome> {
+    let rxs: Vec<EventReceiver> = prompts
+        .iter()
+        .map(|p| e.add_request(p.clone(), greedy(max_tokens)).expect("add").1)
+        .collect();
+    let mut steps = 0;
+    while e.has_work() {
+        e.step().expect("step");
+        steps += 1;
+        assert!(steps < 10_000, "engine made no progress");
+    }
+    rxs.iter().map(collect).collect()
+}
+
+/// Each prompt alone on a fresh pool without prefix caching.
+fn run_solo(prompts: &[Vec<u32>], max_tokens: usize) -> Vec<Outcome> {
+    let mut e = engine(EngineConfig {
+        num_kv_blocks: 16,
+        enable_prefix_caching: false,
+        ..EngineConfig::default()
+    });
+    prompts
+        .iter()
+        .map(|p| run_batch(&mut e, std::slice::from_ref(p), max_tokens).remove(0))
+        .collect()
+}
+
+struct Reference {
+    prompt: Vec<u32>,
+    tokens: Vec<u32>,
+    text: String,
+}
+
+fn references() -> Vec<Reference> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/reference/gemma3-270m/greedy.json"
+    );
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
+    let refs: Value = serde_json::from_str(&text).expect("greedy.json is JSON");
+    refs.as_array()
+        .expect("greedy.json is a list")
+        .iter()
+        .map(|c| {
+            let ids = |k: &str| -> Vec<u32> { serde_json::from_value(c[k].clone()).expect("ids") };
+            Reference {
+                prompt: ids("prompt_ids"),
+                tokens: ids("tokens"),
+                text: c["text"].as_str().expect("text").to_string(),
+            }
+        })
+        .collect()
+}
+
+/// The reference prompts plus two longer ones spanning several blocks.
+fn prompts(refs: &[Reference]) -> Vec<Vec<u32>> {
+    let mut p: Vec<Vec<u32>> = refs.iter().map(|r| r.prompt.clone()).collect();
+    let tok = &fixture().tok;
+    for text in [
+        "The history of the printing press begins in the fifteenth century, when a goldsmith in Mainz \
+         combined movable metal type with an oil-based ink and",
+        "A recipe for bread: mix flour, water, salt and yeast; knead the dough for ten minutes, let it \
+         rise for an hour in a warm place, shape it into a loaf, let it rise again, and then bake it in \
+         a hot oven until",
+    ] {
+        p.push(tok.encode(text, true).expect("encode"));
+    }
+    p
+}
+
+#[test]
+fn batching_chunking_and_preemption_keep_greedy_output_identical() {
+    let refs = references();
+    let prompts = prompts(&refs);
+    assert!(
+        prompts.iter().any(|p| p.len() > 32),
+        "a prompt should span several blocks"
+    );
+    let solo = run_solo(&prompts, GEN);
+
+    // Alone, the engine produces what the plain single-sequence session
+    // does (llama.cpp agreement is the model crate's test), and its text is
+    // llama.cpp's wherever the tokens agree.
+    let f = fixture();
+    for (p, s) in prompts.iter().zip(&solo) {
+        let mut session = Session::new(&f.model, 256).expect("session");
+        let g = session
+            .generate(&f.tok, p, &greedy(GEN), |_| {})
+            .expect("generate");
+        assert_eq!(s.tokens, g.tokens, "engine and session differ on prompt {p:?}");
+    }
+    let mut text_checked = 0;
+    for (r, s) in refs.iter().zip(&solo) {
+        if r.tokens.starts_with(&s.tokens) {
+            assert!(
+                r.text.starts_with(&s.text),
+                "text {:?} is not a prefix of llama.cpp's {:?}",
+                s.text,
+                r.text
+            );
+            text_checked += 1;
+        }
+    }
+    assert!(text_checked > 0, "no reference prompt to check the text against");
+    for s in &solo {
+        assert_eq!(s.tokens.len(), GEN);
+        assert_eq!(s.reason, Some(FinishReason::Length));
+        assert!(!s.text.is_empty());
+    }
+
+    // All at once, with a small token budget so long prompts are chunked
+    // beside running decodes.
+    let mut e = engine(EngineConfig {
+        num_kv_blocks: 64,
+        max_num_batched_tokens: 24,
+        ..EngineConfig::default()
+    });
+    let batched = run_batch(&mut e, &prompts, GEN);
+    for (i, (b, s)) in batched.iter().zip(&solo).enumerate() {
+        assert_eq!(
+            b.tokens, s.tokens,
+            "request {i}: batched output differs from solo"
+        );
+        assert_eq!(b.text, s.text, "request {i}");
+        assert_eq!(b.usage.completion_tokens, GEN);
+        assert_eq!(b.usage.prompt_tokens, prompts[i].len());
+    }
+    assert_eq!(e.stats().kv_blocks_used, 0);
+
+    // A pool of six blocks for ten requests: constant preemption.
+    let mut e = engine(EngineConfig {
+        num_kv_blocks: 6,
+        ..EngineConfig::default()
+    });
+    let preempted = run_batch(&mut e, &prompts, GEN);
+    let stats = e.stats();
+    assert!(
+        stats.preemptions > 0,
+        "the tiny pool should force preemption: {stats:?}"
+    );
+    for (i, (p, s)) in preempted.iter().zip(&solo).enumerate() {
+        assert_eq!(
+            p.tokens, s.tokens,
+            "request {i}: output after preemption differs from solo"
+        );
+        assert_eq!(p.text, s.text, "request {i}");
+    }
+    assert_eq!(stats.kv_blocks_used, 0);
+    e.block_manager().check_invariants().expect("pool consistent");
+}
+
+#[test]
+fn shared_prefix_is_computed_once() {
+    let tok = &fixture().tok;
+    let system = "You are a careful assistant. Answer in one short sentence, use plain words, and never \
+                  invent facts. If you do not know the answer, say so. The user asks: ";
+    let a = tok
+        .encode(&format!("{system}What is the tallest mountain on Earth?"), true)
+        .expect("encode");
+    let b = tok
+        .encode(&format!("{system}Why is the sky blue?"), true)
+        .expect("encode");
+    let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    assert!(
+        common >= 32,
+        "the prompts should share at least two blocks, share {common} tokens"
+    );
+    let solo = run_solo(std::slice::from_ref(&b), GEN).remove(0);
+
+    let mut e = engine(EngineConfig {
+        num_kv_blocks: 32,
+        ..EngineConfig::default()
+    });
+    run_batch(&mut e, &[a], GEN);
+    let before = e.stats();
+    let got = run_batch(&mut e, std::slice::from_ref(&b), GEN).remove(0);
+    let after = e.stats();
+
+    let expect_cached = common / 16 * 16;
+    assert_eq!(got.usage.cached_tokens, expect_cached);
+    assert_eq!(
+        after.prefix_cache.tokens_saved - before.prefix_cache.tokens_saved,
+        expect_cached as u64
+    );
+    // Only the rest of the prompt and the decodes went through the model.
+    assert_eq!(
+        after.tokens_computed - before.tokens_computed,
+        (b.len() - expect_cached + GEN - 1) as u64
+    );
+    assert_eq!(
+        got.tokens, solo.tokens,
+        "output with a prefix hit differs from solo"
+    );
+    assert_eq!(got.text, solo.text);
+}
+
+#[test]
+fn aborts_at_any_point_return_every_block() {
+    let refs = references();
+    let prompts = prompts(&refs);
+    let mut e = engine(EngineConfig {
+        num_kv_blocks: 12,
+        max_num_batched_tokens: 16,
+        ..EngineConfig::default()
+    });
+    let total = e.stats().kv_blocks_total;
+    let mut rxs: Vec<Option<(u64, EventReceiver)>> = prompts
+        .iter()
+        .map(|p| Some(e.add_request(p.clone(), greedy(GEN)).expect("add")))
+        .collect();
+    // A fixed pseudo-random schedule of aborts and disconnects.
+    let mut lcg: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut aborted = Vec::new();
+    let mut steps = 0;
+    while e.has_work() {
+        e.step().expect("step");
+        steps += 1;
+        lcg = lcg
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        if (lcg >> 33).is_multiple_of(3) {
+            let i = ((lcg >> 40) as usize) % rxs.len();
+            if (lcg >> 20).is_multiple_of(4) {
+                rxs[i] = None; // the client went away
+            } else if let Some((id, rx)) = &rxs[i] {
+                if e.abort(*id) {
+                    aborted.push(i);
+                    let o = collect(rx);
+                    assert_eq!(o.reason, Some(FinishReason::Abort));
+                    assert!(o.tokens.len() < GEN);
+                }
+            }
+        }
+        e.block_manager().check_invariants().expect("pool consistent");
+        assert!(steps < 10_000);
+    }
+    assert!(!aborted.is_empty(), "the schedule should abort something");
+    assert_eq!(e.stats().kv_blocks_used, 0);
+    assert_eq!(e.block_manager().num_free_blocks(), total);
+    for (i, r) in rxs.iter().enumerate() {
+        if let (Some((_, rx)), false) = (r, aborted.contains(&i)) {
+            assert_eq!(collect(rx).reason, Some(FinishReason::Length), "request {i}");
+        }
+    }
+}
+
+#[test]
+fn threaded_handle_streams_and_aborts() {
+    let handle = engine(EngineConfig {
+        num_kv_blocks: 32,
+        ..EngineConfig::default()
+    })
+    .spawn()
+    .expect("spawn");
+    let refs = references();
+    let (_, keep) = handle
+        .add_request(refs[0].prompt.clone(), greedy(GEN))
+        .expect("add");
+    let (cut_id, cut) = handle
+        .add_request(refs[1].prompt.clone(), greedy(1000))
+        .expect("add");
+    // Validation errors come back at once, on the caller's side.
+    assert!(handle.add_request(Vec::new(), greedy(4)).is_err());
+    assert!(handle.add_request(vec![u32::MAX], greedy(4)).is_err());
+
+    // Wait for the long request to stream, then abort it.
+    match cut.recv_timeout(Duration::from_secs(60)) {
+        Ok(Event::Token { .. }) => {}
+        other => panic!("expected a token, got {other:?}"),
+    }
+    handle.abort(cut_id).expect("abort");
+    let mut reason = None;
+    for ev in cut.iter() {
+        if let Event::Finished { reason: r, usage } = ev {
+            reason = Some(r);
+            assert!(usage.completion_tokens < 1000);
+        }
+    }
+    assert_eq!(reason, Some(FinishReason::Abort));
+
+    let mut n = 0;
+    let mut end = None;
+    for ev in keep.iter() {
+        match ev {
+            Event::Token { .. } => n += 1,
+            Event::Finished { reason, usage } => end = Some((reason, usage)),
+            Event::Error { message } => panic!("{message}"),
+        }
+    }
+    let (reason, usage) = end.expect("stream finished");
+    assert_eq!(
+        (reason, n, usage.completion_tokens),
+        (FinishReason::Length, GEN, GEN)
+    );
+    // The loop publishes stats after each step: wait for the final one.
+    let mut waited = 0;
+    while handle.stats().kv_blocks_used != 0 || handle.stats().running != 0 {
+        std::thread::sleep(Duration::from_millis(10));
+        waited += 1;
+        assert!(waited < 1000, "blocks not returned: {:?}", handle.stats());
+    }
+    handle.shutdown();
+    assert!(handle.add_request(refs[0].prompt.clone(), greedy(2)).is_err());
+}
+
+/// The handle and the streams cross threads (and async tasks).
+#[test]
+fn handle_and_streams_are_send_and_sync() {
+    fn check<T: Send + Sync + 'static>() {}
+    check::<kestrel_engine::engine::EngineHandle>();
+    check::<EventReceiver>();
+}
+
+#[test]
+fn stop_strings_and_seeded_sampling_in_a_mixed_batch() {
+    let refs = references();
+    let prompt = refs[0].prompt.clone();
+    let solo = run_solo(std::slice::from_ref(&prompt), GEN).remove(0);
+    // A stop string from the middle of the greedy text: the output ends
+    // right before it, with reason Stop.
+    let words: Vec<&str> = solo.text.split_inclusive(' ').collect();
+    assert!(words.len() >= 4, "greedy text too short: {:?}", solo.text);
+    let cut: usize = words[..2].iter().map(|w| w.len()).sum();
+    let stop = solo.text[cut..]
+        .split(' ')
+        .find(|w| !w.is_empty())
+        .expect("a word")
+        .to_string();
+    let cut = solo.text.find(stop.as_str()).expect("stop occurs");
+
+    let mut e = engine(EngineConfig {
+        num_kv_blocks: 32,
+        ..EngineConfig::default()
+    });
+    let sampled = |seed| SamplingParams {
+        temperature: 0.9,
+        top_p: 0.95,
+        seed: Some(seed),
+        logprobs: Some(2),
+        ..greedy(GEN)
+    };
+    let (_, greedy_rx) = e.add_request(prompt.clone(), greedy(GEN)).expect("add");
+    let stopping = SamplingParams {
+        stop: vec![stop.clone()],
+        ..greedy(GEN)
+    };
+    let (_, stop_rx) = e.add_request(prompt.clone(), stopping).expect("add");
+    let (_, s1) = e.add_request(prompt.clone(), sampled(7)).expect("add");
+    let (_, s2) = e.add_request(prompt.clone(), sampled(7)).expect("add");
+    let mut first_logprob = None;
+    while e.has_work() {
+        e.step().expect("step");
+        if first_logprob.is_none() {
+            if let Ok(Event::Token {
+                id,
+                logprob,
+                top_logprobs,
+                ..
+            }) = s1.try_recv()
+            {
+                first_logprob = Some((id, logprob, top_logprobs.len()));
+            }
+        }
+    }
+    // The greedy request is unaffected by its sampling neighbours (whose
+    // logits force the host-side sampler for the whole step).
+    let g = collect(&greedy_rx);
+    assert_eq!(g.tokens, solo.tokens);
+    let st = collect(&stop_rx);
+    assert_eq!(st.reason, Some(FinishReason::Stop));
+    assert_eq!(
+        st.text,
+        solo.text[..cut],
+        "text must end right before the stop {stop:?}"
+    );
+    assert!(st.tokens.len() < GEN);
+    // Same seed, same choices; logprobs reported when asked for.
+    let (first, lp, ntop) = first_logprob.expect("a sampled token");
+    let (mut a, b) = (collect(&s1), collect(&s2));
+    a.tokens.insert(0, first);
+    assert_eq!(a.tokens, b.tokens, "seeded requests differ");
+    assert_eq!(b.tokens.len(), GEN);
+    assert!(lp.is_some_and(|l| l <= 0.0));
+    assert_eq!(ntop, 2);
+}

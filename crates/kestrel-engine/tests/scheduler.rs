@@ -1,0 +1,322 @@
+//! Scheduler tests against a fake model: it writes each step's tokens into a
+//! shadow KV pool at the layout's slots, and "predicts" the next token as a
+//! hash of the context it reads back through the block table. Any stale,
+//! missing or misplaced KV (bad block tables, a wrong prefix hit, a lost
+//! preemption) changes the output, so comparing with a sequence run alone
+//! checks the whole bookkeeping without a real model.
+
+use std::collections::HashMap;
+
+use kestrel_engine::block_manager::{BlockManager, SeqId};
+use kestrel_engine::scheduler::{Scheduler, SchedulerConfig, StepPlan};
+use proptest::prelude::*;
+
+const BS: usize = 4;
+
+fn next_token(context: &[u32]) -> u32 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &t in context {
+        h = (h ^ u64::from(t)).wrapping_mul(0x100_0000_01b3);
+    }
+    (h % 50) as u32 + 1
+}
+
+/// What a request generates when run alone.
+fn solo(prompt: &[u32], max_tokens: usize) -> Vec<u32> {
+    let mut ctx = prompt.to_vec();
+    for _ in 0..max_tokens {
+        ctx.push(next_token(&ctx));
+    }
+    ctx[prompt.len()..].to_vec()
+}
+
+struct Sim {
+    s: Scheduler,
+    kv: Vec<Option<u32>>,
+    max_tokens: HashMap<SeqId, usize>,
+    done: HashMap<SeqId, Vec<u32>>,
+    steps: Vec<StepPlan>,
+}
+
+impl Sim {
+    fn new(num_blocks: usize, max_num_seqs: usize, budget: usize, caching: bool) -> Sim {
+        let cfg = SchedulerConfig {
+            max_num_seqs,
+            max_num_batched_tokens: budget,
+        };
+        Sim {
+            s: Scheduler::new(cfg, BlockManager::new(num_blocks, BS, caching)),
+            kv: vec![None; num_blocks * BS],
+            max_tokens: HashMap::new(),
+            done: HashMap::new(),
+            steps: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, id: SeqId, prompt: Vec<u32>, max_tokens: usize) {
+        self.s.add(id, prompt).unwrap();
+        self.max_tokens.insert(id, max_tokens);
+    }
+
+    /// One step; returns the plan it ran.
+    fn step(&mut self) -> StepPlan {
+        let plan = self.s.schedule();
+        let l = &plan.layout;
+        assert_eq!(l.tokens.len(), l.positions.len());
+        assert_eq!(l.tokens.len(), l.slot_mapping.len());
+        for (i, &slot) in l.slot_mapping.iter().enumerate() {
+            self.kv[slot as usize] = Some(l.tokens[i]);
+        }
+        let mut sampled = Vec::new();
+        let mut row = 0;
+        for (sch, sl) in plan.scheduled.iter().zip(&l.seqs) {
+            assert_eq!(sl.query_len as usize, sch.num_tokens);
+            if !sch.sample {
+                continue;
+            }
+            assert_eq!(plan.logit_rows[row], sl.query_start + sl.query_len - 1);
+            row += 1;
+            let ctx: Vec<u32> = (0..sl.context_len as usize)
+                .map(|p| {
+                    let slot = sl.block_table[p / BS] as usize * BS + p % BS;
+                    self.kv[slot].unwrap_or(u32::MAX)
+                })
+                .collect();
+            sampled.push((sch.id, next_token(&ctx)));
+        }
+        assert_eq!(row, plan.logit_rows.len());
+        self.s.complete_step(&plan).unwrap();
+        for (id, tok) in sampled {
+            self.s.append_token(id, tok).unwrap();
+            let st = self.s.seq(id).unwrap();
+            if st.generated().len() >= self.max_tokens[&id] {
+                let st = self.s.finish(id).unwrap();
+                self.done.insert(id, st.generated().to_vec());
+            }
+        }
+        self.s.blocks().check_invariants().unwrap();
+        self.steps.push(plan.clone());
+        plan
+    }
+
+    fn run_to_end(&mut self, max_steps: usize) {
+        let mut n = 0;
+        while self.s.has_work() {
+            self.step();
+            n += 1;
+            assert!(n <= max_steps, "no progress after {max_steps} steps");
+        }
+        assert_eq!(self.s.blocks().num_used_blocks(), 0);
+    }
+}
+
+fn prompt(len: usize, salt: u32) -> Vec<u32> {
+    (0..len as u32).map(|i| (i * 31 + salt * 7) % 97 + 3).collect()
+}
+
+#[test]
+fn budget_and_seq_cap_are_respected() {
+    let mut sim = Sim::new(200, 3, 10, true);
+    for id in 0..6 {
+        sim.add(id, prompt(7 + id as usize * 3, id as u32), 5);
+    }
+    sim.run_to_end(200);
+    for p in &sim.steps {
+        assert!(p.layout.tokens.len() <= 10);
+        assert!(p.scheduled.len() <= 3);
+    }
+    for id in 0..6 {
+        assert_eq!(sim.done[&id], solo(&prompt(7 + id as usize * 3, id as u32), 5));
+    }
+}
+
+#[test]
+fn long_prefill_is_chunked_beside_running_decodes() {
+    let mut sim = Sim::new(200, 8, 8, true);
+    sim.add(1, prompt(3, 1), 30);
+    sim.add(2, prompt(3, 2), 30);
+    sim.step(); // both prefills in one step
+    sim.add(3, prompt(40, 3), 2);
+    let mut prefill_steps = 0;
+    while let Some(done) = sim.s.seq(3).map(|s| s.num_computed).filter(|&c| c < 40) {
+        let p = sim.step();
+        // Both decodes come first, every step; the prompt gets the rest.
+        assert_eq!(p.scheduled[0].id, 1);
+        assert_eq!(p.scheduled[1].id, 2);
+        assert_eq!((p.scheduled[0].num_tokens, p.scheduled[1].num_tokens), (1, 1));
+        assert!(p.scheduled[0].sample && p.scheduled[1].sample);
+        assert_eq!(p.scheduled[2].id, 3);
+        assert_eq!(p.scheduled[2].num_tokens, (40 - done).min(6));
+        prefill_steps += 1;
+    }
+    assert_eq!(prefill_steps, 40 / 6 + 1);
+    sim.run_to_end(100);
+    assert_eq!(sim.done[&3], solo(&prompt(40, 3), 2));
+    assert_eq!(sim.done[&1], solo(&prompt(3, 1), 30));
+}
+
+#[test]
+fn newest_running_sequence_is_preempted_when_blocks_run_out() {
+    // 6 blocks of 4: three sequences of 4-token prompts fit (one block each),
+    // then decoding needs a second block each and the pool runs dry.
+    let mut sim = Sim::new(6, 8, 64, false);
+    for id in 1..=3 {
+        sim.add(id, prompt(4, id as u32), 12);
+    }
+    let mut first_preempted = None;
+    for _ in 0..40 {
+        let p = sim.step();
+        if let Some(&v) = p.preempted.first() {
+            first_preempted.get_or_insert(v);
+            // The victim is the newest of those that were running.
+            assert!(!sim.s.running().iter().any(|&r| r > v));
+            assert!(sim.s.waiting().any(|w| w == v));
+            assert_eq!(sim.s.seq(v).unwrap().num_computed, 0);
+        }
+        if !sim.s.has_work() {
+            break;
+        }
+    }
+    assert_eq!(first_preempted, Some(3));
+    sim.run_to_end(200);
+    for id in 1..=3 {
+        assert_eq!(sim.done[&id], solo(&prompt(4, id as u32), 12), "request {id}");
+    }
+}
+
+#[test]
+fn preempted_request_is_rescheduled_before_later_arrivals() {
+    let mut sim = Sim::new(6, 8, 64, false);
+    for id in 1..=3 {
+        sim.add(id, prompt(4, id as u32), 12);
+    }
+    while sim.steps.last().is_none_or(|p| p.preempted.is_empty()) {
+        sim.step();
+    }
+    sim.add(10, prompt(2, 10), 2);
+    // The waiting queue stays in arrival order: the preempted 3 before 10.
+    let waiting: Vec<SeqId> = sim.s.waiting().collect();
+    assert_eq!(waiting, vec![3, 10]);
+    sim.run_to_end(200);
+    assert_eq!(sim.done[&10], solo(&prompt(2, 10), 2));
+}
+
+#[test]
+fn admission_is_first_come_first_served() {
+    // 4 blocks: request 1 takes 3, request 2 needs 3 and must wait, and
+    // request 3 (needing 1) must not overtake it.
+    let mut sim = Sim::new(4, 8, 64, false);
+    sim.add(1, prompt(12, 1), 1);
+    sim.add(2, prompt(12, 2), 1);
+    sim.add(3, prompt(2, 3), 1);
+    let p = sim.step();
+    let ids: Vec<SeqId> = p.scheduled.iter().map(|s| s.id).collect();
+    assert_eq!(ids, vec![1]);
+    assert_eq!(sim.s.num_waiting(), 2);
+    // Once 1 is done, 2 goes first and 3 fits beside it.
+    let p = sim.step();
+    let ids: Vec<SeqId> = p.scheduled.iter().map(|s| s.id).collect();
+    assert_eq!(ids, vec![2, 3]);
+    sim.run_to_end(20);
+    assert_eq!(sim.done.len(), 3);
+}
+
+#[test]
+fn prefix_hit_skips_the_cached_blocks() {
+    let mut sim = Sim::new(64, 8, 64, true);
+    let shared = prompt(16, 5);
+    let mut a = shared.clone();
+    a.extend([60, 61, 62]);
+    let mut b = shared.clone();
+    b.extend([70, 71]);
+    sim.add(1, a.clone(), 3);
+    sim.run_to_end(20);
+    sim.add(2, b.clone(), 3);
+    let p = sim.step();
+    assert_eq!(
+        p.scheduled[0].num_tokens, 2,
+        "only the two new tokens are computed"
+    );
+    assert_eq!(sim.s.seq(2).unwrap().cached_prompt_tokens, Some(16));
+    assert_eq!(sim.s.blocks().stats().tokens_saved, 16);
+    sim.run_to_end(20);
+    assert_eq!(sim.done[&2], solo(&b, 3));
+    assert_eq!(sim.done[&1], solo(&a, 3));
+}
+
+#[test]
+fn aborting_anywhere_frees_everything() {
+    let mut sim = Sim::new(40, 8, 8, true);
+    for id in 0..5 {
+        sim.add(id, prompt(10 + id as usize, id as u32), 20);
+    }
+    for step in 0..12 {
+        sim.step();
+        if step % 3 == 2 {
+            let victim = sim
+                .s
+                .running()
+                .first()
+                .copied()
+                .or_else(|| sim.s.waiting().next());
+            if let Some(v) = victim {
+                assert!(sim.s.finish(v).is_some());
+                sim.s.blocks().check_invariants().unwrap();
+            }
+        }
+    }
+    for id in 0..5 {
+        sim.s.finish(id);
+    }
+    assert!(!sim.s.has_work());
+    assert_eq!(sim.s.blocks().num_free_blocks(), 40);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Any mix of arrival times, prompt lengths, pool sizes, budgets and
+    /// caching gives every request exactly its solo output.
+    #[test]
+    fn output_matches_solo_runs(
+        reqs in prop::collection::vec((0usize..4, 1usize..36, 1usize..10, 0u32..2), 1..12),
+        num_blocks in 12usize..48,
+        budget in 1usize..24,
+        max_seqs in 1usize..6,
+        caching in any::<bool>(),
+    ) {
+        let mut sim = Sim::new(num_blocks, max_seqs, budget, caching);
+        // Family-shared prefixes give the cache something to find.
+        let make = |len: usize, fam: u32, id: u32| {
+            let mut p = prompt(len.min(20), fam);
+            p.extend(prompt(len.saturating_sub(20), 50 + id));
+            p
+        };
+        let mut pending: Vec<(usize, SeqId, Vec<u32>, usize)> = reqs
+            .iter()
+            .enumerate()
+            .map(|(i, &(at, len, max, fam))| (at, i as SeqId, make(len, fam, i as u32), max))
+            .collect();
+        pending.sort_by_key(|r| (r.0, r.1));
+        let expected: HashMap<SeqId, Vec<u32>> =
+            pending.iter().map(|(_, id, p, m)| (*id, solo(p, *m))).collect();
+        // A sequence (prompt + output) must fit the pool on its own.
+        prop_assume!(pending.iter().all(|(_, _, p, m)| p.len() + m <= num_blocks * BS));
+        let mut t = 0;
+        let mut steps = 0;
+        while !pending.is_empty() || sim.s.has_work() {
+            while pending.first().is_some_and(|r| r.0 <= t) {
+                let (_, id, p, m) = pending.remove(0);
+                sim.add(id, p, m);
+            }
+            if sim.s.has_work() {
+                sim.step();
+            }
+            t += 1;
+            steps += 1;
+            prop_assert!(steps < 5000, "no progress");
+        }
+        prop_assert_eq!(&sim.done, &expected);
+        prop_assert_eq!(sim.s.blocks().num_free_blocks(), num_blocks);
+    }
+}
