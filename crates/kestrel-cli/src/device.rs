@@ -31,6 +31,14 @@ impl std::str::FromStr for Device {
     }
 }
 
+/// `--kernels fused|reference`: the CUDA kernel set (the CPU has one).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Kernels {
+    #[default]
+    Fused,
+    Reference,
+}
+
 /// A command that can run on any backend.
 pub trait BackendTask {
     type Output;
@@ -40,13 +48,18 @@ pub trait BackendTask {
 /// Build the backend for `device` and run `task` on it. `auto` takes the
 /// GPU when one is usable and otherwise says in one line why it runs on the CPU.
 pub fn dispatch<T: BackendTask>(device: Device, task: T) -> Result<T::Output> {
+    dispatch_with(device, Kernels::Fused, task)
+}
+
+/// `dispatch` with a choice of CUDA kernel set.
+pub fn dispatch_with<T: BackendTask>(device: Device, kernels: Kernels, task: T) -> Result<T::Output> {
     match device {
         Device::Cpu => task.run(Arc::new(CpuBackend::new())),
-        Device::Cuda(n) => match open_cuda(n) {
+        Device::Cuda(n) => match open_cuda(n, kernels) {
             Ok(run) => run(task),
             Err(why) => bail!("--device cuda:{n}: no usable GPU: {why}"),
         },
-        Device::Auto => match open_cuda(0) {
+        Device::Auto => match open_cuda(0, kernels) {
             Ok(run) => run(task),
             Err(why) => {
                 eprintln!("device: cpu (no usable GPU: {why})");
@@ -59,13 +72,21 @@ pub fn dispatch<T: BackendTask>(device: Device, task: T) -> Result<T::Output> {
 type Runner<T> = Box<dyn FnOnce(T) -> Result<<T as BackendTask>::Output>>;
 
 #[cfg(feature = "cuda")]
-fn open_cuda<T: BackendTask>(ordinal: usize) -> std::result::Result<Runner<T>, String> {
-    use kestrel_backend::cuda::CudaBackend;
-    let be = CudaBackend::new(ordinal).map_err(|e| e.to_string())?;
+fn open_cuda<T: BackendTask>(ordinal: usize, kernels: Kernels) -> std::result::Result<Runner<T>, String> {
+    use kestrel_backend::cuda::{CudaBackend, KernelSet};
+    let set = match kernels {
+        Kernels::Fused => KernelSet::Fused,
+        Kernels::Reference => KernelSet::Reference,
+    };
+    let be = CudaBackend::with_kernels(ordinal, set).map_err(|e| e.to_string())?;
+    // Tuning knob for benchmarks: the most key splits of decode attention.
+    if let Some(n) = std::env::var("KESTREL_ATTN_SPLITS").ok().and_then(|v| v.parse::<usize>().ok()) {
+        be.set_max_attention_splits(n);
+    }
     Ok(Box::new(move |task: T| task.run(Arc::new(be))))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn open_cuda<T: BackendTask>(_ordinal: usize) -> std::result::Result<Runner<T>, String> {
+fn open_cuda<T: BackendTask>(_ordinal: usize, _kernels: Kernels) -> std::result::Result<Runner<T>, String> {
     Err("this kestrel was built without the `cuda` feature".into())
 }

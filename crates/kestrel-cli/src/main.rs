@@ -29,6 +29,8 @@ enum Command {
     Tokenize(commands::tokenize::TokenizeArgs),
     /// Measure prefill and decode speed (llama-bench style) and write a capsule.
     Bench(commands::bench::BenchArgs),
+    /// Render benchmark capsules as Markdown (RESULTS.md), CSV or JSON.
+    Report(commands::report::ReportArgs),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +48,7 @@ fn main() -> ExitCode {
         Command::Inspect(a) => commands::inspect::main(a),
         Command::Tokenize(a) => commands::tokenize::main(a),
         Command::Bench(a) => commands::bench::main(a),
+        Command::Report(a) => commands::report::main(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -15,7 +15,7 @@ use kestrel_model::Model;
 use serde_json::json;
 
 use crate::capsule;
-use crate::device::{dispatch, BackendTask, Device};
+use crate::device::{dispatch_with, BackendTask, Device, Kernels};
 use crate::{loading, model_path};
 
 #[derive(Args, Clone, Debug)]
@@ -33,6 +33,9 @@ pub struct BenchArgs {
     pub runs: usize,
     #[arg(long, default_value = "auto")]
     pub device: Device,
+    /// CUDA kernel set: fused (fast) or reference (plain kernels, for comparison).
+    #[arg(long, value_enum, default_value = "fused")]
+    pub kernels: Kernels,
     /// Write the capsule here (default: benchmarks/<date>-bench-<device>.json).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -43,7 +46,7 @@ pub struct BenchArgs {
 
 pub fn main(args: BenchArgs) -> Result<()> {
     let path = model_path::resolve(args.model.clone())?;
-    dispatch(args.device, BenchTask { args, path })
+    dispatch_with(args.device, args.kernels, BenchTask { args, path })
 }
 
 struct BenchTask {

@@ -11,7 +11,7 @@ use kestrel_engine::Session;
 use kestrel_tokenizer::ChatMessage;
 
 use super::sampling_args::SamplingArgs;
-use crate::device::{dispatch, BackendTask, Device};
+use crate::device::{dispatch_with, BackendTask, Device, Kernels};
 use crate::{loading, model_path};
 
 #[derive(Args, Clone, Debug)]
@@ -35,6 +35,9 @@ pub struct RunArgs {
     pub ctx: Option<usize>,
     #[arg(long, default_value = "auto")]
     pub device: Device,
+    /// CUDA kernel set: fused (fast) or reference (plain kernels, for comparison).
+    #[arg(long, value_enum, default_value = "fused")]
+    pub kernels: Kernels,
     /// Print the statistics as JSON on stderr as well.
     #[arg(long)]
     pub json: bool,
@@ -49,7 +52,7 @@ pub fn main(mut args: RunArgs) -> Result<()> {
         args.prompt = s;
     }
     let path = model_path::resolve(args.model.clone())?;
-    dispatch(args.device, RunTask { args, path })
+    dispatch_with(args.device, args.kernels, RunTask { args, path })
 }
 
 struct RunTask {

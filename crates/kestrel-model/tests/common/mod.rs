@@ -34,11 +34,13 @@ pub fn greedy<B: Backend>(model: &Model<B>, prompt: &[u32], n: usize) -> (Vec<u3
     let blocks = (prompt.len() + n + bs).div_ceil(bs);
     // A scrambled block table: correctness must not depend on blocks being in order.
     let table: Vec<u32> = (0..blocks as u32).rev().collect();
-    let mut kv = model.backend.alloc_kv(&model.kv_spec(blocks, bs, KvDType::F32)).unwrap();
+    let kv_dtype = match std::env::var("KESTREL_TEST_KV").as_deref() { Ok("f16") => KvDType::F16, Ok("bf16") => KvDType::Bf16, _ => KvDType::F32 };
+    let mut kv = model.backend.alloc_kv(&model.kv_spec(blocks, bs, kv_dtype)).unwrap();
     let layout = BatchLayout::single(prompt, 0, &table, bs as u32);
     let logits = model.forward(&layout, &mut kv, &[(prompt.len() - 1) as u32]).unwrap();
     let first = model.backend.read_act(&logits).unwrap();
     let mut out = vec![model.backend.argmax_rows(&logits).unwrap()[0]];
+    drop(logits); // the model reuses its logits buffer
     while out.len() < n {
         let pos = (prompt.len() + out.len() - 1) as u32;
         let layout = BatchLayout::single(&[*out.last().unwrap()], pos, &table, bs as u32);
