@@ -230,3 +230,26 @@ fn explicit_cuda_without_gpu_is_an_error_not_a_panic() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("device: cpu (no usable GPU:"), "{}", text(&out.stderr));
 }
+
+#[test]
+fn chat_keeps_history_and_reuses_the_cache() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kestrel"))
+        .args(["chat", "--temperature", "0", "--max-tokens", "12", "--device", "cpu", "--verbose"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"What is the capital of France?\nAnd of Italy?\n/exit\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!text(&out.stdout).trim().is_empty());
+    // Two answers; the second turn finds the first turn's tokens in the KV cache.
+    let stats: Vec<&str> = err.lines().filter(|l| l.contains("prompt tokens (")).collect();
+    assert_eq!(stats.len(), 2, "{err}");
+    let cached: usize = stats[1].split(" prompt tokens (").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert!(cached > 10, "second turn reused only {cached} tokens: {err}");
+}
