@@ -65,8 +65,7 @@ pub trait Backend: Send + Sync {
     fn embed(&self, table: &Self::Weight, batch: &Self::Batch, scale: f32, out: &mut Self::Act)
         -> Result<()>;
     /// `out = x / rms(x) * w` per row.
-    fn rms_norm(&self, x: &Self::Act, w: &Self::Vector, eps: f32, out: &mut Self::Act)
-        -> Result<()>;
+    fn rms_norm(&self, x: &Self::Act, w: &Self::Vector, eps: f32, out: &mut Self::Act) -> Result<()>;
     /// Fused residual: `x += delta; out = rms_norm(x, w)`.
     fn add_rms_norm(
         &self,
@@ -140,10 +139,246 @@ pub trait Backend: Send + Sync {
             .map(|r| crate::layout::argmax(&v[r * cols..(r + 1) * cols]) as u32)
             .collect())
     }
-    fn act_rows(&self, x: &Self::Act) -> usize;
-
     /// Wait for queued work (no-op on the CPU).
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
+    fn act_rows(&self, x: &Self::Act) -> usize;
+
+    // ---- fused operations (defaults compose the primitives above) ----------
+
+    /// `q = Wq·h (+bq)`, `k = Wk·h (+bk)`, `v = Wv·h (+bv)`: one launch on GPUs.
+    #[allow(clippy::too_many_arguments)]
+    fn qkv(
+        &self,
+        h: &Self::Act,
+        w: [&Self::Weight; 3],
+        bias: [Option<&Self::Vector>; 3],
+        q: &mut Self::Act,
+        k: &mut Self::Act,
+        v: &mut Self::Act,
+    ) -> Result<()> {
+        qkv_unfused(self, h, w, bias, q, k, v)
+    }
+
+    /// q/k per-head norm + RoPE for `q` and `k`, then the K/V store of
+    /// `layer` (what `qk_norm_rope` twice and `write_kv` do).
+    #[allow(clippy::too_many_arguments)]
+    fn qk_norm_rope_store(
+        &self,
+        qkv: QkvRows<'_, Self>,
+        norms: [Option<&Self::Vector>; 2],
+        eps: f32,
+        rope: &Self::Rope,
+        pool: &mut Self::KvPool,
+        layer: usize,
+        batch: &Self::Batch,
+    ) -> Result<()> {
+        qk_norm_rope_store_unfused(self, qkv, norms, eps, rope, pool, layer, batch)
+    }
+
+    /// Residual step: `delta' = post_norm ? rms_norm(delta, post_norm) : delta;
+    /// x += delta'; out = rms_norm(x, next_norm)`. `tmp` (shape of `x`) is
+    /// scratch for backends that need it.
+    #[allow(clippy::too_many_arguments)]
+    fn residual_norm(
+        &self,
+        x: &mut Self::Act,
+        delta: &Self::Act,
+        post_norm: Option<&Self::Vector>,
+        next_norm: &Self::Vector,
+        eps: f32,
+        tmp: &mut Self::Act,
+        out: &mut Self::Act,
+    ) -> Result<()> {
+        residual_norm_unfused(self, x, delta, post_norm, next_norm, eps, tmp, out)
+    }
+
+    /// `out = W_down · (act(W_gate·h) * (W_up·h))`; `gate`, `up`, `act_out`
+    /// are `[rows, ffn]` scratch.
+    #[allow(clippy::too_many_arguments)]
+    fn gated_ffn(
+        &self,
+        h: &Self::Act,
+        w: [&Self::Weight; 3],
+        act: Activation,
+        gate: &mut Self::Act,
+        up: &mut Self::Act,
+        act_out: &mut Self::Act,
+        out: &mut Self::Act,
+    ) -> Result<()> {
+        self.matmul(h, w[0], gate)?;
+        self.matmul(h, w[1], up)?;
+        self.gated_activation(gate, up, act, act_out)?;
+        self.matmul(act_out, w[2], out)
+    }
+
+    /// `delta = W · a`, then the residual step `r` on `delta` (what
+    /// `matmul` + `residual_norm` do): one launch on GPUs.
+    fn matmul_residual_norm(
+        &self,
+        a: &Self::Act,
+        w: &Self::Weight,
+        delta: &mut Self::Act,
+        r: ResidualNorm<'_, Self>,
+    ) -> Result<()> {
+        matmul_residual_norm_unfused(self, a, w, delta, r)
+    }
+
+    /// `gated_ffn` into `out`, then the residual step `r` on `out`: on GPUs
+    /// the activation, down projection and residual step are one launch.
+    #[allow(clippy::too_many_arguments)]
+    fn gated_ffn_residual_norm(
+        &self,
+        h: &Self::Act,
+        w: [&Self::Weight; 3],
+        act: Activation,
+        gate: &mut Self::Act,
+        up: &mut Self::Act,
+        act_out: &mut Self::Act,
+        out: &mut Self::Act,
+        r: ResidualNorm<'_, Self>,
+    ) -> Result<()> {
+        self.gated_ffn(h, w, act, gate, up, act_out, out)?;
+        residual_norm_unfused_into(self, out, r)
+    }
+
+    // ---- graphs (defaults: unsupported) -------------------------------------
+
+    /// Whether `begin_capture` / `end_capture` / `replay` work here.
+    fn supports_graphs(&self) -> bool {
+        false
+    }
+    /// Pre-sizes batch metadata so that captured graphs stay valid for
+    /// steps up to these sizes.
+    fn reserve_batch(&self, _max_tokens: usize, _max_seqs: usize, _max_blocks_per_seq: usize) -> Result<()> {
+        Ok(())
+    }
+    /// Starts recording the operations issued next instead of running them.
+    fn begin_capture(&self) -> Result<()> {
+        Err(BackendError::Unsupported("graph capture on this backend".into()))
+    }
+    /// Ends a capture; the graph replays the recorded operations.
+    fn end_capture(&self) -> Result<Graph> {
+        Err(BackendError::Unsupported("graph capture on this backend".into()))
+    }
+    /// Runs a captured graph on the metadata of the last `prepare_batch`.
+    /// `Ok(false)`: the graph is stale (buffers it reads were reallocated)
+    /// and must be captured again; nothing ran.
+    fn replay(&self, _g: &Graph) -> Result<bool> {
+        Err(BackendError::Unsupported("graph replay on this backend".into()))
+    }
+    /// Identity of a KV pool (graphs are captured per pool).
+    fn pool_id(&self, _pool: &Self::KvPool) -> u64 {
+        0
+    }
+}
+
+/// This step's q, k and v rows, as `qk_norm_rope_store` takes them.
+pub struct QkvRows<'a, B: Backend + ?Sized> {
+    pub q: &'a mut B::Act,
+    pub k: &'a mut B::Act,
+    pub v: &'a B::Act,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// The residual step that follows a projection (see `residual_norm`):
+/// `x += post_norm ? rms_norm(delta, post_norm) : delta; out = rms_norm(x, next_norm)`.
+/// `out` must not be the projection's input.
+pub struct ResidualNorm<'a, B: Backend + ?Sized> {
+    pub x: &'a mut B::Act,
+    pub post_norm: Option<&'a B::Vector>,
+    pub next_norm: &'a B::Vector,
+    pub eps: f32,
+    /// Scratch of the shape of `x`, for backends that need it.
+    pub tmp: &'a mut B::Act,
+    pub out: &'a mut B::Act,
+}
+
+/// A captured sequence of operations (backend-specific inside).
+pub struct Graph {
+    pub inner: Box<dyn std::any::Any + Send>,
+}
+
+/// `qkv` from primitives (the default, and reference kernel sets).
+#[allow(clippy::too_many_arguments)]
+pub fn qkv_unfused<B: Backend + ?Sized>(
+    be: &B,
+    h: &B::Act,
+    w: [&B::Weight; 3],
+    bias: [Option<&B::Vector>; 3],
+    q: &mut B::Act,
+    k: &mut B::Act,
+    v: &mut B::Act,
+) -> Result<()> {
+    be.matmul(h, w[0], q)?;
+    be.matmul(h, w[1], k)?;
+    be.matmul(h, w[2], v)?;
+    if let (Some(bq), Some(bk), Some(bv)) = (bias[0], bias[1], bias[2]) {
+        be.add_bias(q, bq)?;
+        be.add_bias(k, bk)?;
+        be.add_bias(v, bv)?;
+    }
+    Ok(())
+}
+
+/// `qk_norm_rope_store` from primitives.
+#[allow(clippy::too_many_arguments)]
+pub fn qk_norm_rope_store_unfused<B: Backend + ?Sized>(
+    be: &B,
+    r: QkvRows<'_, B>,
+    norms: [Option<&B::Vector>; 2],
+    eps: f32,
+    rope: &B::Rope,
+    pool: &mut B::KvPool,
+    layer: usize,
+    batch: &B::Batch,
+) -> Result<()> {
+    be.qk_norm_rope(r.q, r.n_heads, r.head_dim, norms[0], eps, rope, batch)?;
+    be.qk_norm_rope(r.k, r.n_kv_heads, r.head_dim, norms[1], eps, rope, batch)?;
+    be.write_kv(pool, layer, r.k, r.v, batch)
+}
+
+/// `residual_norm` from primitives.
+#[allow(clippy::too_many_arguments)]
+pub fn residual_norm_unfused<B: Backend + ?Sized>(
+    be: &B,
+    x: &mut B::Act,
+    delta: &B::Act,
+    post_norm: Option<&B::Vector>,
+    next_norm: &B::Vector,
+    eps: f32,
+    tmp: &mut B::Act,
+    out: &mut B::Act,
+) -> Result<()> {
+    match post_norm {
+        Some(pn) => {
+            be.rms_norm(delta, pn, eps, tmp)?;
+            be.add_rms_norm(x, tmp, next_norm, eps, out)
+        }
+        None => be.add_rms_norm(x, delta, next_norm, eps, out),
+    }
+}
+
+/// `residual_norm` (the backend's own, fused or not) of `r` on `delta`.
+pub fn residual_norm_unfused_into<B: Backend + ?Sized>(
+    be: &B,
+    delta: &B::Act,
+    r: ResidualNorm<'_, B>,
+) -> Result<()> {
+    be.residual_norm(r.x, delta, r.post_norm, r.next_norm, r.eps, r.tmp, r.out)
+}
+
+/// `matmul_residual_norm` as `matmul` then `residual_norm`.
+pub fn matmul_residual_norm_unfused<B: Backend + ?Sized>(
+    be: &B,
+    a: &B::Act,
+    w: &B::Weight,
+    delta: &mut B::Act,
+    r: ResidualNorm<'_, B>,
+) -> Result<()> {
+    be.matmul(a, w, delta)?;
+    residual_norm_unfused_into(be, delta, r)
 }

@@ -80,7 +80,10 @@ fn open_cuda<T: BackendTask>(ordinal: usize, kernels: Kernels) -> std::result::R
     };
     let be = CudaBackend::with_kernels(ordinal, set).map_err(|e| e.to_string())?;
     // Tuning knob for benchmarks: the most key splits of decode attention.
-    if let Some(n) = std::env::var("KESTREL_ATTN_SPLITS").ok().and_then(|v| v.parse::<usize>().ok()) {
+    if let Some(n) = std::env::var("KESTREL_ATTN_SPLITS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
         be.set_max_attention_splits(n);
     }
     Ok(Box::new(move |task: T| task.run(Arc::new(be))))

@@ -31,6 +31,8 @@ enum Command {
     Bench(commands::bench::BenchArgs),
     /// Render benchmark capsules as Markdown (RESULTS.md), CSV or JSON.
     Report(commands::report::ReportArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API.
+    Serve(commands::serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -49,6 +51,7 @@ fn main() -> ExitCode {
         Command::Tokenize(a) => commands::tokenize::main(a),
         Command::Bench(a) => commands::bench::main(a),
         Command::Report(a) => commands::report::main(a),
+        Command::Serve(a) => commands::serve::main(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -372,7 +372,7 @@ impl<B: Backend> Engine<B> {
         let be = self.model.backend.as_ref();
         let all_greedy = ids
             .iter()
-            .all(|id| self.outputs.get(id).is_none_or(|o| is_plain_greedy(&o.params)));
+            .all(|id| self.outputs.get(id).is_none_or(|o| o.params.is_plain_greedy()));
         let picked = if all_greedy {
             Picked::Tokens(be.argmax_rows(&act).map_err(|e| EngineError::Model(e.into()))?)
         } else {
@@ -451,16 +451,6 @@ enum Picked {
     Tokens(Vec<u32>),
     /// Logits rows `[samplers, vocab]` on the host.
     Logits(Vec<f32>),
-}
-
-/// Greedy with nothing that needs the logits on the host: the argmax (the
-/// lowest id on ties, as the sampler picks) is the whole decision.
-fn is_plain_greedy(p: &SamplingParams) -> bool {
-    p.temperature == 0.0
-        && p.repetition_penalty == 1.0
-        && p.presence_penalty == 0.0
-        && p.frequency_penalty == 0.0
-        && p.logprobs.is_none()
 }
 
 fn usage_of(s: &crate::scheduler::SeqState) -> Usage {

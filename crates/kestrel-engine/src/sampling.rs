@@ -136,6 +136,17 @@ fn out_of_range(name: &'static str, value: impl std::fmt::Display, expected: &'s
 impl SamplingParams {
     /// Checks every parameter against its allowed range (OpenAI's where it
     /// defines one); the first violation is returned.
+    /// Greedy with nothing that needs the logits on the host: the argmax
+    /// (the lowest id on ties, as the sampler picks) is the whole decision,
+    /// so it can be taken on the device.
+    pub fn is_plain_greedy(&self) -> bool {
+        self.temperature == 0.0
+            && self.repetition_penalty == 1.0
+            && self.presence_penalty == 0.0
+            && self.frequency_penalty == 0.0
+            && self.logprobs.is_none()
+    }
+
     pub fn validate(&self) -> Result<(), SamplingError> {
         if !(0.0..=MAX_TEMPERATURE).contains(&self.temperature) {
             return Err(out_of_range(

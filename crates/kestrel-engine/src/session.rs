@@ -11,7 +11,7 @@ use kestrel_tokenizer::{StreamDecoder, Tokenizer};
 
 use crate::error::EngineError;
 pub use crate::events::FinishReason;
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::{Sampled, Sampler, SamplingParams};
 use crate::stop::StopMatcher;
 
 /// Tokens per KV block.
@@ -50,6 +50,12 @@ impl Generation {
     }
 }
 
+/// What one step hands back: the device's argmax, or the logits row.
+enum StepOut {
+    Token(u32),
+    Logits(Vec<f32>),
+}
+
 pub struct Session<'m, B: Backend> {
     model: &'m Model<B>,
     kv: B::KvPool,
@@ -82,15 +88,22 @@ impl<'m, B: Backend> Session<'m, B> {
         self.capacity
     }
 
-    /// Run `tokens` (positions continue after the cache) and return the
-    /// logits of the last one.
-    fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
+    /// Run `tokens` (positions continue after the cache). With `greedy`,
+    /// return the argmax of the last token's logits, taken on the device;
+    /// otherwise the logits themselves, on the host.
+    fn step(&mut self, tokens: &[u32], greedy: bool) -> Result<StepOut, EngineError> {
         let start = self.cached.len() as u32;
         let layout = BatchLayout::single(tokens, start, &self.block_table, BLOCK_SIZE as u32);
         let last = (tokens.len() - 1) as u32;
         let logits = self.model.forward(&layout, &mut self.kv, &[last])?;
         self.cached.extend_from_slice(tokens);
-        self.model.backend.read_act(&logits).map_err(|e| EngineError::Model(e.into()))
+        let be = &self.model.backend;
+        let out = if greedy {
+            be.argmax_rows(&logits).map(|ids| StepOut::Token(ids[0]))
+        } else {
+            be.read_act(&logits).map(StepOut::Logits)
+        };
+        out.map_err(|e| EngineError::Model(e.into()))
     }
 
     /// Generate a continuation of `prompt` (the whole sequence so far: any
@@ -123,9 +136,10 @@ impl<'m, B: Backend> Session<'m, B> {
         self.cached.truncate(reuse);
 
         let t0 = Instant::now();
-        let mut logits = Vec::new();
+        let greedy = params.is_plain_greedy();
+        let mut step_out = StepOut::Logits(Vec::new());
         for chunk in prompt[reuse..].chunks(self.prefill_chunk.max(1)) {
-            logits = self.step(chunk)?;
+            step_out = self.step(chunk, greedy)?;
         }
         let prefill_secs = t0.elapsed().as_secs_f64();
 
@@ -139,7 +153,10 @@ impl<'m, B: Backend> Session<'m, B> {
         let mut first_token_at = None;
         let mut stopped_by_string = false;
         loop {
-            let s = sampler.sample(&mut logits, prompt, &generated)?;
+            let s = match &mut step_out {
+                StepOut::Token(id) => Sampled { token: *id, logprob: None, top: Vec::new() },
+                StepOut::Logits(logits) => sampler.sample(logits, prompt, &generated)?,
+            };
             generated.push(s.token);
             if first_token_at.is_none() {
                 first_token_at = Some(Instant::now());
@@ -160,7 +177,7 @@ impl<'m, B: Backend> Session<'m, B> {
             if generated.len() >= params.max_tokens || self.cached.len() + 1 >= self.capacity {
                 break;
             }
-            logits = self.step(&[s.token])?;
+            step_out = self.step(&[s.token], greedy)?;
         }
         if !stopped_by_string {
             // Release text held back for a possible multi-byte character or

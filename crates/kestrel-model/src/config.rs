@@ -113,11 +113,16 @@ impl ModelConfig {
     }
 
     fn check(&self, source: &str) -> Result<(), ModelError> {
-        let bad = |what: String| Err(ModelError::Config { file: source.to_string(), problem: what });
+        let bad = |what: String| {
+            Err(ModelError::Config {
+                file: source.to_string(),
+                problem: what,
+            })
+        };
         if self.hidden == 0 || self.n_layers == 0 || self.n_heads == 0 || self.head_dim == 0 {
             return bad("hidden size, layer count, head count and head dim must be > 0".into());
         }
-        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad(format!(
                 "head count {} must be a multiple of the KV head count {}",
                 self.n_heads, self.n_kv_heads
@@ -139,33 +144,45 @@ impl ModelConfig {
     pub fn from_gguf(g: &GgufFile) -> Result<ModelConfig, ModelError> {
         let src = g.path().display().to_string();
         let arch_name = g.architecture()?;
-        let arch = Arch::parse(arch_name).ok_or_else(|| ModelError::UnknownArch { file: src.clone(),
+        let arch = Arch::parse(arch_name).ok_or_else(|| ModelError::UnknownArch {
+            file: src.clone(),
             arch: arch_name.to_string(),
         })?;
         let key = |k: &str| format!("{arch_name}.{k}");
         let hidden = g.get_u32(&key("embedding_length"))? as usize;
         let n_layers = g.get_u32(&key("block_count"))? as usize;
         let n_heads = g.get_u32(&key("attention.head_count"))? as usize;
-        let n_kv_heads = g.opt_u32(&key("attention.head_count_kv"))?.unwrap_or(n_heads as u32) as usize;
+        let n_kv_heads = g
+            .opt_u32(&key("attention.head_count_kv"))?
+            .unwrap_or(n_heads as u32) as usize;
         let head_dim = g
             .opt_u32(&key("attention.key_length"))?
             .map(|v| v as usize)
             .unwrap_or(hidden / n_heads.max(1));
         let ffn_dim = g.get_u32(&key("feed_forward_length"))? as usize;
-        let rms_eps = g.opt_f32(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-6);
+        let rms_eps = g
+            .opt_f32(&key("attention.layer_norm_rms_epsilon"))?
+            .unwrap_or(1e-6);
         let context_len = g.opt_u32(&key("context_length"))?.unwrap_or(4096) as usize;
         let freq_base = g.opt_f32(&key("rope.freq_base"))?.unwrap_or(10_000.0);
-        let rope_dim = g.opt_u32(&key("rope.dimension_count"))?.map(|v| v as usize).unwrap_or(head_dim);
+        let rope_dim = g
+            .opt_u32(&key("rope.dimension_count"))?
+            .map(|v| v as usize)
+            .unwrap_or(head_dim);
         let vocab_size = match g.tensor("token_embd.weight") {
             Some(t) => t.shape[0],
             None => {
-                return Err(ModelError::MissingTensor { file: src, name: "token_embd.weight".into() })
+                return Err(ModelError::MissingTensor {
+                    file: src,
+                    name: "token_embd.weight".into(),
+                })
             }
         };
         let tied = g.tensor("output.weight").is_none();
         if let Some(n) = g.opt_u32(&key("expert_count"))? {
             if n > 0 {
-                return Err(ModelError::Unsupported { file: src,
+                return Err(ModelError::Unsupported {
+                    file: src,
                     what: format!("mixture-of-experts ({n} experts) is not implemented yet"),
                 });
             }
@@ -184,11 +201,16 @@ impl ModelConfig {
         };
         // llama.cpp permutes llama's q/k rows at conversion so that adjacent
         // pairs rotate; the other architectures keep NeoX halves.
-        let style = if arch == Arch::Llama { RopeStyle::Interleaved } else { RopeStyle::Neox };
+        let style = if arch == Arch::Llama {
+            RopeStyle::Interleaved
+        } else {
+            RopeStyle::Neox
+        };
         let mut global = rope_params(style, rope_dim, freq_base, linear);
         if let Some(f) = &freq_factors {
             if f.len() != global.inv_freq.len() {
-                return Err(ModelError::Config { file: src,
+                return Err(ModelError::Config {
+                    file: src,
                     problem: format!(
                         "rope_freqs.weight has {} factors, expected {}",
                         f.len(),
@@ -222,7 +244,13 @@ impl ModelConfig {
             cfg.layers = gemma3_layers(n_layers, window, 6);
         } else {
             cfg.ropes = vec![global];
-            cfg.layers = vec![LayerConfig { window: None, rope: 0 }; n_layers];
+            cfg.layers = vec![
+                LayerConfig {
+                    window: None,
+                    rope: 0
+                };
+                n_layers
+            ];
         }
         cfg.check(&src)?;
         Ok(cfg)
@@ -230,7 +258,10 @@ impl ModelConfig {
 
     /// Read from a Hugging Face `config.json`.
     pub fn from_hf(config: &Value, source: &str) -> Result<ModelConfig, ModelError> {
-        let cfg_err = |problem: String| ModelError::Config { file: source.to_string(), problem };
+        let cfg_err = |problem: String| ModelError::Config {
+            file: source.to_string(),
+            problem,
+        };
         // Gemma3ForConditionalGeneration keeps the language model's settings
         // under text_config.
         let c = config.get("text_config").unwrap_or(config);
@@ -239,7 +270,8 @@ impl ModelConfig {
             .or_else(|| config.get("model_type"))
             .and_then(Value::as_str)
             .ok_or_else(|| cfg_err("no model_type".into()))?;
-        let arch = Arch::parse(model_type).ok_or_else(|| ModelError::UnknownArch { file: source.to_string(),
+        let arch = Arch::parse(model_type).ok_or_else(|| ModelError::UnknownArch {
+            file: source.to_string(),
             arch: model_type.to_string(),
         })?;
         let req = |k: &str| -> Result<usize, ModelError> {
@@ -256,10 +288,14 @@ impl ModelConfig {
             .and_then(Value::as_u64)
             .map(|v| v as usize)
             .unwrap_or(hidden / n_heads.max(1));
-        if c.get("num_local_experts").or_else(|| c.get("num_experts")).and_then(Value::as_u64).unwrap_or(0)
+        if c.get("num_local_experts")
+            .or_else(|| c.get("num_experts"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
             > 0
         {
-            return Err(ModelError::Unsupported { file: source.to_string(),
+            return Err(ModelError::Unsupported {
+                file: source.to_string(),
                 what: "mixture-of-experts is not implemented yet".into(),
             });
         }
@@ -298,7 +334,9 @@ impl ModelConfig {
             .and_then(Value::as_f64)
             .or_else(|| opt_f("rope_theta"))
             .unwrap_or(10_000.0) as f32;
-        let scaling = global_rp.filter(|r| r.get("rope_type").is_some()).or_else(|| c.get("rope_scaling"));
+        let scaling = global_rp
+            .filter(|r| r.get("rope_type").is_some())
+            .or_else(|| c.get("rope_scaling"));
         let partial = opt_f("partial_rotary_factor").unwrap_or(1.0);
         let rope_dim = ((head_dim as f64) * partial) as usize;
         let mut global = rope_params(RopeStyle::Neox, rope_dim, theta, 1.0);
@@ -332,19 +370,31 @@ impl ModelConfig {
                         .iter()
                         .map(|t| match t.as_str() {
                             Some("sliding_attention") => Ok(LayerConfig { window, rope: 1 }),
-                            Some("full_attention") => Ok(LayerConfig { window: None, rope: 0 }),
+                            Some("full_attention") => Ok(LayerConfig {
+                                window: None,
+                                rope: 0,
+                            }),
                             other => Err(cfg_err(format!("unknown layer type {other:?}"))),
                         })
                         .collect::<Result<_, _>>()?
                 }
                 None => {
-                    let pattern = c.get("sliding_window_pattern").and_then(Value::as_u64).unwrap_or(6);
+                    let pattern = c
+                        .get("sliding_window_pattern")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(6);
                     gemma3_layers(cfg.n_layers, window, pattern as usize)
                 }
             };
         } else {
             cfg.ropes = vec![global];
-            cfg.layers = vec![LayerConfig { window: None, rope: 0 }; cfg.n_layers];
+            cfg.layers = vec![
+                LayerConfig {
+                    window: None,
+                    rope: 0
+                };
+                cfg.n_layers
+            ];
         }
         cfg.check(source)?;
         Ok(cfg)
@@ -365,7 +415,11 @@ fn base_config(arch: Arch, hidden: usize, n_heads: usize, head_dim: usize) -> Mo
         ffn_dim: 0,
         rms_eps: 1e-6,
         context_len: 4096,
-        activation: if gemma { Activation::GeluTanh } else { Activation::Silu },
+        activation: if gemma {
+            Activation::GeluTanh
+        } else {
+            Activation::Silu
+        },
         qkv_bias: false,
         qk_norm: matches!(arch, Arch::Qwen3 | Arch::Gemma3),
         post_norms: gemma,
@@ -386,7 +440,10 @@ fn gemma3_layers(n_layers: usize, window: Option<u32>, pattern: usize) -> Vec<La
     (0..n_layers)
         .map(|i| {
             if pattern == 0 || (i + 1) % pattern == 0 || window.is_none() {
-                LayerConfig { window: None, rope: 0 }
+                LayerConfig {
+                    window: None,
+                    rope: 0,
+                }
             } else {
                 LayerConfig { window, rope: 1 }
             }
@@ -402,14 +459,22 @@ pub fn rope_params(style: RopeStyle, dim: usize, base: f32, linear_factor: f32) 
             f as f32
         })
         .collect();
-    RopeParams { style, inv_freq, mscale: 1.0 }
+    RopeParams {
+        style,
+        inv_freq,
+        mscale: 1.0,
+    }
 }
 
 /// HF `rope_scaling` / `rope_parameters`: linear and llama3 (the ones the
 /// supported architectures use); anything else is an error, not a silent
 /// mismatch.
 fn apply_hf_rope_scaling(r: &mut RopeParams, s: &Value) -> Result<(), String> {
-    let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str).unwrap_or("default");
+    let kind = s
+        .get("rope_type")
+        .or_else(|| s.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
     let f = |k: &str| s.get(k).and_then(Value::as_f64);
     match kind {
         "default" => Ok(()),

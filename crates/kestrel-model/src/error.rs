@@ -10,7 +10,10 @@ pub enum ModelError {
     Format(#[from] FormatError),
     #[error(transparent)]
     Backend(#[from] BackendError),
-    #[error("{file}: unknown architecture '{arch}' (supported: {})", crate::config::SUPPORTED_ARCHS)]
+    #[error(
+        "{file}: unknown architecture '{arch}' (supported: {})",
+        crate::config::SUPPORTED_ARCHS
+    )]
     UnknownArch { file: String, arch: String },
     #[error("{file}: {what}")]
     Unsupported { file: String, what: String },
@@ -19,7 +22,12 @@ pub enum ModelError {
     #[error("{file}: missing tensor '{name}'")]
     MissingTensor { file: String, name: String },
     #[error("{file}: tensor '{name}' has shape {got:?}, expected {expected:?}")]
-    Shape { file: String, name: String, got: Vec<usize>, expected: Vec<usize> },
+    Shape {
+        file: String,
+        name: String,
+        got: Vec<usize>,
+        expected: Vec<usize>,
+    },
     #[error("{0}")]
     Request(String),
 }

@@ -11,4 +11,4 @@ pub mod names;
 
 pub use config::{Arch, LayerConfig, ModelConfig};
 pub use error::ModelError;
-pub use model::Model;
+pub use model::{Logits, Model};

@@ -2,10 +2,12 @@
 //! Every supported architecture runs through `Model::forward`; the
 //! differences are fields of `ModelConfig`.
 
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use kestrel_backend::{AttnParams, Backend, BatchLayout, KvDType, KvSpec};
+use kestrel_backend::{AttnParams, Backend, BatchLayout, Graph, KvDType, KvSpec, QkvRows, ResidualNorm};
 use kestrel_formats::{DType, ModelFile, TensorView};
 
 use crate::config::ModelConfig;
@@ -46,14 +48,27 @@ pub struct Model<B: Backend> {
     pub weight_types: Vec<(String, DType)>,
     /// Bytes of weights uploaded.
     pub weight_bytes: u64,
+    /// Scratch, logits and graphs of forward steps.
+    state: Mutex<StepState<B>>,
+    /// Thread holding `state` through a `Logits` (to refuse re-entry
+    /// instead of deadlocking).
+    holder: Mutex<Option<std::thread::ThreadId>>,
     // Declared last so that it is dropped after the weights that may point into it.
     file: Arc<ModelFile>,
 }
 
-/// Scratch activations of one forward step.
+/// Scratch activations of one forward step, kept per batch size so that
+/// steady decoding allocates nothing on the device (and so that captured
+/// graphs keep pointing at live buffers).
 struct Scratch<B: Backend> {
     x: B::Act,
+    /// Normed input of the attention block (and of the LM head).
     h: B::Act,
+    /// Normed input of the feed-forward block: a buffer apart from `h`
+    /// because the residual step after the FFN writes the next `h` while
+    /// the FFN's own input is still an operand of the same (fused) call.
+    hf: B::Act,
+    t: B::Act,
     q: B::Act,
     k: B::Act,
     v: B::Act,
@@ -63,6 +78,68 @@ struct Scratch<B: Backend> {
     up: B::Act,
     act: B::Act,
 }
+
+/// Logits buffers for `m` logit rows: the gathered hidden rows and the logits.
+struct LogitBufs<B: Backend> {
+    picked: B::Act,
+    logits: B::Act,
+}
+
+/// Persistent per-model step state: scratch by token count, logits by logit
+/// row count, and decode graphs by (token count, KV pool).
+struct StepState<B: Backend> {
+    scratch: HashMap<usize, Scratch<B>>,
+    logits: HashMap<usize, LogitBufs<B>>,
+    graphs: HashMap<(usize, u64), Graph>,
+    /// Keys whose capture failed: run them eagerly from then on.
+    no_graph: HashSet<(usize, u64)>,
+    /// Logit row count of the last step (the buffer `Logits` points at).
+    current: usize,
+}
+
+impl<B: Backend> Default for StepState<B> {
+    fn default() -> Self {
+        StepState {
+            scratch: HashMap::new(),
+            logits: HashMap::new(),
+            graphs: HashMap::new(),
+            no_graph: HashSet::new(),
+            current: 0,
+        }
+    }
+}
+
+/// The logits of the last `forward` (`[logit_rows, vocab]`), living in a
+/// buffer the model reuses: drop this before the next `forward`.
+pub struct Logits<'a, B: Backend> {
+    guard: MutexGuard<'a, StepState<B>>,
+    holder: &'a Mutex<Option<std::thread::ThreadId>>,
+}
+
+impl<B: Backend> Drop for Logits<'_, B> {
+    fn drop(&mut self) {
+        // Cleared before the guard (a field) is released.
+        if let Ok(mut h) = self.holder.lock() {
+            *h = None;
+        }
+    }
+}
+
+fn poisoned() -> ModelError {
+    ModelError::Request("model step state poisoned by an earlier panic".into())
+}
+
+impl<B: Backend> std::ops::Deref for Logits<'_, B> {
+    type Target = B::Act;
+    fn deref(&self) -> &B::Act {
+        // `forward` inserts the buffer for `current` before returning a guard.
+        &self.guard.logits[&self.guard.current].logits
+    }
+}
+
+/// Graphs are captured for decode steps of at most this many sequences
+/// (the GEMV path; larger steps go through cuBLAS, which is not captured).
+const GRAPH_MAX_ROWS: usize = 32;
 
 impl<B: Backend> Model<B> {
     /// Open a GGUF file or HF directory and upload its weights to `backend`.
@@ -77,7 +154,11 @@ impl<B: Backend> Model<B> {
         Self::from_file(file, config, backend)
     }
 
-    pub fn from_file(file: Arc<ModelFile>, config: ModelConfig, backend: Arc<B>) -> Result<Model<B>, ModelError> {
+    pub fn from_file(
+        file: Arc<ModelFile>,
+        config: ModelConfig,
+        backend: Arc<B>,
+    ) -> Result<Model<B>, ModelError> {
         let src = WeightSource::new(&file, config.arch);
         let source = file.path().display().to_string();
         // Shared by the loading closures below, hence the cells.
@@ -86,13 +167,20 @@ impl<B: Backend> Model<B> {
         let c = &config;
 
         let fetch = |name: &str, shape: &[usize]| -> Result<TensorView<'_>, ModelError> {
-            let t = src
-                .get(name)
-                .ok_or_else(|| ModelError::MissingTensor { file: source.clone(), name: name.to_string() })?;
+            let t = src.get(name).ok_or_else(|| ModelError::MissingTensor {
+                file: source.clone(),
+                name: name.to_string(),
+            })?;
             // 1-D tensors may be stored as [1, n] by some writers.
-            let got: Vec<usize> = t.shape.iter().copied().filter(|&d| d != 1 || shape.len() > 1).collect();
+            let got: Vec<usize> = t
+                .shape
+                .iter()
+                .copied()
+                .filter(|&d| d != 1 || shape.len() > 1)
+                .collect();
             if got != shape {
-                return Err(ModelError::Shape { file: source.clone(),
+                return Err(ModelError::Shape {
+                    file: source.clone(),
                     name: name.to_string(),
                     got: t.shape.to_vec(),
                     expected: shape.to_vec(),
@@ -173,7 +261,11 @@ impl<B: Backend> Model<B> {
                 post_ffn_norm,
             });
         }
-        let ropes = config.ropes.iter().map(|r| be.make_rope(r)).collect::<Result<Vec<_>, _>>()?;
+        let ropes = config
+            .ropes
+            .iter()
+            .map(|r| be.make_rope(r))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Model {
             config,
             backend,
@@ -184,6 +276,8 @@ impl<B: Backend> Model<B> {
             ropes,
             weight_types: weight_types.into_inner(),
             weight_bytes: weight_bytes.get(),
+            state: Mutex::new(StepState::default()),
+            holder: Mutex::new(None),
             file,
         })
     }
@@ -210,6 +304,8 @@ impl<B: Backend> Model<B> {
         Ok(Scratch {
             x: be.alloc_act(rows, c.hidden)?,
             h: be.alloc_act(rows, c.hidden)?,
+            hf: be.alloc_act(rows, c.hidden)?,
+            t: be.alloc_act(rows, c.hidden)?,
             q: be.alloc_act(rows, c.q_dim())?,
             k: be.alloc_act(rows, c.kv_dim())?,
             v: be.alloc_act(rows, c.kv_dim())?,
@@ -222,47 +318,156 @@ impl<B: Backend> Model<B> {
     }
 
     /// Run one step: write the batch's K/V into `kv` and return logits
-    /// `[logit_rows.len(), vocab]` for the listed token rows.
+    /// `[logit_rows.len(), vocab]` for the listed token rows. The logits live
+    /// in a buffer the model reuses: drop them before the next call (a call
+    /// while they are held is an error, not a deadlock).
     pub fn forward(
         &self,
         layout: &BatchLayout,
         kv: &mut B::KvPool,
         logit_rows: &[u32],
-    ) -> Result<B::Act, ModelError> {
+    ) -> Result<Logits<'_, B>, ModelError> {
         let n = layout.num_tokens();
         if n == 0 {
             return Err(ModelError::Request("forward called with an empty batch".into()));
         }
-        if let Some(&bad) = layout.tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+        if let Some(&bad) = layout
+            .tokens
+            .iter()
+            .find(|&&t| t as usize >= self.config.vocab_size)
+        {
             return Err(ModelError::Request(format!(
                 "token id {bad} is outside the vocabulary (size {})",
                 self.config.vocab_size
             )));
         }
         if let Some(&bad) = logit_rows.iter().find(|&&r| r as usize >= n) {
-            return Err(ModelError::Request(format!("logit row {bad} is outside the batch of {n} tokens")));
+            return Err(ModelError::Request(format!(
+                "logit row {bad} is outside the batch of {n} tokens"
+            )));
+        }
+        let mut st = match self.state.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::WouldBlock) => {
+                // Held by this thread: waiting would never end.
+                let mine = self
+                    .holder
+                    .lock()
+                    .map(|h| *h == Some(std::thread::current().id()))
+                    .unwrap_or(false);
+                if mine {
+                    return Err(ModelError::Request(
+                        "forward called while the logits of the previous step are still held (drop them first)"
+                            .into(),
+                    ));
+                }
+                // Another thread's step (models may be shared): wait for it.
+                self.state.lock().map_err(|_| poisoned())?
+            }
+            Err(std::sync::TryLockError::Poisoned(_)) => return Err(poisoned()),
+        };
+        if let Ok(mut h) = self.holder.lock() {
+            *h = Some(std::thread::current().id());
         }
         let c = &self.config;
         let be = self.backend.as_ref();
+        let m = logit_rows.len();
+        // Decode steps whose logits are every row, in order, are graph candidates.
+        let identity = logit_rows.iter().enumerate().all(|(i, &r)| i as u32 == r) && m == n;
+        let decode = layout.seqs.iter().all(|s| s.query_len == 1);
+        let graphable = be.supports_graphs() && identity && decode && n <= GRAPH_MAX_ROWS;
+        if graphable {
+            // Generous, so that prefill steps and growing contexts rarely
+            // reallocate the metadata (which would make graphs stale).
+            let blocks = layout.seqs.iter().map(|s| s.block_table.len()).max().unwrap_or(0);
+            be.reserve_batch(n.max(4096), layout.seqs.len().max(256), blocks.max(1024))?;
+        }
         let batch = be.prepare_batch(layout)?;
-        let mut s = self.scratch(n)?;
+        if let Entry::Vacant(e) = st.scratch.entry(n) {
+            e.insert(self.scratch(n)?);
+        }
+        if let Entry::Vacant(e) = st.logits.entry(m) {
+            e.insert(LogitBufs {
+                picked: be.alloc_act(m, c.hidden)?,
+                logits: be.alloc_act(m, c.vocab_size)?,
+            });
+        }
+        st.current = m;
+        let key = (n, be.pool_id(kv));
+        if graphable {
+            if let Some(g) = st.graphs.get(&key) {
+                if be.replay(g)? {
+                    return Ok(Logits {
+                        guard: st,
+                        holder: &self.holder,
+                    });
+                }
+                st.graphs.remove(&key);
+            }
+        }
+        let state = &mut *st;
+        let (s, lb) = match (state.scratch.get_mut(&n), state.logits.get_mut(&m)) {
+            (Some(s), Some(l)) => (s, l),
+            _ => return Err(ModelError::Request("step buffers missing".into())),
+        };
+        self.step(s, lb, &batch, kv, logit_rows, identity)?;
+        if graphable && !state.no_graph.contains(&key) {
+            // The eager run above sized every lazily grown scratch buffer;
+            // record the same step for replay from the next step on.
+            be.begin_capture()?;
+            let r = self.step(s, lb, &batch, kv, logit_rows, identity);
+            let g = be.end_capture();
+            match (r, g) {
+                (Ok(()), Ok(g)) => {
+                    state.graphs.insert(key, g);
+                }
+                (r, g) => {
+                    let why = r.err().map(|e| e.to_string()).or(g.err().map(|e| e.to_string()));
+                    tracing::warn!("decode graph for {n} rows not captured, running eagerly: {why:?}");
+                    state.no_graph.insert(key);
+                }
+            }
+        }
+        Ok(Logits {
+            guard: st,
+            holder: &self.holder,
+        })
+    }
 
-        be.embed(&self.embed, &batch, c.embed_scale, &mut s.x)?;
+    /// The operations of one step (run eagerly or recorded into a graph).
+    fn step(
+        &self,
+        s: &mut Scratch<B>,
+        lb: &mut LogitBufs<B>,
+        batch: &B::Batch,
+        kv: &mut B::KvPool,
+        logit_rows: &[u32],
+        identity: bool,
+    ) -> Result<(), ModelError> {
+        let c = &self.config;
+        let be = self.backend.as_ref();
+        be.embed(&self.embed, batch, c.embed_scale, &mut s.x)?;
         be.rms_norm(&s.x, &self.layers[0].attn_norm, c.rms_eps, &mut s.h)?;
         for (i, (lw, lc)) in self.layers.iter().zip(&c.layers).enumerate() {
             // Attention block.
-            be.matmul(&s.h, &lw.wq, &mut s.q)?;
-            be.matmul(&s.h, &lw.wk, &mut s.k)?;
-            be.matmul(&s.h, &lw.wv, &mut s.v)?;
-            if let (Some(bq), Some(bk), Some(bv)) = (&lw.bq, &lw.bk, &lw.bv) {
-                be.add_bias(&mut s.q, bq)?;
-                be.add_bias(&mut s.k, bk)?;
-                be.add_bias(&mut s.v, bv)?;
-            }
-            let rope = &self.ropes[lc.rope];
-            be.qk_norm_rope(&mut s.q, c.n_heads, c.head_dim, lw.q_norm.as_ref(), c.rms_eps, rope, &batch)?;
-            be.qk_norm_rope(&mut s.k, c.n_kv_heads, c.head_dim, lw.k_norm.as_ref(), c.rms_eps, rope, &batch)?;
-            be.write_kv(kv, i, &s.k, &s.v, &batch)?;
+            be.qkv(
+                &s.h,
+                [&lw.wq, &lw.wk, &lw.wv],
+                [lw.bq.as_ref(), lw.bk.as_ref(), lw.bv.as_ref()],
+                &mut s.q,
+                &mut s.k,
+                &mut s.v,
+            )?;
+            let rows = QkvRows {
+                q: &mut s.q,
+                k: &mut s.k,
+                v: &s.v,
+                n_heads: c.n_heads,
+                n_kv_heads: c.n_kv_heads,
+                head_dim: c.head_dim,
+            };
+            let norms = [lw.q_norm.as_ref(), lw.k_norm.as_ref()];
+            be.qk_norm_rope_store(rows, norms, c.rms_eps, &self.ropes[lc.rope], kv, i, batch)?;
             let p = AttnParams {
                 n_heads: c.n_heads,
                 n_kv_heads: c.n_kv_heads,
@@ -271,41 +476,58 @@ impl<B: Backend> Model<B> {
                 window: lc.window,
                 softcap: c.attn_softcap,
             };
-            be.attention(&s.q, kv, i, &batch, &p, &mut s.attn)?;
-            be.matmul(&s.attn, &lw.wo, &mut s.o)?;
-            if let Some(pn) = &lw.post_attn_norm {
-                // Reuse `h` (free until the FFN norm) for the normed output.
-                be.rms_norm(&s.o, pn, c.rms_eps, &mut s.h)?;
-                std::mem::swap(&mut s.o, &mut s.h);
-            }
-            be.add_rms_norm(&mut s.x, &s.o, &lw.ffn_norm, c.rms_eps, &mut s.h)?;
+            be.attention(&s.q, kv, i, batch, &p, &mut s.attn)?;
+            // Output projection, residual add and the FFN norm (one launch
+            // on GPUs).
+            let res = ResidualNorm {
+                x: &mut s.x,
+                post_norm: lw.post_attn_norm.as_ref(),
+                next_norm: &lw.ffn_norm,
+                eps: c.rms_eps,
+                tmp: &mut s.t,
+                out: &mut s.hf,
+            };
+            be.matmul_residual_norm(&s.attn, &lw.wo, &mut s.o, res)?;
 
-            // Feed-forward block.
-            be.matmul(&s.h, &lw.w_gate, &mut s.gate)?;
-            be.matmul(&s.h, &lw.w_up, &mut s.up)?;
-            be.gated_activation(&s.gate, &s.up, c.activation, &mut s.act)?;
-            be.matmul(&s.act, &lw.w_down, &mut s.o)?;
-            if let Some(pn) = &lw.post_ffn_norm {
-                be.rms_norm(&s.o, pn, c.rms_eps, &mut s.h)?;
-                std::mem::swap(&mut s.o, &mut s.h);
-            }
-            // Residual add fused with the next norm: the next layer's
-            // attention norm, or the final norm after the last layer.
+            // Feed-forward block, its residual add and the next norm: the
+            // next layer's attention norm, or the final norm after the last
+            // layer.
             let next_norm = match self.layers.get(i + 1) {
                 Some(next) => &next.attn_norm,
                 None => &self.output_norm,
             };
-            be.add_rms_norm(&mut s.x, &s.o, next_norm, c.rms_eps, &mut s.h)?;
+            let res = ResidualNorm {
+                x: &mut s.x,
+                post_norm: lw.post_ffn_norm.as_ref(),
+                next_norm,
+                eps: c.rms_eps,
+                tmp: &mut s.t,
+                out: &mut s.h,
+            };
+            let w = [&lw.w_gate, &lw.w_up, &lw.w_down];
+            be.gated_ffn_residual_norm(
+                &s.hf,
+                w,
+                c.activation,
+                &mut s.gate,
+                &mut s.up,
+                &mut s.act,
+                &mut s.o,
+                res,
+            )?;
         }
 
         // Only the rows that need logits go through the (large) LM head.
-        let mut picked = be.alloc_act(logit_rows.len(), c.hidden)?;
-        be.gather_rows(&s.h, logit_rows, &mut picked)?;
-        let mut logits = be.alloc_act(logit_rows.len(), c.vocab_size)?;
-        be.matmul(&picked, self.lm_head.as_ref().unwrap_or(&self.embed), &mut logits)?;
-        if let Some(cap) = c.final_softcap {
-            be.softcap(&mut logits, cap)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        if identity {
+            be.matmul(&s.h, head, &mut lb.logits)?;
+        } else {
+            be.gather_rows(&s.h, logit_rows, &mut lb.picked)?;
+            be.matmul(&lb.picked, head, &mut lb.logits)?;
         }
-        Ok(logits)
+        if let Some(cap) = c.final_softcap {
+            be.softcap(&mut lb.logits, cap)?;
+        }
+        Ok(())
     }
 }

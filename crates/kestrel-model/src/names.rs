@@ -24,7 +24,11 @@ impl<'a> WeightSource<'a> {
                 .unwrap_or("model.")
                 .to_string(),
         };
-        WeightSource { file, arch, hf_prefix }
+        WeightSource {
+            file,
+            arch,
+            hf_prefix,
+        }
     }
 
     pub fn get(&self, canonical: &str) -> Option<TensorView<'a>> {

@@ -19,6 +19,8 @@ pub(crate) struct Device {
     /// Compute capability (major, minor).
     pub cc: (i32, i32),
     pub sm_count: i32,
+    /// Total device memory in bytes (0 when the driver would not say).
+    pub total_mem: usize,
 }
 
 fn missing(lib: &str, why: &str) -> BackendError {
@@ -101,12 +103,19 @@ impl Device {
             let sm_count = ctx
                 .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
                 .unwrap_or(0);
+            let total_mem = ctx
+                .bind_to_thread()
+                .ok()
+                .and_then(|_| cudarc::driver::result::mem_get_info().ok())
+                .map(|(_, total)| total)
+                .unwrap_or(0);
             Ok(Device {
                 ctx,
                 stream,
                 name,
                 cc,
                 sm_count,
+                total_mem,
             })
         })
     }

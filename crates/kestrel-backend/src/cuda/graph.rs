@@ -72,6 +72,11 @@ impl CudaBackend {
         })
     }
 
+    /// Whether the metadata buffers a graph reads are still the ones it was captured with.
+    pub fn graph_is_current(&self, g: &DecodeGraph) -> Result<bool> {
+        Ok(self.lock()?.meta.epoch == g.epoch)
+    }
+
     /// Launches a captured graph; fails if the metadata buffers were
     /// reallocated since the capture (capture again after `reserve_batch`).
     pub fn replay(&self, g: &DecodeGraph) -> Result<()> {

@@ -42,7 +42,10 @@ pub(crate) struct Kernels {
     funcs: HashMap<String, CudaFunction>,
 }
 
-const PLAIN: [&str; 18] = [
+const PLAIN: [&str; 21] = [
+    "residual_norm",
+    "qk_norm_rope_store",
+    "copy_f32",
     "embed",
     "matmul_ref",
     "dequant_f16",
@@ -85,6 +88,10 @@ impl Kernels {
             for t in [1, 2, 4, 8] {
                 names.push(format!("{g}_{t}"));
             }
+        }
+        for t in [1, 2, 4, 8] {
+            names.push(format!("gemv3_{t}"));
+            names.push(format!("gemv_fx_{t}"));
         }
         let mut funcs = HashMap::new();
         for n in names {

@@ -13,12 +13,12 @@ use crate::error::BackendError;
 /// At most this many activation rows go through the GEMV kernels in one launch.
 pub(crate) const GEMV_MAX_ROWS: usize = 8;
 /// Up to this many rows, repeated GEMV launches beat dequantize + GEMM.
-const GEMV_REPEAT_ROWS: usize = 32;
+pub(crate) const GEMV_REPEAT_ROWS: usize = 32;
 /// f16 scratch for dequantized weight chunks (elements).
 const W16_CHUNK_ELEMS: usize = 32 << 20;
 
 /// Smallest compiled row capacity (1, 2, 4, 8) holding `n` rows.
-fn gemv_cap(n: usize) -> usize {
+pub(crate) fn gemv_cap(n: usize) -> usize {
     match n {
         0..=1 => 1,
         2 => 2,
@@ -31,7 +31,7 @@ fn gemv_cap(n: usize) -> usize {
 const Q8_TALL: usize = 16_384;
 
 /// Kernel family and output rows per warp for a weight.
-fn gemv_kernel(w: &CudaWeight, cap: usize) -> (&'static str, usize) {
+pub(crate) fn gemv_kernel(w: &CudaWeight, cap: usize) -> (&'static str, usize) {
     match w.format {
         Format::Q8_0 if w.rows >= Q8_TALL => ("gemv_q8_0r4", 4),
         // With several activation rows, two weight rows per warp halve the

@@ -11,6 +11,7 @@
 mod buffers;
 mod compile;
 mod device;
+mod fused;
 mod graph;
 mod launch;
 mod matmul;
@@ -31,7 +32,10 @@ use kestrel_formats::TensorView;
 pub use buffers::{CudaAct, CudaBatch, CudaKvPool, CudaRope, CudaVector, CudaWeight, DevBuf};
 pub use graph::DecodeGraph;
 
-use crate::backend::{Activation, Backend, Result};
+use crate::backend::{
+    matmul_residual_norm_unfused, qk_norm_rope_store_unfused, qkv_unfused, residual_norm_unfused,
+    residual_norm_unfused_into, Activation, Backend, Graph, QkvRows, ResidualNorm, Result,
+};
 use crate::error::BackendError;
 use crate::layout::{AttnParams, BatchLayout, KvSpec, RopeParams, RopeStyle};
 use device::Device;
@@ -84,6 +88,9 @@ pub struct CudaBackend {
     k: Kernels,
     kernels: KernelSet,
     state: Mutex<State>,
+    /// Finished-block counter of `gemv_fx` launches (zero between launches:
+    /// the last block resets it).
+    fx_counter: DevBuf,
 }
 
 fn shape_err(op: &str, msg: String) -> BackendError {
@@ -115,7 +122,9 @@ impl CudaBackend {
         let dev = Device::open(ordinal)?;
         let module = compile::load_module(&dev.ctx, dev.cc)?;
         let k = Kernels::load(&module)?;
+        let fx_counter = DevBuf::alloc(&dev.stream, 4, "gemv_fx block counter")?;
         Ok(CudaBackend {
+            fx_counter,
             dev,
             max_attn_splits: std::sync::atomic::AtomicUsize::new(32),
             _module: module,
@@ -345,8 +354,9 @@ impl Backend for CudaBackend {
 
     fn describe(&self) -> String {
         format!(
-            "cuda ({}, sm_{}{}, {} SMs, {} kernels)",
+            "cuda ({}, {:.1} GiB, sm_{}{}, {} SMs, {} kernels)",
             self.dev.name,
+            self.dev.total_mem as f64 / (1u64 << 30) as f64,
             self.dev.cc.0,
             self.dev.cc.1,
             self.dev.sm_count,
@@ -821,6 +831,11 @@ impl Backend for CudaBackend {
                     "attention inside a capture needs its scratch sized first: run the step once before capturing".into(),
                 ));
             }
+            if small(&st.att_part, bytes) || small(&st.att_count, blocks * 4) {
+                // Graphs captured earlier point at the buffers about to be
+                // replaced: mark them stale (they are captured again).
+                st.meta.epoch += 1;
+            }
             let part = Self::ensure(&self.dev, &mut st.att_part, bytes, "attention partials")?;
             // A fresh (zeroed) counter buffer whenever it must grow.
             let counters = Self::ensure(
@@ -949,6 +964,178 @@ impl Backend for CudaBackend {
 
     fn act_rows(&self, x: &CudaAct) -> usize {
         x.rows
+    }
+
+    fn qkv(
+        &self,
+        h: &CudaAct,
+        w: [&CudaWeight; 3],
+        bias: [Option<&CudaVector>; 3],
+        q: &mut CudaAct,
+        k: &mut CudaAct,
+        v: &mut CudaAct,
+    ) -> Result<()> {
+        if self.kernels == KernelSet::Reference
+            || bias.iter().any(|b| b.is_some())
+            || !Self::multi_gemv_fits(h.rows)
+        {
+            return qkv_unfused(self, h, w, bias, q, k, v);
+        }
+        if q.rows != h.rows || k.rows != h.rows || v.rows != h.rows {
+            return Err(shape_err(
+                "qkv",
+                format!("outputs do not have the {} rows of h", h.rows),
+            ));
+        }
+        self.multi_gemv(h, &w, &[q.ptr(), k.ptr(), v.ptr()], &[q.cols, k.cols, v.cols])
+    }
+
+    fn qk_norm_rope_store(
+        &self,
+        r: QkvRows<'_, Self>,
+        norms: [Option<&CudaVector>; 2],
+        eps: f32,
+        rope: &CudaRope,
+        pool: &mut CudaKvPool,
+        layer: usize,
+        batch: &CudaBatch,
+    ) -> Result<()> {
+        if self.kernels == KernelSet::Reference {
+            return qk_norm_rope_store_unfused(self, r, norms, eps, rope, pool, layer, batch);
+        }
+        let heads = (r.n_heads, r.n_kv_heads, r.head_dim);
+        self.qk_norm_rope_store_fused(r.q, r.k, r.v, heads, norms, eps, rope, pool, layer, batch)
+    }
+
+    fn residual_norm(
+        &self,
+        x: &mut CudaAct,
+        delta: &CudaAct,
+        post_norm: Option<&CudaVector>,
+        next_norm: &CudaVector,
+        eps: f32,
+        tmp: &mut CudaAct,
+        out: &mut CudaAct,
+    ) -> Result<()> {
+        if self.kernels == KernelSet::Reference {
+            return residual_norm_unfused(self, x, delta, post_norm, next_norm, eps, tmp, out);
+        }
+        self.residual_norm_fused(x, delta, post_norm, next_norm, eps, out)
+    }
+
+    fn gated_ffn(
+        &self,
+        h: &CudaAct,
+        w: [&CudaWeight; 3],
+        act: Activation,
+        gate: &mut CudaAct,
+        up: &mut CudaAct,
+        act_out: &mut CudaAct,
+        out: &mut CudaAct,
+    ) -> Result<()> {
+        if self.kernels == KernelSet::Fused && Self::multi_gemv_fits(h.rows) {
+            if gate.rows != h.rows || up.rows != h.rows {
+                return Err(shape_err(
+                    "gated_ffn",
+                    format!("gate/up do not have the {} rows of h", h.rows),
+                ));
+            }
+            self.multi_gemv(h, &w[..2], &[gate.ptr(), up.ptr()], &[gate.cols, up.cols])?;
+        } else {
+            self.matmul(h, w[0], gate)?;
+            self.matmul(h, w[1], up)?;
+        }
+        if self.kernels == KernelSet::Fused && Self::gemv_fx_fits(w[2], h.rows) {
+            return self.gemv_fx(gate, Some((&*up, act)), w[2], out, None);
+        }
+        self.gated_activation(gate, up, act, act_out)?;
+        self.matmul(act_out, w[2], out)
+    }
+
+    fn matmul_residual_norm(
+        &self,
+        a: &CudaAct,
+        w: &CudaWeight,
+        delta: &mut CudaAct,
+        r: ResidualNorm<'_, Self>,
+    ) -> Result<()> {
+        if self.kernels == KernelSet::Fused && Self::gemv_fx_fits(w, a.rows) {
+            let res = fused::FxResidual {
+                x: r.x,
+                post: r.post_norm,
+                next: r.next_norm,
+                eps: r.eps,
+                out: r.out,
+            };
+            return self.gemv_fx(a, None, w, delta, Some(res));
+        }
+        matmul_residual_norm_unfused(self, a, w, delta, r)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gated_ffn_residual_norm(
+        &self,
+        h: &CudaAct,
+        w: [&CudaWeight; 3],
+        act: Activation,
+        gate: &mut CudaAct,
+        up: &mut CudaAct,
+        act_out: &mut CudaAct,
+        out: &mut CudaAct,
+        r: ResidualNorm<'_, Self>,
+    ) -> Result<()> {
+        let fits = Self::multi_gemv_fits(h.rows) && Self::gemv_fx_fits(w[2], h.rows);
+        if self.kernels != KernelSet::Fused || !fits {
+            self.gated_ffn(h, w, act, gate, up, act_out, out)?;
+            return residual_norm_unfused_into(self, out, r);
+        }
+        if gate.rows != h.rows || up.rows != h.rows {
+            return Err(shape_err(
+                "gated_ffn_residual_norm",
+                format!("gate/up do not have the {} rows of h", h.rows),
+            ));
+        }
+        self.multi_gemv(h, &w[..2], &[gate.ptr(), up.ptr()], &[gate.cols, up.cols])?;
+        let res = fused::FxResidual {
+            x: r.x,
+            post: r.post_norm,
+            next: r.next_norm,
+            eps: r.eps,
+            out: r.out,
+        };
+        self.gemv_fx(gate, Some((&*up, act)), w[2], out, Some(res))
+    }
+
+    fn supports_graphs(&self) -> bool {
+        true
+    }
+
+    fn reserve_batch(&self, max_tokens: usize, max_seqs: usize, max_blocks_per_seq: usize) -> Result<()> {
+        CudaBackend::reserve_batch(self, max_tokens, max_seqs, max_blocks_per_seq)
+    }
+
+    fn begin_capture(&self) -> Result<()> {
+        CudaBackend::begin_capture(self)
+    }
+
+    fn end_capture(&self) -> Result<Graph> {
+        let g = CudaBackend::end_capture(self)?;
+        Ok(Graph { inner: Box::new(g) })
+    }
+
+    fn replay(&self, g: &Graph) -> Result<bool> {
+        let g = g.inner.downcast_ref::<DecodeGraph>().ok_or_else(|| {
+            BackendError::Other("replay: the graph was not captured by the CUDA backend".into())
+        })?;
+        if !self.graph_is_current(g)? {
+            return Ok(false);
+        }
+        CudaBackend::replay(self, g)?;
+        Ok(true)
+    }
+
+    fn pool_id(&self, pool: &CudaKvPool) -> u64 {
+        pool.buf.ptr
     }
 
     fn synchronize(&self) -> Result<()> {

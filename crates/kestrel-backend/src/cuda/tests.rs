@@ -711,4 +711,17 @@ fn graph_replay_sees_new_metadata() {
         "different tokens/positions must give different results"
     );
     assert_eq!(be.fetch_argmax(1).expect("ids"), eager_id);
+    // A step with more rows grows the attention scratch the graph points
+    // at: the graph must turn stale instead of replaying into freed memory.
+    assert!(be.graph_is_current(&g).expect("epoch"), "nothing changed yet");
+    let two = be
+        .prepare_batch(&BatchLayout::single(&[5, 6], 0, &table_b, 16))
+        .expect("batch");
+    let q2 = act(&be, 2, heads * hd, &rvec(&mut rng, 2 * heads * hd, 1.0));
+    let mut o2 = be.alloc_act(2, heads * hd).expect("act");
+    be.attention(&q2, &pool, 0, &two, &p, &mut o2).expect("attention");
+    assert!(
+        !be.graph_is_current(&g).expect("epoch"),
+        "regrown attention scratch must make earlier graphs stale"
+    );
 }

@@ -56,7 +56,9 @@ struct BenchTask {
 
 /// Deterministic pseudo-random prompt tokens (no RNG state to carry).
 fn prompt_tokens(n: usize, vocab: usize) -> Vec<u32> {
-    (0..n).map(|i| ((i as u64 * 2_654_435_761 + 12345) % (vocab as u64 - 1000) + 1000) as u32).collect()
+    (0..n)
+        .map(|i| ((i as u64 * 2_654_435_761 + 12345) % (vocab as u64 - 1000) + 1000) as u32)
+        .collect()
 }
 
 fn run_pp<B: Backend>(model: &Model<B>, n: usize) -> Result<f64> {
@@ -97,7 +99,10 @@ impl BackendTask for BenchTask {
         let device = backend.describe();
         let (model, tok) = loading::load(&self.path, backend)?;
         let mut tests = Vec::new();
-        for (name, n, is_pp) in [(format!("pp{}", a.pp), a.pp, true), (format!("tg{}", a.tg), a.tg, false)] {
+        for (name, n, is_pp) in [
+            (format!("pp{}", a.pp), a.pp, true),
+            (format!("tg{}", a.tg), a.tg, false),
+        ] {
             if n == 0 {
                 continue;
             }
@@ -110,7 +115,13 @@ impl BackendTask for BenchTask {
             }
             let tps: Vec<f64> = secs.iter().map(|s| n as f64 / s).collect();
             let st = capsule::Stats::of(&tps);
-            eprintln!("{name:>7}: {:>9.1} tok/s (median of {}; min {:.1}, max {:.1})", st.median, tps.len(), st.min, st.max);
+            eprintln!(
+                "{name:>7}: {:>9.1} tok/s (median of {}; min {:.1}, max {:.1})",
+                st.median,
+                tps.len(),
+                st.min,
+                st.max
+            );
             tests.push(json!({"test": name, "tokens": n, "seconds": secs, "tok_s": tps, "summary": st}));
         }
         let result = json!({"kind": "bench", "device": device, "tests": tests});

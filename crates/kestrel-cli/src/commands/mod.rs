@@ -6,4 +6,5 @@ pub mod inspect;
 pub mod run;
 pub mod report;
 pub mod sampling_args;
+pub mod serve;
 pub mod tokenize;

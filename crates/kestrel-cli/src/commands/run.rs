@@ -68,9 +68,15 @@ impl BackendTask for RunTask {
         let ids = if a.chat {
             let mut msgs = Vec::new();
             if let Some(sys) = &a.system {
-                msgs.push(ChatMessage { role: "system".into(), content: sys.clone() });
+                msgs.push(ChatMessage {
+                    role: "system".into(),
+                    content: sys.clone(),
+                });
             }
-            msgs.push(ChatMessage { role: "user".into(), content: a.prompt.clone() });
+            msgs.push(ChatMessage {
+                role: "user".into(),
+                content: a.prompt.clone(),
+            });
             let text = tok.apply_chat_template(&msgs, true)?;
             tok.encode_chat_prompt(&text)?
         } else {

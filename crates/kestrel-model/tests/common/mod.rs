@@ -11,11 +11,17 @@ use kestrel_model::Model;
 /// `scripts/fetch-model.sh` writes. Missing is a failure, not a skip: CI
 /// fetches it first.
 pub fn default_model() -> PathBuf {
-    let p = std::env::var_os("KESTREL_MODEL").map(PathBuf::from).unwrap_or_else(|| {
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-        home.join(".cache/kestrel/models/gemma-3-270m-q4_k_m.gguf")
-    });
-    assert!(p.exists(), "default model missing at {}: run scripts/fetch-model.sh", p.display());
+    let p = std::env::var_os("KESTREL_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+            home.join(".cache/kestrel/models/gemma-3-270m-q4_k_m.gguf")
+        });
+    assert!(
+        p.exists(),
+        "default model missing at {}: run scripts/fetch-model.sh",
+        p.display()
+    );
     p
 }
 
@@ -34,10 +40,19 @@ pub fn greedy<B: Backend>(model: &Model<B>, prompt: &[u32], n: usize) -> (Vec<u3
     let blocks = (prompt.len() + n + bs).div_ceil(bs);
     // A scrambled block table: correctness must not depend on blocks being in order.
     let table: Vec<u32> = (0..blocks as u32).rev().collect();
-    let kv_dtype = match std::env::var("KESTREL_TEST_KV").as_deref() { Ok("f16") => KvDType::F16, Ok("bf16") => KvDType::Bf16, _ => KvDType::F32 };
-    let mut kv = model.backend.alloc_kv(&model.kv_spec(blocks, bs, kv_dtype)).unwrap();
+    let kv_dtype = match std::env::var("KESTREL_TEST_KV").as_deref() {
+        Ok("f16") => KvDType::F16,
+        Ok("bf16") => KvDType::Bf16,
+        _ => KvDType::F32,
+    };
+    let mut kv = model
+        .backend
+        .alloc_kv(&model.kv_spec(blocks, bs, kv_dtype))
+        .unwrap();
     let layout = BatchLayout::single(prompt, 0, &table, bs as u32);
-    let logits = model.forward(&layout, &mut kv, &[(prompt.len() - 1) as u32]).unwrap();
+    let logits = model
+        .forward(&layout, &mut kv, &[(prompt.len() - 1) as u32])
+        .unwrap();
     let first = model.backend.read_act(&logits).unwrap();
     let mut out = vec![model.backend.argmax_rows(&logits).unwrap()[0]];
     drop(logits); // the model reuses its logits buffer

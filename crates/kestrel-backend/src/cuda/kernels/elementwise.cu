@@ -185,3 +185,81 @@ extern "C" __global__ void write_kv(void* pool, long long layer_off, long long v
         kv_store(pool, base + v_off + c, kvt, vr[c]);
     }
 }
+
+// Residual step of a block, one block per row: delta' = post_w ? rms_norm(delta) * post_w : delta;
+// x += delta'; out = rms_norm(x) * w. Replaces rms_norm + add_rms_norm (two launches, two
+// passes over x) with one; the arithmetic per element is the same as theirs.
+extern "C" __global__ void residual_norm(float* x, const float* delta, const float* post_w, const float* w,
+                                         float eps, int cols, float* out) {
+    __shared__ float scratch[32];
+    float* xr = x + (long long)blockIdx.x * cols;
+    const float* dr = delta + (long long)blockIdx.x * cols;
+    float* o = out + (long long)blockIdx.x * cols;
+    float pinv = 1.0f;
+    if (post_w) {
+        float ps = 0.0f;
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) ps += dr[c] * dr[c];
+        ps = block_sum(ps, scratch);
+        pinv = rsqrtf(ps / (float)cols + eps);
+    }
+    float ss = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        float d = post_w ? dr[c] * pinv * post_w[c] : dr[c];
+        float v = xr[c] + d;
+        xr[c] = v;
+        ss += v * v;
+    }
+    ss = block_sum(ss, scratch);
+    float inv = rsqrtf(ss / (float)cols + eps);
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) o[c] = xr[c] * inv * w[c];
+}
+
+// q/k per-head RMSNorm + RoPE and the K/V store of one layer in a single
+// launch. grid = (rows, n_heads + n_kv_heads): block y < n_heads handles
+// query head y in place; the others handle KV head y - n_heads: norm + RoPE
+// of K (in place), then K and V of that head go to the pool at the row's slot.
+extern "C" __global__ void qk_norm_rope_store(float* q, float* k, const float* v, int n_heads, int n_kv_heads,
+                                              int head_dim, const float* qw, const float* kw, float eps,
+                                              const float* inv_freq, int n_pairs, int style, float mscale,
+                                              const u32* positions, void* pool, long long layer_off,
+                                              long long v_off, int kvt, const u32* slots) {
+    extern __shared__ float hbuf[];
+    __shared__ float scratch[32];
+    int row = blockIdx.x, y = blockIdx.y;
+    bool is_q = y < n_heads;
+    int kvh = y - n_heads;
+    float* h = is_q ? q + ((long long)row * n_heads + y) * head_dim
+                    : k + ((long long)row * n_kv_heads + kvh) * head_dim;
+    const float* w = is_q ? qw : kw;
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) hbuf[d] = h[d];
+    if (w) {
+        float ss = 0.0f;
+        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) ss += hbuf[d] * hbuf[d];
+        ss = block_sum(ss, scratch);
+        float inv = rsqrtf(ss / (float)head_dim + eps);
+        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) hbuf[d] = hbuf[d] * inv * w[d];
+    }
+    __syncthreads();
+    u32 pos = positions[row];
+    for (int i = threadIdx.x; i < n_pairs; i += blockDim.x) {
+        int ia = style == 0 ? 2 * i : i;
+        int ib = style == 0 ? 2 * i + 1 : i + n_pairs;
+        rope_pair(&hbuf[ia], &hbuf[ib], pos, inv_freq[i], mscale);
+    }
+    __syncthreads();
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) h[d] = hbuf[d];
+    if (is_q) return;
+    int kv_dim = n_kv_heads * head_dim;
+    long long base = layer_off + (long long)slots[row] * kv_dim + (long long)kvh * head_dim;
+    const float* vr = v + (long long)row * kv_dim + (long long)kvh * head_dim;
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        kv_store(pool, base + d, kvt, hbuf[d]);
+        kv_store(pool, base + v_off + d, kvt, vr[d]);
+    }
+}
+
+// dst = src (n floats); for copying an activation inside a captured graph.
+extern "C" __global__ void copy_f32(const float* src, long long n, float* dst) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        dst[i] = src[i];
+}

@@ -46,15 +46,33 @@ __device__ __forceinline__ void gemv_finish(float (&acc)[T], int nt, int row, in
     }
 }
 
+// Four activation elements at x + i (i % 4 == 0). With G (gated), the
+// activation is act(x) * up (x holds the gate; act 0 = SiLU, 1 = GELU tanh),
+// formed on the load: the feed-forward's down projection then needs no
+// separate gated_act launch. The expression matches gated_act's.
+template <bool G>
+__device__ __forceinline__ float4 ldx4(const float* x, const float* up, int act, long long i) {
+    float4 a = *(const float4*)(x + i);
+    if (G) {
+        float4 u = *(const float4*)(up + i);
+        a.x = (act == 0 ? silu(a.x) : gelu_tanh(a.x)) * u.x;
+        a.y = (act == 0 ? silu(a.y) : gelu_tanh(a.y)) * u.y;
+        a.z = (act == 0 ? silu(a.z) : gelu_tanh(a.z)) * u.z;
+        a.w = (act == 0 ? silu(a.w) : gelu_tanh(a.w)) * u.w;
+    }
+    return a;
+}
+
 // 16 consecutive elements of x row t starting at c (c % 4 == 0) against w[16].
-template <int T>
+template <int T, bool G = false>
 __device__ __forceinline__ void fma16(float (&acc)[T], const float* x, int cols, int nt, int c,
-                                      const float* w, float scale) {
+                                      const float* w, float scale, const float* up = nullptr, int act = 0) {
     #pragma unroll
     for (int t = 0; t < T; t++) {
         if (t < nt) {
-            const float4* xp = (const float4*)(x + (long long)t * cols + c);
-            float4 a = xp[0], b = xp[1], e = xp[2], f = xp[3];
+            long long o = (long long)t * cols + c;
+            float4 a = ldx4<G>(x, up, act, o), b = ldx4<G>(x, up, act, o + 4);
+            float4 e = ldx4<G>(x, up, act, o + 8), f = ldx4<G>(x, up, act, o + 12);
             float s = dot4(a, w[0], w[1], w[2], w[3]) + dot4(b, w[4], w[5], w[6], w[7]) +
                       dot4(e, w[8], w[9], w[10], w[11]) + dot4(f, w[12], w[13], w[14], w[15]);
             acc[t] += scale * s;
@@ -68,8 +86,8 @@ __device__ __forceinline__ void fma16(float (&acc)[T], const float* x, int cols,
 // loads of two chunk rounds for all NR rows before using any, and each
 // activation chunk is loaded once for the NR rows.
 template <int T, int NR>
-__device__ void gemv_q8_0(const u8* p0, const u16* p2, int wrows, int cols, const float* x, int nt, float* out) {
-    int row0 = (blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5)) * NR, lane = threadIdx.x & 31;
+__device__ void gemv_q8_0(int bid, const u8* p0, const u16* p2, int wrows, int cols, const float* x, int nt, float* out) {
+    int row0 = (bid * GEMV_WARPS + (threadIdx.x >> 5)) * NR, lane = threadIdx.x & 31;
     if (row0 >= wrows) return;
     float acc[NR][T];
     #pragma unroll
@@ -130,9 +148,9 @@ __device__ void gemv_q8_0(const u8* p0, const u16* p2, int wrows, int cols, cons
 // chunk is loaded once for the NR rows (NR = 2 for several activation rows,
 // where activation loads from L1 would otherwise dominate).
 template <int T, bool Q5, int NR>
-__device__ void gemv_q45_0(const u8* p0, const u8* p1, const u16* p2, int wrows, int cols, const float* x,
+__device__ void gemv_q45_0(int bid, const u8* p0, const u8* p1, const u16* p2, int wrows, int cols, const float* x,
                            int nt, float* out) {
-    int row0 = (blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5)) * NR, lane = threadIdx.x & 31;
+    int row0 = (bid * GEMV_WARPS + (threadIdx.x >> 5)) * NR, lane = threadIdx.x & 31;
     if (row0 >= wrows) return;
     float acc[NR][T];
     #pragma unroll
@@ -195,10 +213,11 @@ __device__ void gemv_q45_0(const u8* p0, const u8* p1, const u16* p2, int wrows,
 // Q4_K / Q5_K: 8 lanes per 256-element super-block; lane part s: chunk
 // ch = s / 2 (64 elements), half hh = s % 2 (16 bytes of its 32 nibble bytes),
 // giving 16 elements of sub-block 2ch and 16 of sub-block 2ch+1.
-template <int T, bool Q5>
-__device__ void gemv_q45_k(const u8* p0, int wrows, int cols, const float* x, int nt, float* out) {
+template <int T, bool Q5, bool G = false>
+__device__ void gemv_q45_k(int bid, const u8* p0, int wrows, int cols, const float* x, int nt, float* out,
+                           const float* up = nullptr, int act = 0) {
     const int BB = Q5 ? 176 : 144;
-    int row = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    int row = bid * GEMV_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= wrows) return;
     float acc[T];
     #pragma unroll
@@ -238,12 +257,11 @@ __device__ void gemv_q45_k(const u8* p0, int wrows, int cols, const float* x, in
         #pragma unroll
         for (int t = 0; t < T; t++) {
             if (t < nt) {
-                const float4* xa = (const float4*)(x + (long long)t * cols + c);
-                const float4* xb = (const float4*)(x + (long long)t * cols + c + 32);
+                long long o = (long long)t * cols + c;
                 float sa = 0.0f, sb2 = 0.0f, xsa = 0.0f, xsb = 0.0f;
                 #pragma unroll
                 for (int v = 0; v < 4; v++) {
-                    float4 a = xa[v], b = xb[v];
+                    float4 a = ldx4<G>(x, up, act, o + 4 * v), b = ldx4<G>(x, up, act, o + 32 + 4 * v);
                     sa += dot4(a, lo[4 * v], lo[4 * v + 1], lo[4 * v + 2], lo[4 * v + 3]);
                     sb2 += dot4(b, hi[4 * v], hi[4 * v + 1], hi[4 * v + 2], hi[4 * v + 3]);
                     xsa += a.x + a.y + a.z + a.w;
@@ -258,9 +276,10 @@ __device__ void gemv_q45_k(const u8* p0, int wrows, int cols, const float* x, in
 
 // Q6_K: 4 lanes per super-block; lane part s: half n = s / 2, l0 = 16 * (s % 2)
 // covering elements 128n + {0,32,64,96} + l0 + (0..16).
-template <int T>
-__device__ void gemv_q6_k(const u8* p0, const u16* p2, int wrows, int cols, const float* x, int nt, float* out) {
-    int row = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+template <int T, bool G = false>
+__device__ void gemv_q6_k(int bid, const u8* p0, const u16* p2, int wrows, int cols, const float* x, int nt, float* out,
+                          const float* up = nullptr, int act = 0) {
+    int row = bid * GEMV_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= wrows) return;
     float acc[T];
     #pragma unroll
@@ -288,18 +307,18 @@ __device__ void gemv_q6_k(const u8* p0, const u16* p2, int wrows, int cols, cons
             w3[k] = (float)((int)((bb >> 4) | (((hb >> 6) & 3u) << 4)) - 32);
         }
         int c = sb * 256 + 128 * n + l0;
-        fma16<T>(acc, x, cols, nt, c, w0, dsc[0]);
-        fma16<T>(acc, x, cols, nt, c + 32, w1, dsc[1]);
-        fma16<T>(acc, x, cols, nt, c + 64, w2, dsc[2]);
-        fma16<T>(acc, x, cols, nt, c + 96, w3, dsc[3]);
+        fma16<T, G>(acc, x, cols, nt, c, w0, dsc[0], up, act);
+        fma16<T, G>(acc, x, cols, nt, c + 32, w1, dsc[1], up, act);
+        fma16<T, G>(acc, x, cols, nt, c + 64, w2, dsc[2], up, act);
+        fma16<T, G>(acc, x, cols, nt, c + 96, w3, dsc[3], up, act);
     }
     gemv_finish<T>(acc, nt, row, wrows, out);
 }
 
 // F32 / F16 / BF16 weights: 16-byte loads when cols allows, scalar otherwise.
 template <int T, int DT>
-__device__ void gemv_float(const u8* p0, int wrows, int cols, const float* x, int nt, float* out) {
-    int row = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+__device__ void gemv_float(int bid, const u8* p0, int wrows, int cols, const float* x, int nt, float* out) {
+    int row = bid * GEMV_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= wrows) return;
     float acc[T];
     #pragma unroll
@@ -350,20 +369,135 @@ __device__ void gemv_float(const u8* p0, int wrows, int cols, const float* x, in
         float* out) { body; }
 
 #define GEMV_ALL(T)                                                                                \
-    GEMV_ENTRY(gemv_f32, T, (gemv_float<T, DT_F32>(p0, wrows, cols, x, nt, out)))                  \
-    GEMV_ENTRY(gemv_f16, T, (gemv_float<T, DT_F16>(p0, wrows, cols, x, nt, out)))                  \
-    GEMV_ENTRY(gemv_bf16, T, (gemv_float<T, DT_BF16>(p0, wrows, cols, x, nt, out)))                \
-    GEMV_ENTRY(gemv_q8_0, T, (gemv_q8_0<T, 1>(p0, p2, wrows, cols, x, nt, out)))                   \
-    GEMV_ENTRY(gemv_q8_0r4, T, (gemv_q8_0<T, 4>(p0, p2, wrows, cols, x, nt, out)))                 \
-    GEMV_ENTRY(gemv_q4_0, T, (gemv_q45_0<T, false, 1>(p0, p1, p2, wrows, cols, x, nt, out)))       \
-    GEMV_ENTRY(gemv_q5_0, T, (gemv_q45_0<T, true, 1>(p0, p1, p2, wrows, cols, x, nt, out)))        \
-    GEMV_ENTRY(gemv_q4_0r2, T, (gemv_q45_0<T, false, 2>(p0, p1, p2, wrows, cols, x, nt, out)))     \
-    GEMV_ENTRY(gemv_q5_0r2, T, (gemv_q45_0<T, true, 2>(p0, p1, p2, wrows, cols, x, nt, out)))      \
-    GEMV_ENTRY(gemv_q4_k, T, (gemv_q45_k<T, false>(p0, wrows, cols, x, nt, out)))                  \
-    GEMV_ENTRY(gemv_q5_k, T, (gemv_q45_k<T, true>(p0, wrows, cols, x, nt, out)))                   \
-    GEMV_ENTRY(gemv_q6_k, T, (gemv_q6_k<T>(p0, p2, wrows, cols, x, nt, out)))
+    GEMV_ENTRY(gemv_f32, T, (gemv_float<T, DT_F32>(blockIdx.x, p0, wrows, cols, x, nt, out)))                  \
+    GEMV_ENTRY(gemv_f16, T, (gemv_float<T, DT_F16>(blockIdx.x, p0, wrows, cols, x, nt, out)))                  \
+    GEMV_ENTRY(gemv_bf16, T, (gemv_float<T, DT_BF16>(blockIdx.x, p0, wrows, cols, x, nt, out)))                \
+    GEMV_ENTRY(gemv_q8_0, T, (gemv_q8_0<T, 1>(blockIdx.x, p0, p2, wrows, cols, x, nt, out)))                   \
+    GEMV_ENTRY(gemv_q8_0r4, T, (gemv_q8_0<T, 4>(blockIdx.x, p0, p2, wrows, cols, x, nt, out)))                 \
+    GEMV_ENTRY(gemv_q4_0, T, (gemv_q45_0<T, false, 1>(blockIdx.x, p0, p1, p2, wrows, cols, x, nt, out)))       \
+    GEMV_ENTRY(gemv_q5_0, T, (gemv_q45_0<T, true, 1>(blockIdx.x, p0, p1, p2, wrows, cols, x, nt, out)))        \
+    GEMV_ENTRY(gemv_q4_0r2, T, (gemv_q45_0<T, false, 2>(blockIdx.x, p0, p1, p2, wrows, cols, x, nt, out)))     \
+    GEMV_ENTRY(gemv_q5_0r2, T, (gemv_q45_0<T, true, 2>(blockIdx.x, p0, p1, p2, wrows, cols, x, nt, out)))      \
+    GEMV_ENTRY(gemv_q4_k, T, (gemv_q45_k<T, false>(blockIdx.x, p0, wrows, cols, x, nt, out)))                  \
+    GEMV_ENTRY(gemv_q5_k, T, (gemv_q45_k<T, true>(blockIdx.x, p0, wrows, cols, x, nt, out)))                   \
+    GEMV_ENTRY(gemv_q6_k, T, (gemv_q6_k<T>(blockIdx.x, p0, p2, wrows, cols, x, nt, out)))
 
 GEMV_ALL(1)
 GEMV_ALL(2)
 GEMV_ALL(4)
 GEMV_ALL(8)
+
+// Several GEMVs over one activation in a single launch (QKV; gate + up):
+// blocks [0, nb0) compute weight 0, the next nb1 weight 1, then weight 2.
+// `kind` selects the kernel family (codes of `gemv_kind` on the Rust side).
+template <int T>
+__device__ __forceinline__ void gemv_any(int kind, int bid, const u8* p0, const u8* p1, const u16* p2, int wrows,
+                                         int cols, const float* x, int nt, float* out) {
+    switch (kind) {
+    case 0: gemv_float<T, DT_F32>(bid, p0, wrows, cols, x, nt, out); break;
+    case 1: gemv_float<T, DT_F16>(bid, p0, wrows, cols, x, nt, out); break;
+    case 2: gemv_float<T, DT_BF16>(bid, p0, wrows, cols, x, nt, out); break;
+    case 3: gemv_q8_0<T, 1>(bid, p0, p2, wrows, cols, x, nt, out); break;
+    case 4: gemv_q8_0<T, 4>(bid, p0, p2, wrows, cols, x, nt, out); break;
+    case 5: gemv_q45_0<T, false, 1>(bid, p0, p1, p2, wrows, cols, x, nt, out); break;
+    case 6: gemv_q45_0<T, true, 1>(bid, p0, p1, p2, wrows, cols, x, nt, out); break;
+    case 7: gemv_q45_0<T, false, 2>(bid, p0, p1, p2, wrows, cols, x, nt, out); break;
+    case 8: gemv_q45_0<T, true, 2>(bid, p0, p1, p2, wrows, cols, x, nt, out); break;
+    case 9: gemv_q45_k<T, false>(bid, p0, wrows, cols, x, nt, out); break;
+    case 10: gemv_q45_k<T, true>(bid, p0, wrows, cols, x, nt, out); break;
+    default: gemv_q6_k<T>(bid, p0, p2, wrows, cols, x, nt, out); break;
+    }
+}
+
+#define GEMV3_ENTRY(T)                                                                             \
+    extern "C" __global__ void __launch_bounds__(256) gemv3_##T(                                   \
+        const float* x, int nt, int cols,                                                          \
+        int k0, const u8* a0, const u8* a1, const u16* a2, int r0, float* o0, int nb0,             \
+        int k1, const u8* b0, const u8* b1, const u16* b2, int r1, float* o1, int nb1,             \
+        int k2, const u8* c0, const u8* c1, const u16* c2, int r2, float* o2) {                    \
+        int b = blockIdx.x;                                                                        \
+        if (b < nb0) { gemv_any<T>(k0, b, a0, a1, a2, r0, cols, x, nt, o0); return; }              \
+        b -= nb0;                                                                                  \
+        if (b < nb1) { gemv_any<T>(k1, b, b0, b1, b2, r1, cols, x, nt, o1); return; }              \
+        b -= nb1;                                                                                  \
+        gemv_any<T>(k2, b, c0, c1, c2, r2, cols, x, nt, o2);                                       \
+    }
+
+GEMV3_ENTRY(1)
+GEMV3_ENTRY(2)
+GEMV3_ENTRY(4)
+GEMV3_ENTRY(8)
+
+// Residual step of one row (what the residual_norm kernel does), run by the
+// last block of a GEMV that produced `delta`: delta' = post_w ? rms_norm(delta)
+// * post_w : delta; x += delta'; out = rms_norm(x) * w. delta was written by
+// other blocks of this launch, so it is read through L2 (__ldcg), never L1.
+__device__ void residual_tail(float* x, const float* delta, const float* post_w, const float* w, float eps,
+                              int cols, float* out, float* scratch) {
+    float pinv = 1.0f;
+    if (post_w) {
+        float ps = 0.0f;
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+            float d = __ldcg(delta + c);
+            ps += d * d;
+        }
+        ps = block_sum(ps, scratch);
+        pinv = rsqrtf(ps / (float)cols + eps);
+    }
+    float ss = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        float d = __ldcg(delta + c);
+        d = post_w ? d * pinv * post_w[c] : d;
+        float v = x[c] + d;
+        x[c] = v;
+        ss += v * v;
+    }
+    ss = block_sum(ss, scratch);
+    float inv = rsqrtf(ss / (float)cols + eps);
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) out[c] = x[c] * inv * w[c];
+}
+
+// K-quant GEMV (fam 0 = Q4_K, 1 = Q5_K, 2 = Q6_K) with two optional fusions:
+// - up != 0: the activation is act(x) * up (x = gate), see ldx4;
+// - res != 0: after every block has written `out` (= delta, [nt, wrows]),
+//   the last block to finish (counted in *counter, which it resets to 0 for
+//   the next launch or graph replay) runs the residual step for each row:
+//   res += post-norm(delta); hout = rms_norm(res) * next_w.
+// Replaces gated_act + GEMV + residual_norm (three launches) with one.
+template <int T, bool G>
+__device__ __forceinline__ void gemv_k_any(int fam, int bid, const u8* p0, const u16* p2, int wrows, int cols,
+                                           const float* x, const float* up, int act, int nt, float* out) {
+    switch (fam) {
+    case 0: gemv_q45_k<T, false, G>(bid, p0, wrows, cols, x, nt, out, up, act); break;
+    case 1: gemv_q45_k<T, true, G>(bid, p0, wrows, cols, x, nt, out, up, act); break;
+    default: gemv_q6_k<T, G>(bid, p0, p2, wrows, cols, x, nt, out, up, act); break;
+    }
+}
+
+#define GEMV_FX_ENTRY(T)                                                                           \
+    extern "C" __global__ void __launch_bounds__(256) gemv_fx_##T(                                 \
+        int fam, const u8* p0, const u16* p2, int wrows, int cols, const float* x, const float* up, \
+        int act, int nt, float* out, float* res, const float* post_w, const float* next_w,         \
+        float eps, float* hout, u32* counter) {                                                    \
+        __shared__ float scratch[32];                                                              \
+        __shared__ int s_last;                                                                     \
+        if (up) gemv_k_any<T, true>(fam, blockIdx.x, p0, p2, wrows, cols, x, up, act, nt, out);    \
+        else gemv_k_any<T, false>(fam, blockIdx.x, p0, p2, wrows, cols, x, up, act, nt, out);      \
+        if (!res) return;                                                                          \
+        __threadfence();                                                                           \
+        __syncthreads();                                                                           \
+        if (threadIdx.x == 0) s_last = atomicAdd(counter, 1u) == gridDim.x - 1;                    \
+        __syncthreads();                                                                           \
+        if (!s_last) return;                                                                       \
+        __threadfence();                                                                           \
+        for (int t = 0; t < nt; t++) {                                                             \
+            long long o = (long long)t * wrows;                                                    \
+            residual_tail(res + o, out + o, post_w, next_w, eps, wrows, hout + o, scratch);        \
+        }                                                                                          \
+        if (threadIdx.x == 0) *counter = 0u;                                                       \
+    }
+
+GEMV_FX_ENTRY(1)
+GEMV_FX_ENTRY(2)
+GEMV_FX_ENTRY(4)
+GEMV_FX_ENTRY(8)

@@ -1,0 +1,116 @@
+//! `kestrel serve`: the OpenAI-compatible HTTP server (kestrel-server) over
+//! the batching engine.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use kestrel_backend::Backend;
+use kestrel_engine::{Engine, EngineConfig};
+use kestrel_server::{AppState, ServerOptions, DEFAULT_MAX_BODY_BYTES};
+
+use crate::device::{dispatch_with, BackendTask, Device, Kernels};
+use crate::{loading, model_path};
+
+#[derive(Args, Clone, Debug)]
+pub struct ServeArgs {
+    /// Model: a .gguf file or a Hugging Face directory (default: the default model).
+    pub model: Option<PathBuf>,
+    /// Address to listen on (0.0.0.0 for every interface).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Require `Authorization: Bearer <KEY>` on the API routes.
+    #[arg(long)]
+    pub api_key: Option<String>,
+    /// Name clients use as `model` (default: the model file's stem).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Most sequences the engine runs at once.
+    #[arg(long, default_value_t = 256)]
+    pub max_num_seqs: usize,
+    /// Token budget of one engine step.
+    #[arg(long, default_value_t = 2048)]
+    pub max_num_batched_tokens: usize,
+    /// Blocks of 16 tokens in the paged KV pool.
+    #[arg(long, default_value_t = 1024)]
+    pub num_kv_blocks: usize,
+    /// Sequences admitted beyond --max-num-seqs (queued); more get 503.
+    #[arg(long, default_value_t = 1024)]
+    pub max_waiting: usize,
+    /// Largest request body in bytes (more gets 413).
+    #[arg(long, default_value_t = DEFAULT_MAX_BODY_BYTES)]
+    pub max_body_bytes: usize,
+    #[arg(long, default_value = "auto")]
+    pub device: Device,
+    /// CUDA kernel set: fused (fast) or reference (plain kernels, for comparison).
+    #[arg(long, value_enum, default_value = "fused")]
+    pub kernels: Kernels,
+}
+
+pub fn main(args: ServeArgs) -> Result<()> {
+    let path = model_path::resolve(args.model.clone())?;
+    dispatch_with(args.device, args.kernels, ServeTask { args, path })
+}
+
+struct ServeTask {
+    args: ServeArgs,
+    path: PathBuf,
+}
+
+impl BackendTask for ServeTask {
+    type Output = ();
+    fn run<B: Backend + 'static>(self, backend: Arc<B>) -> Result<()> {
+        let a = &self.args;
+        let device = backend.describe();
+        let (model, tok) = loading::load(&self.path, backend)?;
+        let config = EngineConfig {
+            num_kv_blocks: a.num_kv_blocks,
+            max_num_seqs: a.max_num_seqs,
+            max_num_batched_tokens: a.max_num_batched_tokens,
+            ..EngineConfig::default()
+        };
+        let tok = Arc::new(tok);
+        let engine = Engine::new(Arc::new(model), tok.clone(), config)?.spawn()?;
+        let name = a.served_model_name.clone().unwrap_or_else(|| {
+            self.path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into())
+        });
+        let options = ServerOptions {
+            model_name: name.clone(),
+            api_key: a.api_key.clone(),
+            max_running: a.max_num_seqs,
+            max_waiting: a.max_waiting,
+            max_body_bytes: a.max_body_bytes,
+        };
+        let max_len = engine.max_model_len();
+        let state = AppState::new(engine.clone(), tok, options);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("kestrel-http")
+            .build()
+            .context("starting the async runtime")?;
+        let served = runtime.block_on(async {
+            let addr = format!("{}:{}", a.host, a.port);
+            let listener = tokio::net::TcpListener::bind(&addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            let local = listener.local_addr()?;
+            eprintln!(
+                "kestrel serve: listening on http://{local} | model {name} ({}, context {max_len} tokens) | device {device}{}",
+                self.path.display(),
+                if a.api_key.is_some() { " | API key required" } else { "" }
+            );
+            kestrel_server::serve(listener, state, kestrel_server::shutdown_signal())
+                .await
+                .context("serving HTTP")
+        });
+        eprintln!("kestrel serve: shutting down");
+        engine.shutdown();
+        served
+    }
+}
