@@ -10,3 +10,7 @@ scripts/fetch-model.sh
 cargo fmt --all -- --check
 cargo clippy --release --workspace --all-targets -- -D warnings
 cargo test --release --workspace
+# The server against the official `openai` Python client (installs openai
+# and pytest into a venv under target/).
+cargo build --release -p kestrel-cli
+tests/python/run.sh

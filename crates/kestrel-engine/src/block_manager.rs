@@ -384,6 +384,25 @@ impl BlockManager {
         Ok(())
     }
 
+    /// Drops every prefix-cache entry (DELETE /v1/cache). Blocks in use
+    /// stay with their sequences but are no longer findable; free cached
+    /// blocks become plain free blocks, reused first. Returns how many
+    /// entries were dropped.
+    pub fn clear_cache(&mut self) -> usize {
+        let cached: Vec<u32> = self.cache.values().copied().collect();
+        for &b in &cached {
+            let block = &mut self.blocks[b as usize];
+            block.key = None;
+            if block.in_free {
+                // Move to the head: uncached free blocks are reused first.
+                self.unlink(b);
+                self.push_head(b);
+            }
+        }
+        self.cache.clear();
+        cached.len()
+    }
+
     /// Takes the head of the free list (callers check `num_free` first),
     /// evicting its cached contents.
     fn take_free(&mut self) -> u32 {

@@ -281,6 +281,11 @@ impl<B: Backend> Engine<B> {
         self.sched.blocks()
     }
 
+    /// Drops every prefix-cache entry; returns how many were dropped.
+    pub fn clear_prefix_cache(&mut self) -> usize {
+        self.sched.clear_prefix_cache()
+    }
+
     /// Drops requests whose receiver is gone: nobody would read their output.
     fn reap_disconnected(&mut self) {
         let gone: Vec<RequestId> = self
@@ -469,6 +474,7 @@ enum Command {
         sink: EventSender,
     },
     Abort(RequestId),
+    ClearCache(mpsc::Sender<usize>),
     Shutdown,
 }
 
@@ -571,6 +577,9 @@ fn apply<B: Backend>(engine: &mut Engine<B>, cmd: Command) -> bool {
         Command::Abort(id) => {
             engine.abort(id);
         }
+        Command::ClearCache(reply) => {
+            let _ = reply.send(engine.clear_prefix_cache());
+        }
         Command::Shutdown => return false,
     }
     true
@@ -602,6 +611,14 @@ impl EngineHandle {
     /// Dropping the request's receiver has the same effect, silently.
     pub fn abort(&self, id: RequestId) -> Result<(), EngineError> {
         self.tx.send(Command::Abort(id)).map_err(|_| EngineError::Stopped)
+    }
+
+    /// Drops the prefix cache between two steps and returns how many
+    /// entries were dropped (waits for the engine thread to answer).
+    pub fn clear_prefix_cache(&self) -> Result<usize, EngineError> {
+        let (tx, rx) = mpsc::channel();
+        self.tx.send(Command::ClearCache(tx)).map_err(|_| EngineError::Stopped)?;
+        rx.recv().map_err(|_| EngineError::Stopped)
     }
 
     /// State as of the end of the engine's latest step.

@@ -148,6 +148,11 @@ impl Scheduler {
     pub fn blocks(&self) -> &BlockManager {
         &self.blocks
     }
+
+    /// Drops the prefix cache (see `BlockManager::clear_cache`).
+    pub fn clear_prefix_cache(&mut self) -> usize {
+        self.blocks.clear_cache()
+    }
     pub fn num_running(&self) -> usize {
         self.running.len()
     }

@@ -30,6 +30,8 @@ enum Op {
     Abort {
         which: usize,
     },
+    /// Drop the prefix cache (DELETE /v1/cache).
+    ClearCache,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -39,6 +41,7 @@ fn op() -> impl Strategy<Value = Op> {
         6 => (any::<usize>(), 1usize..7).prop_map(|(which, n)| Op::Step { which, n }),
         1 => any::<usize>().prop_map(|which| Op::Finish { which }),
         1 => any::<usize>().prop_map(|which| Op::Abort { which }),
+        1 => Just(Op::ClearCache),
     ]
 }
 
@@ -269,6 +272,12 @@ fn run(ops: Vec<Op>, num_blocks: usize, caching: bool) -> Result<(), TestCaseErr
             } => h.add(family, shared, tail, chunk)?,
             Op::Step { which, n } => h.step(which, n)?,
             Op::Finish { which } | Op::Abort { which } => h.release(which)?,
+            Op::ClearCache => {
+                let free = h.m.num_free_blocks();
+                h.m.clear_cache();
+                prop_assert_eq!(h.m.num_cached_blocks(), 0);
+                prop_assert_eq!(h.m.num_free_blocks(), free);
+            }
         }
         h.check()?;
     }
