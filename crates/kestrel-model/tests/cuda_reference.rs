@@ -2,10 +2,14 @@
 //! llama.cpp's reference (greedy.json), the CPU backend and the CUDA
 //! reference kernels. Skips, saying so, where no GPU is usable.
 //!
-//! Rule (as in reference_gemma3.rs): tokens must match up to the first
-//! near-tie (margin < 0.05 between llama.cpp's best and second-best token)
-//! within the first 16. `KESTREL_GREEDY_JSON` overrides the location of
-//! greedy.json (the GPU machine has no ../shared).
+//! Rules: fused and reference CUDA kernels must produce the same 32 greedy
+//! tokens for every prompt; against llama.cpp, the rule of
+//! reference_gemma3.rs (agreement at every teacher-forced step whose
+//! reference margin is robust); against the CPU backend the matched length
+//! is printed (the CPU quantizes activations to 8 bits as llama.cpp does,
+//! CUDA keeps them in f32, so near-ties may go either way).
+//! `KESTREL_GREEDY_JSON` overrides the location of greedy.json (the GPU
+//! machine has no ../shared).
 
 mod common;
 
@@ -26,10 +30,14 @@ struct Case {
     required: usize,
 }
 
-fn cases() -> Vec<Case> {
-    let path = std::env::var_os("KESTREL_GREEDY_JSON")
+fn greedy_json() -> std::path::PathBuf {
+    std::env::var_os("KESTREL_GREEDY_JSON")
         .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| common::shared_dir().join("reference/gemma3-270m/greedy.json"));
+        .unwrap_or_else(|| common::shared_dir().join("reference/gemma3-270m/greedy.json"))
+}
+
+fn cases() -> Vec<Case> {
+    let path = greedy_json();
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     let refs: Value = serde_json::from_str(&text).unwrap();
     refs.as_array()
@@ -79,6 +87,7 @@ fn cuda_greedy_matches_cpu_reference_kernels_and_llama_cpp() {
     let t0 = std::time::Instant::now();
     let got_fused = run_all(&fused_model, &cases);
     println!("fused: {:.2} s", t0.elapsed().as_secs_f64());
+    let mut failures = common::check_against_reference(&fused_model, &greedy_json());
     drop(fused_model);
     let reference = CudaBackend::with_kernels(0, KernelSet::Reference).unwrap();
     let ref_model = Model::load(&path, Arc::new(reference)).unwrap();
@@ -87,7 +96,6 @@ fn cuda_greedy_matches_cpu_reference_kernels_and_llama_cpp() {
     let cpu_model = Model::load(&path, Arc::new(CpuBackend::new())).unwrap();
     let got_cpu = run_all(&cpu_model, &cases);
 
-    let mut failures = Vec::new();
     for (i, c) in cases.iter().enumerate() {
         let (f, fl) = &got_fused[i];
         let (r, _) = &got_ref[i];
@@ -98,22 +106,13 @@ fn cuda_greedy_matches_cpu_reference_kernels_and_llama_cpp() {
         let den: f64 = pl.iter().map(|b| (*b as f64).powi(2)).sum();
         let rel = (num / den.max(1e-30)).sqrt();
         println!(
-            "{:<45} llama.cpp {m_ll:>2}/{n} cuda-ref {m_ref:>2}/{n} cpu {m_cpu:>2}/{n} (required {req}) first-logits rel-L2 vs cpu {rel:.2e}",
+            "{:<45} llama.cpp {m_ll:>2}/{n} cuda-ref {m_ref:>2}/{n} cpu {m_cpu:>2}/{n} (README rule {req}) first-logits rel-L2 vs cpu {rel:.2e}",
             format!("{:?}", c.prompt),
             n = c.want.len(),
             req = c.required
         );
-        for (what, m) in [
-            ("llama.cpp", m_ll),
-            ("CUDA reference kernels", m_ref),
-            ("CPU backend", m_cpu),
-        ] {
-            if m < c.required {
-                failures.push(format!(
-                    "{:?}: fused vs {what}: matched {m} < required {}; fused {f:?}",
-                    c.prompt, c.required
-                ));
-            }
+        if m_ref < c.want.len() {
+            failures.push(format!("{:?}: fused vs CUDA reference kernels: matched {m_ref}; fused {f:?}", c.prompt));
         }
         // Printed, not bounded: the CPU backend quantizes activations to
         // int8 (as llama.cpp does) and CUDA keeps them f32, so first-step

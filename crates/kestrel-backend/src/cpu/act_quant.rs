@@ -163,11 +163,8 @@ impl<'a> QuantActs<'a> {
                         .map(|(&d, &s)| d * s as f32 / 8.0)
                         .collect();
                 if x8 {
-                    let groups = cols / 256;
                     for row in a.qs.chunks_exact_mut(cols) {
-                        for g in 0..groups {
-                            crate::cpu::repack::permute_group(&mut row[256 * g..256 * (g + 1)]);
-                        }
+                        crate::cpu::repack::permute_row(row, cols);
                     }
                 }
             }

@@ -9,6 +9,7 @@
 
 use half::{bf16, f16};
 
+use crate::cpu::attn_f16acc;
 #[cfg(target_arch = "x86_64")]
 use crate::cpu::attn_kernels::Avx2;
 use crate::cpu::attn_kernels::{exp_shift_sum, AttnKernels, Portable};
@@ -99,6 +100,15 @@ impl CpuKvPool {
             k: KvStore::zeroed(spec.dtype, n),
             v: KvStore::zeroed(spec.dtype, n),
         })
+    }
+
+    /// Stored keys / values of all layers.
+    pub(crate) fn k(&self) -> &KvStore {
+        &self.k
+    }
+
+    pub(crate) fn v(&self) -> &KvStore {
+        &self.v
     }
 
     fn kv_dim(&self) -> usize {
@@ -283,6 +293,12 @@ pub fn attention(
     // Per task: o (group * hd), then m (group), then l (group).
     let stride = group * (hd + 2);
     let mut part = vec![0f32; units * splits * stride];
+    // An f16 cache with a short query batch: ggml's f16-accumulator flash
+    // attention (see `attn_f16acc`).
+    let f16acc = match (attn_f16acc::applies(pool, rows), pool.k(), pool.v()) {
+        (true, KvStore::F16(k16), KvStore::F16(v16)) => Some((&k16[..], &v16[..])),
+        _ => None,
+    };
     #[cfg(target_arch = "x86_64")]
     let avx2 = if level >= SimdLevel::Avx2 {
         Avx2::new()
@@ -304,6 +320,12 @@ pub fn attention(
             None => (&[][..], 0, 0),
         };
         let qh = &q[row * qd + kvh * group * hd..row * qd + (kvh + 1) * group * hd];
+        if let Some((k16, v16)) = f16acc {
+            let bs = pool.spec.block_size;
+            let at = |j: usize| pool.at(layer, table[j / bs] as usize * bs + j % bs, kvh);
+            attn_f16acc::attend_part_f16acc(k16, v16, &at, a..e, qh, hd, p.scale, p.softcap, buf);
+            return;
+        }
         let job = Part {
             pool,
             layer,

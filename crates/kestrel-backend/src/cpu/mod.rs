@@ -12,6 +12,8 @@
 //! * `quant_dot`: integer dot-product kernels per (type, level) and their
 //!   dispatch; `matmul`: the row/tile split of a matmul over threads;
 //! * `attention`, `attn_kernels`: paged KV pool and causal attention;
+//!   `attn_f16acc`: with an f16 cache and a short query batch, attention
+//!   with ggml's f16 value accumulator (llama.cpp's default numerics);
 //! * `ops`: norms, RoPE, activations; `parallel`: the fork-join helper.
 //!
 //! Environment:
@@ -25,6 +27,7 @@
 
 pub mod act_quant;
 pub mod attention;
+pub mod attn_f16acc;
 pub mod attn_kernels;
 pub mod features;
 pub mod matmul;

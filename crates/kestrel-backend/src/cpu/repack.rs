@@ -21,8 +21,10 @@
 //! * Q5_0: 8 × f16 scales, 8 × u32 fifth-bit masks (bit b of mask j is the
 //!   fifth bit of vector j's byte b), then the nibbles as Q4_0 (176 bytes).
 //!
-//! Blocks past the last whole group (rows of 640 = 2.5 groups) stay in the
-//! GGML layout at the end of the row.
+//! After the whole groups, 4 or more remaining blocks (rows of 640 = 2.5
+//! groups, as gemma's) form a half group of 4 blocks in the same scheme with
+//! 16-byte vectors (4 scales, 16-bit masks, 16-byte quant vectors); the
+//! last 0..3 blocks stay in the GGML layout.
 
 use kestrel_formats::DType;
 
@@ -90,119 +92,163 @@ fn write_block(dtype: DType, d: [u8; 2], q: &[u8; 32], out: &mut [u8]) {
     }
 }
 
-/// Converts one GGML row (`src`, whole blocks) to the x8 layout in `dst`
-/// (same length).
-pub fn repack_row(dtype: DType, src: &[u8], dst: &mut [u8]) {
+/// Packs `g` (8 or 4) GGML blocks into one group: `2g` bytes of scales,
+/// then (Q5_0) 8 fifth-bit masks of `g * 4` bits, then the quant vectors of
+/// `4g` bytes (Q8_0: 8 of them; Q4_0/Q5_0: 4 nibble-pair vectors).
+fn pack_group(dtype: DType, g: usize, src: &[u8], out: &mut [u8]) {
     let bb = block_bytes(dtype);
-    let nb = src.len() / bb;
-    let ng = nb / GB;
-    let gbytes = GB * bb;
-    for g in 0..ng {
-        let out = &mut dst[g * gbytes..(g + 1) * gbytes];
-        let mut vecs = [[0u8; 32]; GB];
-        for k in 0..GB {
-            let blk = &src[(g * GB + k) * bb..(g * GB + k + 1) * bb];
-            out[2 * k..2 * k + 2].copy_from_slice(&blk[0..2]);
-            let q = block_quants(dtype, blk);
-            for j in 0..GB {
-                vecs[j][4 * k..4 * k + 4].copy_from_slice(&q[4 * j..4 * j + 4]);
+    let w = 4 * g;
+    let mut vecs = [[0u8; 32]; 8];
+    for k in 0..g {
+        let blk = &src[k * bb..(k + 1) * bb];
+        out[2 * k..2 * k + 2].copy_from_slice(&blk[0..2]);
+        let q = block_quants(dtype, blk);
+        for (j, v) in vecs.iter_mut().enumerate() {
+            v[4 * k..4 * k + 4].copy_from_slice(&q[4 * j..4 * j + 4]);
+        }
+    }
+    let body = &mut out[2 * g..];
+    match dtype {
+        DType::Q8_0 => {
+            for (j, v) in vecs.iter().enumerate() {
+                body[w * j..w * (j + 1)].copy_from_slice(&v[..w]);
             }
         }
-        let body = &mut out[16..];
-        match dtype {
-            DType::Q8_0 => {
-                for j in 0..GB {
-                    body[32 * j..32 * j + 32].copy_from_slice(&vecs[j]);
+        _ => {
+            let nib = if dtype == DType::Q5_0 {
+                let mb = w / 8; // mask bytes per vector
+                for (j, v) in vecs.iter().enumerate() {
+                    let mut mask = 0u32;
+                    for (b, &x) in v[..w].iter().enumerate() {
+                        mask |= (((x >> 4) & 1) as u32) << b;
+                    }
+                    body[mb * j..mb * (j + 1)].copy_from_slice(&mask.to_le_bytes()[..mb]);
+                }
+                &mut body[8 * mb..]
+            } else {
+                body
+            };
+            for j in 0..4 {
+                for b in 0..w {
+                    nib[w * j + b] = (vecs[j][b] & 0x0F) | ((vecs[j + 4][b] & 0x0F) << 4);
                 }
             }
-            _ => {
-                let nib = if dtype == DType::Q5_0 {
-                    for j in 0..GB {
-                        let mut mask = 0u32;
-                        for (b, &v) in vecs[j].iter().enumerate() {
-                            mask |= (((v >> 4) & 1) as u32) << b;
-                        }
-                        body[4 * j..4 * j + 4].copy_from_slice(&mask.to_le_bytes());
-                    }
-                    &mut body[32..]
-                } else {
-                    body
-                };
-                for j in 0..4 {
-                    for b in 0..32 {
-                        nib[32 * j + b] = (vecs[j][b] & 0x0F) | ((vecs[j + 4][b] & 0x0F) << 4);
+        }
+    }
+}
+
+/// The inverse of `pack_group`.
+fn unpack_group(dtype: DType, g: usize, grp: &[u8], dst: &mut [u8]) {
+    let bb = block_bytes(dtype);
+    let w = 4 * g;
+    let body = &grp[2 * g..];
+    let mut vecs = [[0u8; 32]; 8];
+    match dtype {
+        DType::Q8_0 => {
+            for (j, v) in vecs.iter_mut().enumerate() {
+                v[..w].copy_from_slice(&body[w * j..w * (j + 1)]);
+            }
+        }
+        _ => {
+            let mb = w / 8;
+            let nib = if dtype == DType::Q5_0 {
+                &body[8 * mb..]
+            } else {
+                body
+            };
+            for j in 0..4 {
+                for b in 0..w {
+                    vecs[j][b] = nib[w * j + b] & 0x0F;
+                    vecs[j + 4][b] = nib[w * j + b] >> 4;
+                }
+            }
+            if dtype == DType::Q5_0 {
+                for (j, v) in vecs.iter_mut().enumerate() {
+                    let mut m = [0u8; 4];
+                    m[..mb].copy_from_slice(&body[mb * j..mb * (j + 1)]);
+                    let mask = u32::from_le_bytes(m);
+                    for (b, x) in v[..w].iter_mut().enumerate() {
+                        *x |= (((mask >> b) & 1) as u8) << 4;
                     }
                 }
             }
         }
     }
-    let tail = ng * gbytes;
-    dst[tail..src.len()].copy_from_slice(&src[tail..]);
+    for k in 0..g {
+        let mut q = [0u8; 32];
+        for (j, v) in vecs.iter().enumerate() {
+            q[4 * j..4 * j + 4].copy_from_slice(&v[4 * k..4 * k + 4]);
+        }
+        let d = [grp[2 * k], grp[2 * k + 1]];
+        write_block(dtype, d, &q, &mut dst[k * bb..(k + 1) * bb]);
+    }
+}
+
+/// How a row of `nb` blocks splits: whole groups of 8, then a half group of
+/// 4 when at least 4 blocks remain, then single GGML blocks.
+pub fn row_split(nb: usize) -> (usize, bool) {
+    let ng = nb / GB;
+    (ng, nb - ng * GB >= 4)
+}
+
+/// Converts one GGML row (`src`, whole blocks) to the x8 layout in `dst`
+/// (same length).
+pub fn repack_row(dtype: DType, src: &[u8], dst: &mut [u8]) {
+    let bb = block_bytes(dtype);
+    let (ng, half) = row_split(src.len() / bb);
+    for g in 0..ng {
+        let r = g * GB * bb..(g + 1) * GB * bb;
+        pack_group(dtype, GB, &src[r.clone()], &mut dst[r]);
+    }
+    let mut done = ng * GB * bb;
+    if half {
+        let r = done..done + 4 * bb;
+        pack_group(dtype, 4, &src[r.clone()], &mut dst[r]);
+        done += 4 * bb;
+    }
+    dst[done..src.len()].copy_from_slice(&src[done..]);
 }
 
 /// Converts one x8 row back to GGML's layout (for dequantization).
 pub fn unpack_row(dtype: DType, src: &[u8], dst: &mut [u8]) {
     let bb = block_bytes(dtype);
-    let nb = src.len() / bb;
-    let ng = nb / GB;
-    let gbytes = GB * bb;
+    let (ng, half) = row_split(src.len() / bb);
     for g in 0..ng {
-        let grp = &src[g * gbytes..(g + 1) * gbytes];
-        let body = &grp[16..];
-        let mut vecs = [[0u8; 32]; GB];
-        match dtype {
-            DType::Q8_0 => {
-                for (j, v) in vecs.iter_mut().enumerate() {
-                    v.copy_from_slice(&body[32 * j..32 * j + 32]);
-                }
-            }
-            _ => {
-                let nib = if dtype == DType::Q5_0 { &body[32..] } else { body };
-                for j in 0..4 {
-                    for b in 0..32 {
-                        vecs[j][b] = nib[32 * j + b] & 0x0F;
-                        vecs[j + 4][b] = nib[32 * j + b] >> 4;
-                    }
-                }
-                if dtype == DType::Q5_0 {
-                    for (j, v) in vecs.iter_mut().enumerate() {
-                        let mask = u32::from_le_bytes([
-                            body[4 * j],
-                            body[4 * j + 1],
-                            body[4 * j + 2],
-                            body[4 * j + 3],
-                        ]);
-                        for (b, x) in v.iter_mut().enumerate() {
-                            *x |= (((mask >> b) & 1) as u8) << 4;
-                        }
-                    }
-                }
-            }
-        }
-        for k in 0..GB {
-            let mut q = [0u8; 32];
-            for j in 0..GB {
-                q[4 * j..4 * j + 4].copy_from_slice(&vecs[j][4 * k..4 * k + 4]);
-            }
-            let d = [grp[2 * k], grp[2 * k + 1]];
-            write_block(dtype, d, &q, &mut dst[(g * GB + k) * bb..(g * GB + k + 1) * bb]);
-        }
+        let r = g * GB * bb..(g + 1) * GB * bb;
+        unpack_group(dtype, GB, &src[r.clone()], &mut dst[r]);
     }
-    let tail = ng * gbytes;
-    dst[tail..src.len()].copy_from_slice(&src[tail..]);
+    let mut done = ng * GB * bb;
+    if half {
+        let r = done..done + 4 * bb;
+        unpack_group(dtype, 4, &src[r.clone()], &mut dst[r]);
+        done += 4 * bb;
+    }
+    dst[done..src.len()].copy_from_slice(&src[done..]);
 }
 
-/// Applies the x8 permutation to one group of 256 activation quants: unit
-/// (4 bytes) k*8 + j moves to j*8 + k.
-pub fn permute_group(q: &mut [i8]) {
+/// Applies the x8 permutation to the activation quants of one group of `g`
+/// blocks (`32 g` values): unit (4 bytes) k*8 + j moves to j*g + k.
+pub fn permute_group(q: &mut [i8], g: usize) {
     let mut tmp = [0i8; 256];
-    for k in 0..GB {
+    for k in 0..g {
         for j in 0..GB {
-            let (s, d) = (4 * (k * GB + j), 4 * (j * GB + k));
+            let (s, d) = (4 * (k * GB + j), 4 * (j * g + k));
             tmp[d..d + 4].copy_from_slice(&q[s..s + 4]);
         }
     }
-    q[..256].copy_from_slice(&tmp);
+    q[..32 * g].copy_from_slice(&tmp[..32 * g]);
+}
+
+/// Applies the x8 permutation to a whole activation row of `cols` quants
+/// (matching `repack_row`'s split).
+pub fn permute_row(q: &mut [i8], cols: usize) {
+    let (ng, half) = row_split(cols / 32);
+    for g in 0..ng {
+        permute_group(&mut q[256 * g..256 * (g + 1)], GB);
+    }
+    if half {
+        permute_group(&mut q[256 * ng..256 * ng + 128], 4);
+    }
 }
 
 #[cfg(test)]
@@ -213,17 +259,24 @@ mod tests {
     fn repack_then_unpack_is_the_identity() {
         for dtype in [DType::Q4_0, DType::Q5_0, DType::Q8_0] {
             let bb = block_bytes(dtype);
-            // 20 blocks: two groups and a tail of four.
-            let src: Vec<u8> = (0..20 * bb).map(|i| (i * 73 + i / 7) as u8).collect();
+            // 23 blocks: two groups, a half group and three single blocks.
+            let src: Vec<u8> = (0..23 * bb).map(|i| (i * 73 + i / 7) as u8).collect();
             let mut packed = vec![0u8; src.len()];
             repack_row(dtype, &src, &mut packed);
-            assert_ne!(packed, src, "{dtype}: the layout must change");
+            assert_ne!(
+                packed[..20 * bb],
+                src[..20 * bb],
+                "{dtype}: the layout must change"
+            );
             let mut back = vec![0u8; src.len()];
             unpack_row(dtype, &packed, &mut back);
-            // Q5_0 / Q4_0 round-trip exactly (nibbles and bits are moved,
-            // never altered).
+            // Quants and bits are moved, never altered.
             assert_eq!(back, src, "{dtype}");
-            assert_eq!(&packed[16 * bb..], &src[16 * bb..], "{dtype}: tail stays GGML");
+            assert_eq!(
+                &packed[20 * bb..],
+                &src[20 * bb..],
+                "{dtype}: the rest stays GGML"
+            );
         }
     }
 
@@ -246,10 +299,33 @@ mod tests {
             }
         }
         let mut act: Vec<i8> = (0..256).map(|e| (e / 32 * 10 + e % 32) as i8).collect();
-        permute_group(&mut act);
+        permute_group(&mut act, 8);
         assert_eq!(
             &packed[16..],
             &act.iter().map(|&v| v as u8).collect::<Vec<_>>()[..]
         );
+    }
+
+    #[test]
+    fn half_group_lanes_hold_four_blocks() {
+        let mut src = vec![0u8; 4 * Q8_0_BYTES];
+        for k in 0..4 {
+            for e in 0..32 {
+                src[k * Q8_0_BYTES + 2 + e] = (10 * k + e) as u8;
+            }
+        }
+        let mut packed = vec![0u8; src.len()];
+        repack_row(DType::Q8_0, &src, &mut packed);
+        for j in 0..8 {
+            for k in 0..4 {
+                for i in 0..4 {
+                    assert_eq!(packed[8 + 16 * j + 4 * k + i] as usize, 10 * k + 4 * j + i);
+                }
+            }
+        }
+        let mut act: Vec<i8> = (0..128).map(|e| (e / 32 * 10 + e % 32) as i8).collect();
+        permute_row(&mut act, 128);
+        let act: Vec<u8> = act.iter().map(|&v| v as u8).collect();
+        assert_eq!(&packed[8..], &act[..]);
     }
 }

@@ -112,6 +112,8 @@ struct Acts<const N: usize> {
 }
 
 impl<const N: usize> Acts<N> {
+    // Inlined: it runs once per row dot (262144 times per LM head matvec).
+    #[inline(always)]
     fn new(xs: &[ActRow<'_>]) -> Acts<N> {
         Acts {
             q: std::array::from_fn(|t| xs[t].qs.as_ptr() as *const u8),
@@ -382,8 +384,16 @@ unsafe fn dot_x8<const N: usize, const VNNI: bool, const KIND: u8>(w: &[u8], xs:
             acc[t] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(s), acc[t]);
         }
     }
-    // Tail blocks, GGML layout (the groups take exactly 8 blocks' bytes).
-    for b in 8 * ng..nb {
+    let mut done = 8 * ng;
+    if nb - done >= 4 {
+        let tail = half_group::<N, VNNI, KIND>(wp.add(done * bb), &a, done);
+        for t in 0..N {
+            acc[t] = _mm256_add_ps(acc[t], _mm256_zextps128_ps256(tail[t]));
+        }
+        done += 4;
+    }
+    // The last blocks, GGML layout (groups take exactly their blocks' bytes).
+    for b in done..nb {
         let p = wp.add(b * bb);
         let dw = _mm256_set1_ps(f16_at(p));
         let wq = match KIND {
@@ -414,6 +424,92 @@ unsafe fn dot_x8<const N: usize, const VNNI: bool, const KIND: u8>(w: &[u8], xs:
         }
     }
     std::array::from_fn(|t| hsum_ps(acc[t]))
+}
+
+/// The half group (4 blocks, 16-byte vectors) of an x8 row at `p`, whose
+/// first block is block `b0` of the row: per token, 4 lanes of scaled block
+/// sums. Same scheme as the whole groups of `dot_x8`.
+#[inline(always)]
+unsafe fn half_group<const N: usize, const VNNI: bool, const KIND: u8>(
+    p: *const u8,
+    a: &Acts<N>,
+    b0: usize,
+) -> [__m128; N] {
+    let m4 = _mm_set1_epi8(0x0F);
+    let signed = KIND == 2 && !VNNI;
+    let dw4 = _mm_cvtph_ps(_mm_loadl_epi64(p as *const __m128i));
+    let ld16 = |q: *const u8| _mm_loadu_si128(q as *const __m128i);
+    let dot = |acc: __m128i, u: __m128i, s: __m128i| {
+        if VNNI {
+            _mm_dpbusd_epi32(acc, u, s)
+        } else {
+            let pr = _mm_madd_epi16(_mm_maddubs_epi16(u, s), _mm_set1_epi16(1));
+            _mm_add_epi32(acc, pr)
+        }
+    };
+    // Bit b of `bits` → byte b = 0x10.
+    let fifth = |bits: u16| {
+        if VNNI {
+            _mm_maskz_mov_epi8(bits, _mm_set1_epi8(0x10))
+        } else {
+            let v = _mm_set1_epi16(bits as i16);
+            let shuf = _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+            let bm = _mm_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+            let t = _mm_and_si128(_mm_shuffle_epi8(v, shuf), bm);
+            _mm_and_si128(_mm_cmpeq_epi8(t, bm), _mm_set1_epi8(0x10))
+        }
+    };
+    let mut s0: [__m128i; N] = std::array::from_fn(|t| {
+        if signed {
+            _mm_setzero_si128()
+        } else {
+            ld16(a.boff[t].add(b0) as *const u8)
+        }
+    });
+    let mut s1 = [_mm_setzero_si128(); N];
+    for j in 0..4 {
+        let (w0, w1) = if KIND == 2 {
+            let v0 = ld16(p.add(8 + 16 * j));
+            let v1 = ld16(p.add(8 + 16 * (j + 4)));
+            if VNNI {
+                let flip = _mm_set1_epi8(-128);
+                (_mm_xor_si128(v0, flip), _mm_xor_si128(v1, flip))
+            } else {
+                (v0, v1)
+            }
+        } else {
+            let nib = if KIND == 1 { 24 } else { 8 };
+            let raw = ld16(p.add(nib + 16 * j));
+            let mut lo = _mm_and_si128(raw, m4);
+            let mut hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), m4);
+            if KIND == 1 {
+                let m0 = (p.add(8 + 2 * j) as *const u16).read_unaligned();
+                let m1 = (p.add(8 + 2 * (j + 4)) as *const u16).read_unaligned();
+                lo = _mm_or_si128(lo, fifth(m0));
+                hi = _mm_or_si128(hi, fifth(m1));
+            }
+            (lo, hi)
+        };
+        for t in 0..N {
+            let xb = a.q[t].add(32 * b0);
+            let x0 = ld16(xb.add(16 * j));
+            let x1 = ld16(xb.add(16 * (j + 4)));
+            if signed {
+                let u0 = _mm_sign_epi8(w0, w0);
+                let u1 = _mm_sign_epi8(w1, w1);
+                s0[t] = dot(s0[t], u0, _mm_sign_epi8(x0, w0));
+                s1[t] = dot(s1[t], u1, _mm_sign_epi8(x1, w1));
+            } else {
+                s0[t] = dot(s0[t], w0, x0);
+                s1[t] = dot(s1[t], w1, x1);
+            }
+        }
+    }
+    std::array::from_fn(|t| {
+        let s = _mm_add_epi32(s0[t], s1[t]);
+        let sc = _mm_mul_ps(dw4, _mm_loadu_ps(a.d[t].add(b0)));
+        _mm_mul_ps(sc, _mm_cvtepi32_ps(s))
+    })
 }
 
 #[inline(always)]
