@@ -30,7 +30,16 @@ impl Stats {
         s.sort_by(|a, b| a.total_cmp(b));
         let n = s.len();
         if n == 0 {
-            return Stats { n, mean: 0.0, median: 0.0, p95: 0.0, p99: 0.0, min: 0.0, max: 0.0, stddev: 0.0 };
+            return Stats {
+                n,
+                mean: 0.0,
+                median: 0.0,
+                p95: 0.0,
+                p99: 0.0,
+                min: 0.0,
+                max: 0.0,
+                stddev: 0.0,
+            };
         }
         let pct = |p: f64| {
             let r = p / 100.0 * (n - 1) as f64;
@@ -38,7 +47,11 @@ impl Stats {
             s[lo] + (s[hi] - s[lo]) * (r - lo as f64)
         };
         let mean = s.iter().sum::<f64>() / n as f64;
-        let var = if n > 1 { s.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64 } else { 0.0 };
+        let var = if n > 1 {
+            s.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64
+        } else {
+            0.0
+        };
         Stats {
             n,
             mean,
@@ -63,11 +76,19 @@ fn read_first(path: &str, key: &str) -> Option<String> {
 /// The machine: CPU model, cores, memory, OS; GPUs as nvidia-smi reports them.
 pub fn hardware() -> Value {
     let gpus = std::process::Command::new("nvidia-smi")
-        .args(["--query-gpu=name,memory.total,driver_version,compute_cap", "--format=csv,noheader"])
+        .args([
+            "--query-gpu=name,memory.total,driver_version,compute_cap",
+            "--format=csv,noheader",
+        ])
         .output()
         .ok()
         .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().map(str::to_string).collect::<Vec<_>>())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
         .unwrap_or_default();
     json!({
         "cpu": read_first("/proc/cpuinfo", "model name"),
@@ -80,8 +101,13 @@ pub fn hardware() -> Value {
 }
 
 fn git_commit() -> Option<String> {
-    let o = std::process::Command::new("git").args(["rev-parse", "HEAD"]).output().ok()?;
-    o.status.success().then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    let o = std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .output()
+        .ok()?;
+    o.status
+        .success()
+        .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
 }
 
 /// Path, size, sha256 and tensor types of the model file.
@@ -116,7 +142,10 @@ pub fn model_info(path: &Path) -> Value {
 
 /// Wrap `result` with the run's provenance and write it; returns the path.
 pub fn write(result: &Value, model: &Path, out: Option<&Path>, kind: &str) -> Result<PathBuf> {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let capsule = json!({
         "capsule_version": 1,
         "kestrel_version": env!("CARGO_PKG_VERSION"),
@@ -130,14 +159,19 @@ pub fn write(result: &Value, model: &Path, out: Option<&Path>, kind: &str) -> Re
     let path = match out {
         Some(p) => p.to_path_buf(),
         None => {
-            let dev = if result["device"].as_str().unwrap_or("").starts_with("cuda") { "cuda" } else { "cpu" };
+            let dev = if result["device"].as_str().unwrap_or("").starts_with("cuda") {
+                "cuda"
+            } else {
+                "cpu"
+            };
             PathBuf::from("benchmarks").join(format!("{now}-{kind}-{dev}.json"))
         }
     };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    std::fs::write(&path, serde_json::to_string_pretty(&capsule)?).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::write(&path, serde_json::to_string_pretty(&capsule)?)
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }
 

@@ -11,7 +11,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "kestrel", version, about = "Fast, trustworthy LLM inference on NVIDIA GPUs and CPUs")]
+#[command(
+    name = "kestrel",
+    version,
+    about = "Fast, trustworthy LLM inference on NVIDIA GPUs and CPUs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -13,13 +13,15 @@ pub fn default_model_path() -> PathBuf {
     if let Some(p) = std::env::var_os("KESTREL_MODEL") {
         return PathBuf::from(p);
     }
-    let dir = std::env::var_os("KESTREL_MODEL_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        let cache = std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-            .unwrap_or_else(|| PathBuf::from(".cache"));
-        cache.join("kestrel").join("models")
-    });
+    let dir = std::env::var_os("KESTREL_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let cache = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                .unwrap_or_else(|| PathBuf::from(".cache"));
+            cache.join("kestrel").join("models")
+        });
     dir.join(DEFAULT_MODEL_FILE)
 }
 
@@ -29,7 +31,10 @@ pub fn resolve(model: Option<PathBuf>) -> Result<PathBuf> {
     match model {
         Some(p) => {
             if !p.exists() {
-                bail!("model not found: {} (give a .gguf file or a Hugging Face model directory)", p.display());
+                bail!(
+                    "model not found: {} (give a .gguf file or a Hugging Face model directory)",
+                    p.display()
+                );
             }
             Ok(p)
         }

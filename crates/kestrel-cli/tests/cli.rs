@@ -9,7 +9,10 @@ use kestrel_formats::GgufWriter;
 use serde_json::Value;
 
 fn kestrel(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kestrel")).args(args).output().expect("kestrel runs")
+    Command::new(env!("CARGO_BIN_EXE_kestrel"))
+        .args(args)
+        .output()
+        .expect("kestrel runs")
 }
 
 fn text(b: &[u8]) -> String {
@@ -21,22 +24,34 @@ fn fixtures() -> PathBuf {
 }
 
 fn default_model() -> PathBuf {
-    let p = std::env::var_os("KESTREL_MODEL").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/kestrel/models/gemma-3-270m-q4_k_m.gguf")
-    });
-    assert!(p.exists(), "default model missing at {}: run scripts/fetch-model.sh", p.display());
+    let p = std::env::var_os("KESTREL_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/kestrel/models/gemma-3-270m-q4_k_m.gguf")
+        });
+    assert!(
+        p.exists(),
+        "default model missing at {}: run scripts/fetch-model.sh",
+        p.display()
+    );
     p
 }
 
 fn reference(name: &str) -> Value {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/reference/gemma3-270m").join(name);
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/reference/gemma3-270m")
+        .join(name);
     serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
 }
 
 /// A failed command: non-zero exit, no panic, and stderr mentions every needle.
 fn assert_clean_error(out: &Output, needles: &[&str]) {
     let err = text(&out.stderr);
-    assert!(!out.status.success(), "expected failure, got success; stderr: {err}");
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
     assert!(!err.contains("panicked"), "panic instead of an error: {err}");
     for n in needles {
         assert!(err.contains(n), "stderr lacks {n:?}: {err}");
@@ -47,7 +62,12 @@ fn assert_clean_error(out: &Output, needles: &[&str]) {
 fn run_prints_only_the_greedy_text_on_stdout() {
     // "The quick brown fox": kestrel matches all 32 of llama.cpp's greedy tokens.
     let refs = reference("greedy.json");
-    let case = refs.as_array().unwrap().iter().find(|c| c["prompt"] == "The quick brown fox").unwrap();
+    let case = refs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["prompt"] == "The quick brown fox")
+        .unwrap();
     let model = default_model();
     let out = kestrel(&[
         "run",
@@ -66,24 +86,55 @@ fn run_prints_only_the_greedy_text_on_stdout() {
     let stdout = text(&out.stdout);
     assert_eq!(stdout.trim_end_matches('\n'), case["text"].as_str().unwrap());
     let err = text(&out.stderr);
-    assert!(err.contains("prefill:") && err.contains("decode:") && err.contains("tok/s"), "{err}");
+    assert!(
+        err.contains("prefill:") && err.contains("decode:") && err.contains("tok/s"),
+        "{err}"
+    );
 }
 
 #[test]
 fn stop_string_ends_the_text_before_it() {
     let out = kestrel(&[
-        "run", "--prompt", "The capital of France is", "--temperature", "0", "--max-tokens", "32", "--stop", " France",
-        "--device", "cpu",
+        "run",
+        "--prompt",
+        "The capital of France is",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "32",
+        "--stop",
+        " France",
+        "--device",
+        "cpu",
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     // Greedy: " the capital of the country of France. ..." -> cut before " France".
-    assert_eq!(text(&out.stdout).trim_end_matches('\n'), " the capital of the country of");
-    assert!(text(&out.stderr).contains("finish: Stop"), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout).trim_end_matches('\n'),
+        " the capital of the country of"
+    );
+    assert!(
+        text(&out.stderr).contains("finish: Stop"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
 fn seeded_sampling_is_reproducible() {
-    let args = ["run", "--prompt", "Once upon a time", "--temperature", "0.9", "--seed", "42", "--max-tokens", "16", "--device", "cpu"];
+    let args = [
+        "run",
+        "--prompt",
+        "Once upon a time",
+        "--temperature",
+        "0.9",
+        "--seed",
+        "42",
+        "--max-tokens",
+        "16",
+        "--device",
+        "cpu",
+    ];
     let a = kestrel(&args);
     let b = kestrel(&args);
     assert!(a.status.success(), "{}", text(&a.stderr));
@@ -93,13 +144,28 @@ fn seeded_sampling_is_reproducible() {
 
 #[test]
 fn chat_flag_uses_the_built_in_gemma_template() {
-    let out = kestrel(&["run", "--chat", "--prompt", "Say hello.", "--temperature", "0", "--max-tokens", "8", "--device", "cpu", "--json"]);
+    let out = kestrel(&[
+        "run",
+        "--chat",
+        "--prompt",
+        "Say hello.",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "8",
+        "--device",
+        "cpu",
+        "--json",
+    ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let err = text(&out.stderr);
     let stats: Value = serde_json::from_str(err.lines().rev().find(|l| l.starts_with('{')).unwrap()).unwrap();
     // <bos><start_of_turn>user\nSay hello.<end_of_turn>\n<start_of_turn>model\n
     let prompt_tokens = stats["prompt_tokens"].as_u64().unwrap();
-    assert!((10..=14).contains(&prompt_tokens), "prompt tokens {prompt_tokens}");
+    assert!(
+        (10..=14).contains(&prompt_tokens),
+        "prompt tokens {prompt_tokens}"
+    );
 }
 
 #[test]
@@ -137,7 +203,16 @@ fn inspect_and_run_tiny_safetensors_model() {
     let out = kestrel(&["inspect", dir.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("qwen3"));
-    let out = kestrel(&["run", dir.to_str().unwrap(), "--prompt", "Hello", "--max-tokens", "4", "--device", "cpu"]);
+    let out = kestrel(&[
+        "run",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "Hello",
+        "--max-tokens",
+        "4",
+        "--device",
+        "cpu",
+    ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
 
@@ -172,7 +247,8 @@ fn unknown_architecture_is_named() {
     let mut w = GgufWriter::new();
     w.add_meta("general.architecture", "mamba");
     w.add_meta("mamba.block_count", 1u32);
-    w.add_f32_tensor("token_embd.weight", &[4, 8], &[0.5f32; 32]).unwrap();
+    w.add_f32_tensor("token_embd.weight", &[4, 8], &[0.5f32; 32])
+        .unwrap();
     w.write_to(&p).unwrap();
     let out = kestrel(&["inspect", p.to_str().unwrap()]);
     assert_clean_error(&out, &["mamba.gguf", "unknown architecture 'mamba'", "llama"]);
@@ -226,9 +302,23 @@ fn explicit_cuda_without_gpu_is_an_error_not_a_panic() {
     let out = kestrel(&["run", "--prompt", "x", "--device", "cuda", "--max-tokens", "1"]);
     assert_clean_error(&out, &["cuda", "no usable GPU"]);
     // auto falls back to the CPU and says why, in one line.
-    let out = kestrel(&["run", "--prompt", "Hi", "--device", "auto", "--max-tokens", "2", "--temperature", "0"]);
+    let out = kestrel(&[
+        "run",
+        "--prompt",
+        "Hi",
+        "--device",
+        "auto",
+        "--max-tokens",
+        "2",
+        "--temperature",
+        "0",
+    ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("device: cpu (no usable GPU:"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("device: cpu (no usable GPU:"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
@@ -236,13 +326,27 @@ fn chat_keeps_history_and_reuses_the_cache() {
     use std::io::Write;
     use std::process::Stdio;
     let mut child = Command::new(env!("CARGO_BIN_EXE_kestrel"))
-        .args(["chat", "--temperature", "0", "--max-tokens", "12", "--device", "cpu", "--verbose"])
+        .args([
+            "chat",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "12",
+            "--device",
+            "cpu",
+            "--verbose",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(b"What is the capital of France?\nAnd of Italy?\n/exit\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"What is the capital of France?\nAnd of Italy?\n/exit\n")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     let err = text(&out.stderr);
     assert!(out.status.success(), "{err}");
@@ -250,6 +354,14 @@ fn chat_keeps_history_and_reuses_the_cache() {
     // Two answers; the second turn finds the first turn's tokens in the KV cache.
     let stats: Vec<&str> = err.lines().filter(|l| l.contains("prompt tokens (")).collect();
     assert_eq!(stats.len(), 2, "{err}");
-    let cached: usize = stats[1].split(" prompt tokens (").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    let cached: usize = stats[1]
+        .split(" prompt tokens (")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(cached > 10, "second turn reused only {cached} tokens: {err}");
 }

@@ -617,7 +617,9 @@ impl EngineHandle {
     /// entries were dropped (waits for the engine thread to answer).
     pub fn clear_prefix_cache(&self) -> Result<usize, EngineError> {
         let (tx, rx) = mpsc::channel();
-        self.tx.send(Command::ClearCache(tx)).map_err(|_| EngineError::Stopped)?;
+        self.tx
+            .send(Command::ClearCache(tx))
+            .map_err(|_| EngineError::Stopped)?;
         rx.recv().map_err(|_| EngineError::Stopped)
     }
 

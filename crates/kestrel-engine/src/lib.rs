@@ -12,9 +12,9 @@ pub mod scheduler;
 pub mod session;
 pub mod stop;
 
-pub use error::EngineError;
-pub use sampling::{Sampled, Sampler, SamplingError, SamplingParams};
 pub use engine::{Engine, EngineConfig, EngineHandle, EngineStats};
+pub use error::EngineError;
 pub use events::{Event, EventReceiver, FinishReason, RequestId, Usage};
+pub use sampling::{Sampled, Sampler, SamplingError, SamplingParams};
 pub use session::{Generation, Session, BLOCK_SIZE};
 pub use stop::{StopMatcher, StopOutput};

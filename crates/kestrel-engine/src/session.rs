@@ -73,7 +73,10 @@ impl<'m, B: Backend> Session<'m, B> {
         let capacity = capacity.min(model.config.context_len).max(1);
         let num_blocks = capacity.div_ceil(BLOCK_SIZE);
         let spec = model.kv_spec(num_blocks, BLOCK_SIZE, KvDType::F32);
-        let kv = model.backend.alloc_kv(&spec).map_err(|e| EngineError::Model(e.into()))?;
+        let kv = model
+            .backend
+            .alloc_kv(&spec)
+            .map_err(|e| EngineError::Model(e.into()))?;
         Ok(Session {
             model,
             kv,
@@ -146,7 +149,11 @@ impl<'m, B: Backend> Session<'m, B> {
         let mut sampler = Sampler::new(params);
         let mut decoder = StreamDecoder::continuation(tok);
         let mut stops = StopMatcher::new(&params.stop);
-        let eos: Vec<u32> = if params.ignore_eos { Vec::new() } else { tok.eos_ids().to_vec() };
+        let eos: Vec<u32> = if params.ignore_eos {
+            Vec::new()
+        } else {
+            tok.eos_ids().to_vec()
+        };
         let mut generated: Vec<u32> = Vec::new();
         let mut text = String::new();
         let mut finish = FinishReason::Length;
@@ -154,7 +161,11 @@ impl<'m, B: Backend> Session<'m, B> {
         let mut stopped_by_string = false;
         loop {
             let s = match &mut step_out {
-                StepOut::Token(id) => Sampled { token: *id, logprob: None, top: Vec::new() },
+                StepOut::Token(id) => Sampled {
+                    token: *id,
+                    logprob: None,
+                    top: Vec::new(),
+                },
                 StepOut::Logits(logits) => sampler.sample(logits, prompt, &generated)?,
             };
             generated.push(s.token);

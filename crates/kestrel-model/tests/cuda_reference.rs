@@ -112,7 +112,10 @@ fn cuda_greedy_matches_cpu_reference_kernels_and_llama_cpp() {
             req = c.required
         );
         if m_ref < c.want.len() {
-            failures.push(format!("{:?}: fused vs CUDA reference kernels: matched {m_ref}; fused {f:?}", c.prompt));
+            failures.push(format!(
+                "{:?}: fused vs CUDA reference kernels: matched {m_ref}; fused {f:?}",
+                c.prompt
+            ));
         }
         // Printed, not bounded: the CPU backend quantizes activations to
         // int8 (as llama.cpp does) and CUDA keeps them f32, so first-step

@@ -45,7 +45,10 @@ fn all_logits(path: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
     let blocks = tokens.len().div_ceil(bs) + 1;
     // Blocks out of order: correctness must not depend on a contiguous table.
     let table: Vec<u32> = (0..blocks as u32).rev().collect();
-    let mut kv = model.backend.alloc_kv(&model.kv_spec(blocks, bs, KvDType::F32)).unwrap();
+    let mut kv = model
+        .backend
+        .alloc_kv(&model.kv_spec(blocks, bs, KvDType::F32))
+        .unwrap();
     let split = tokens.len() / 2 + 1;
     let mut out = Vec::new();
     for (start, chunk) in [(0, &tokens[..split]), (split, &tokens[split..])] {

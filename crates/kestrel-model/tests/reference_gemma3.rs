@@ -33,5 +33,9 @@ fn greedy_matches_llama_cpp_reference() {
     let path = common::shared_dir().join("reference/gemma3-270m/greedy.json");
     let model = common::load(&common::default_model(), CpuBackend::new());
     let failures = common::check_against_reference(&model, &path);
-    assert!(failures.is_empty(), "disagreements with llama.cpp at robust steps:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "disagreements with llama.cpp at robust steps:\n{}",
+        failures.join("\n")
+    );
 }

@@ -15,12 +15,18 @@ fn fixtures() -> PathBuf {
 
 fn cases() -> Vec<(String, Vec<u32>)> {
     let v: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("tokenizer_golden.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("tokenizer_golden.json")).unwrap())
+            .unwrap();
     v["cases"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|c| (c["text"].as_str().unwrap().to_string(), serde_json::from_value(c["ids"].clone()).unwrap()))
+        .map(|c| {
+            (
+                c["text"].as_str().unwrap().to_string(),
+                serde_json::from_value(c["ids"].clone()).unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -30,7 +36,11 @@ fn check(tok: &Tokenizer, what: &str) {
     for (text, want) in &cases {
         let got = tok.encode(text, false).unwrap();
         assert_eq!(&got, want, "{what}: encoding of {text:?}");
-        assert_eq!(&tok.decode_with_special(&got).unwrap(), text, "{what}: decode of {text:?}");
+        assert_eq!(
+            &tok.decode_with_special(&got).unwrap(),
+            text,
+            "{what}: decode of {text:?}"
+        );
     }
 }
 
@@ -42,7 +52,11 @@ fn tokenizer_json_matches_hf() {
 
 #[test]
 fn gguf_gpt2_metadata_matches_hf() {
-    for file in ["llama/model-f32.gguf", "qwen2/model-bf16.gguf", "gemma3/model-f32.gguf"] {
+    for file in [
+        "llama/model-f32.gguf",
+        "qwen2/model-bf16.gguf",
+        "gemma3/model-f32.gguf",
+    ] {
         let g = GgufFile::open(fixtures().join(file)).unwrap();
         let tok = Tokenizer::from_gguf(&g).unwrap();
         check(&tok, file);

@@ -54,7 +54,10 @@ impl BackendTask for ChatTask {
         let params = a.sampling.params();
         let mut history: Vec<ChatMessage> = Vec::new();
         if let Some(sys) = &a.system {
-            history.push(ChatMessage { role: "system".into(), content: sys.clone() });
+            history.push(ChatMessage {
+                role: "system".into(),
+                content: sys.clone(),
+            });
         }
         eprintln!("chat: type a message; /reset clears the conversation, /exit (or Ctrl-D) quits");
         let stdin = std::io::stdin();
@@ -77,7 +80,10 @@ impl BackendTask for ChatTask {
                 }
                 _ => {}
             }
-            history.push(ChatMessage { role: "user".into(), content: msg.to_string() });
+            history.push(ChatMessage {
+                role: "user".into(),
+                content: msg.to_string(),
+            });
             let text = tok.apply_chat_template(&history, true)?;
             let ids = tok.encode_chat_prompt(&text)?;
             let gen = match session.generate(&tok, &ids, &params, |t| {
@@ -94,7 +100,10 @@ impl BackendTask for ChatTask {
                 }
             };
             println!();
-            history.push(ChatMessage { role: "assistant".into(), content: gen.text.trim().to_string() });
+            history.push(ChatMessage {
+                role: "assistant".into(),
+                content: gen.text.trim().to_string(),
+            });
             if a.verbose {
                 eprintln!(
                     "[{} prompt tokens ({} cached), {:.1} tok/s prefill, {} tokens at {:.1} tok/s]",

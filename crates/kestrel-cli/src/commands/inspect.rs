@@ -30,7 +30,11 @@ pub fn main(a: InspectArgs) -> Result<()> {
     let path = model_path::resolve(a.model.clone())?;
     let file = ModelFile::open(&path)?;
     let (config, infos, format) = match &file {
-        ModelFile::Gguf(g) => (ModelConfig::from_gguf(g)?, g.tensor_infos().to_vec(), format!("GGUF v{}", g.version())),
+        ModelFile::Gguf(g) => (
+            ModelConfig::from_gguf(g)?,
+            g.tensor_infos().to_vec(),
+            format!("GGUF v{}", g.version()),
+        ),
         ModelFile::Safetensors(st) => (
             ModelConfig::from_hf(st.config(), &st.dir().join("config.json").display().to_string())?,
             st.tensor_infos(),
@@ -47,7 +51,10 @@ pub fn main(a: InspectArgs) -> Result<()> {
         e.1 += t.n_bytes as u64;
         weight_bytes += t.n_bytes as u64;
     }
-    let n_params: u64 = infos.iter().map(|t| t.shape.iter().product::<usize>() as u64).sum();
+    let n_params: u64 = infos
+        .iter()
+        .map(|t| t.shape.iter().product::<usize>() as u64)
+        .sum();
     let ctx = a.ctx.unwrap_or(config.context_len);
     let kv_f16 = config.kv_bytes_per_token(2) as u64;
     let kv_f32 = config.kv_bytes_per_token(4) as u64;
@@ -92,9 +99,16 @@ pub fn main(a: InspectArgs) -> Result<()> {
     }
 
     println!("{}", path.display());
-    println!("  format        {format}, {:.1} MB of tensors, {:.1} M parameters", weight_bytes as f64 / 1e6, n_params as f64 / 1e6);
+    println!(
+        "  format        {format}, {:.1} MB of tensors, {:.1} M parameters",
+        weight_bytes as f64 / 1e6,
+        n_params as f64 / 1e6
+    );
     println!("  architecture  {}", c.arch.name());
-    println!("  layers        {} (hidden {}, FFN {}, {:?})", c.n_layers, c.hidden, c.ffn_dim, c.activation);
+    println!(
+        "  layers        {} (hidden {}, FFN {}, {:?})",
+        c.n_layers, c.hidden, c.ffn_dim, c.activation
+    );
     println!(
         "  attention     {} heads, {} KV heads, head dim {}, scale {:.4}{}",
         c.n_heads,
@@ -105,7 +119,10 @@ pub fn main(a: InspectArgs) -> Result<()> {
     );
     if n_sliding > 0 {
         let w = sliding.iter().flatten().next().copied().unwrap_or(0);
-        println!("  sliding       {n_sliding} of {} layers use a {w}-token window", c.n_layers);
+        println!(
+            "  sliding       {n_sliding} of {} layers use a {w}-token window",
+            c.n_layers
+        );
     }
     for (i, r) in c.ropes.iter().enumerate() {
         println!(

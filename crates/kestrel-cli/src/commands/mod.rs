@@ -3,8 +3,8 @@
 pub mod bench;
 pub mod chat;
 pub mod inspect;
-pub mod run;
 pub mod report;
+pub mod run;
 pub mod sampling_args;
 pub mod serve;
 pub mod tokenize;

@@ -42,7 +42,9 @@ pub struct Row {
 /// The rows of one capsule (a `bench` capsule holds one row per test).
 pub fn rows(name: &str, c: &Value) -> Vec<Row> {
     let hw = &c["hardware"];
-    let gpus = hw["gpus"].as_array().map(|g| g.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("; "));
+    let gpus = hw["gpus"]
+        .as_array()
+        .map(|g| g.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("; "));
     let hardware = match gpus.filter(|g| !g.is_empty()) {
         Some(g) => g,
         None => format!(
@@ -51,7 +53,13 @@ pub fn rows(name: &str, c: &Value) -> Vec<Row> {
             hw["logical_cores"].as_u64().unwrap_or(0)
         ),
     };
-    let model = c["model"]["path"].as_str().unwrap_or("?").rsplit('/').next().unwrap_or("?").to_string();
+    let model = c["model"]["path"]
+        .as_str()
+        .unwrap_or("?")
+        .rsplit('/')
+        .next()
+        .unwrap_or("?")
+        .to_string();
     let command = c["command"]
         .as_array()
         .map(|a| {
@@ -95,7 +103,16 @@ pub fn markdown(rows: &[Row]) -> String {
     for r in rows {
         s.push_str(&format!(
             "| {} | {:.1} | {:.1} .. {:.1} | {} | {} | {} | {} | {} | `{}` |\n",
-            r.test, r.median_tok_s, r.min_tok_s, r.max_tok_s, r.runs, r.device, r.hardware, r.model, r.commit, r.command
+            r.test,
+            r.median_tok_s,
+            r.min_tok_s,
+            r.max_tok_s,
+            r.runs,
+            r.device,
+            r.hardware,
+            r.model,
+            r.commit,
+            r.command
         ));
     }
     s
@@ -105,8 +122,12 @@ pub fn main(a: ReportArgs) -> Result<()> {
     let mut all = Vec::new();
     for p in &a.capsules {
         let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-        let c: Value = serde_json::from_str(&text).with_context(|| format!("{}: not a JSON capsule", p.display()))?;
-        let name = p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let c: Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: not a JSON capsule", p.display()))?;
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
         all.extend(rows(&name, &c));
     }
     match a.format {
@@ -117,7 +138,16 @@ pub fn main(a: ReportArgs) -> Result<()> {
             for r in &all {
                 println!(
                     "{},{},{:.3},{:.3},{:.3},{},\"{}\",\"{}\",{},{}",
-                    r.capsule, r.test, r.median_tok_s, r.min_tok_s, r.max_tok_s, r.runs, r.device, r.hardware, r.model, r.commit
+                    r.capsule,
+                    r.test,
+                    r.median_tok_s,
+                    r.min_tok_s,
+                    r.max_tok_s,
+                    r.runs,
+                    r.device,
+                    r.hardware,
+                    r.model,
+                    r.commit
                 );
             }
         }
@@ -149,7 +179,10 @@ mod tests {
         assert_eq!(r[0].hardware, "Xeon (2 threads)");
         assert_eq!(r[0].commit, "0123456789");
         let md = markdown(&r);
-        assert!(md.contains("| pp512 | 400.0 | 390.0 .. 410.0 | 3 | cpu (avx2) |"), "{md}");
+        assert!(
+            md.contains("| pp512 | 400.0 | 390.0 .. 410.0 | 3 | cpu (avx2) |"),
+            "{md}"
+        );
         assert!(md.contains("`kestrel bench --device cpu`"), "{md}");
     }
 }

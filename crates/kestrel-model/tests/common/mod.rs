@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use kestrel_backend::{Backend, BatchLayout, KvDType};
-use serde_json::Value;
 use kestrel_model::Model;
+use serde_json::Value;
 
 /// The default model: `$KESTREL_MODEL` or the cache path that
 /// `scripts/fetch-model.sh` writes. Missing is a failure, not a skip: CI
@@ -88,8 +88,12 @@ pub fn check_against_reference<B: Backend>(model: &Model<B>, path: &std::path::P
         let name = format!("{:?}", case["prompt"].as_str().unwrap());
         let prompt: Vec<u32> = serde_json::from_value(case["prompt_ids"].clone()).unwrap();
         let want: Vec<u32> = serde_json::from_value(case["tokens"].clone()).unwrap();
-        let margins: Vec<f64> =
-            case["steps"].as_array().unwrap().iter().map(|s| s["margin"].as_f64().unwrap()).collect();
+        let margins: Vec<f64> = case["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["margin"].as_f64().unwrap())
+            .collect();
 
         // Free-running.
         let (got, _) = greedy(model, &prompt, want.len());
@@ -97,16 +101,23 @@ pub fn check_against_reference<B: Backend>(model: &Model<B>, path: &std::path::P
         let required = margins.iter().take(16).position(|&m| m < NEAR_TIE).unwrap_or(16);
         let all_robust = margins.iter().take(16).all(|&m| m >= ROBUST);
         if all_robust && matched < 16 {
-            failures.push(format!("{name}: free-running matched {matched} < 16 with robust margins"));
+            failures.push(format!(
+                "{name}: free-running matched {matched} < 16 with robust margins"
+            ));
         }
 
         // Teacher-forced: one prefill of prompt + reference tokens.
         let seq: Vec<u32> = prompt.iter().chain(&want[..want.len() - 1]).copied().collect();
         let blocks = seq.len().div_ceil(16) + 1;
         let table: Vec<u32> = (0..blocks as u32).collect();
-        let mut kv = model.backend.alloc_kv(&model.kv_spec(blocks, 16, KvDType::F32)).unwrap();
+        let mut kv = model
+            .backend
+            .alloc_kv(&model.kv_spec(blocks, 16, KvDType::F32))
+            .unwrap();
         let rows: Vec<u32> = (prompt.len() as u32 - 1..seq.len() as u32).collect();
-        let logits = model.forward(&BatchLayout::single(&seq, 0, &table, 16), &mut kv, &rows).unwrap();
+        let logits = model
+            .forward(&BatchLayout::single(&seq, 0, &table, 16), &mut kv, &rows)
+            .unwrap();
         let flat = model.backend.read_act(&logits).unwrap();
         let mut agree = 0;
         let mut flips = Vec::new();
@@ -117,7 +128,10 @@ pub fn check_against_reference<B: Backend>(model: &Model<B>, path: &std::path::P
             } else {
                 flips.push(format!("step {i} (ref margin {:.3})", margins[i]));
                 if margins[i] >= ROBUST {
-                    failures.push(format!("{name}: step {i} picks {top}, llama.cpp {} with margin {:.3}", want[i], margins[i]));
+                    failures.push(format!(
+                        "{name}: step {i} picks {top}, llama.cpp {} with margin {:.3}",
+                        want[i], margins[i]
+                    ));
                 }
             }
         }
