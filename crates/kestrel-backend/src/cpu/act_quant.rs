@@ -14,7 +14,7 @@ use half::f16;
 use kestrel_formats::DType;
 use rayon::prelude::*;
 
-use crate::cpu::features::SimdLevel;
+use crate::cpu::features::{leveled, SimdLevel};
 
 /// Elements per activation block for the 32-block weight types.
 pub const QB: usize = 32;
@@ -239,32 +239,6 @@ impl<'a> QuantActs<'a> {
     pub fn rows_vec(&self) -> Vec<ActRow<'_>> {
         (0..self.rows).map(|t| self.row(t)).collect()
     }
-}
-
-/// Compiles `$body` once per SIMD level (baseline x86-64 has no rounding
-/// instruction: `round_ties_even` would be a libm call per element).
-macro_rules! leveled {
-    ($name:ident, $body:ident, ($($arg:ident : $ty:ty),*)) => {
-        pub fn $name(level: SimdLevel, $($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
-                unsafe fn v512($($arg: $ty),*) { $body($($arg),*) }
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn v256($($arg: $ty),*) { $body($($arg),*) }
-                if level >= SimdLevel::Avx512Vnni && SimdLevel::Avx512Vnni.available() {
-                    // SAFETY: the features were just checked.
-                    return unsafe { v512($($arg),*) };
-                }
-                if level >= SimdLevel::Avx2 && SimdLevel::Avx2.available() {
-                    // SAFETY: the features were just checked.
-                    return unsafe { v256($($arg),*) };
-                }
-            }
-            let _ = level;
-            $body($($arg),*)
-        }
-    };
 }
 
 leveled!(quantize_row_q8x32, q8x32_body, (x: &[f32], qs: &mut [i8], d: &mut [f32], sums: &mut [i32]));

@@ -166,6 +166,33 @@ fn physical_cores_from_sysfs() -> Option<usize> {
     Some(cores.len())
 }
 
+/// Compiles `$body` once per SIMD level (baseline x86-64 has no rounding
+/// instruction: `round_ties_even` would be a libm call per element).
+macro_rules! leveled {
+    ($name:ident, $body:ident, ($($arg:ident : $ty:ty),*)) => {
+        pub fn $name(level: $crate::cpu::features::SimdLevel, $($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
+                unsafe fn v512($($arg: $ty),*) { $body($($arg),*) }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn v256($($arg: $ty),*) { $body($($arg),*) }
+                if level >= $crate::cpu::features::SimdLevel::Avx512Vnni && $crate::cpu::features::SimdLevel::Avx512Vnni.available() {
+                    // SAFETY: the features were just checked.
+                    return unsafe { v512($($arg),*) };
+                }
+                if level >= $crate::cpu::features::SimdLevel::Avx2 && $crate::cpu::features::SimdLevel::Avx2.available() {
+                    // SAFETY: the features were just checked.
+                    return unsafe { v256($($arg),*) };
+                }
+            }
+            let _ = level;
+            $body($($arg),*)
+        }
+    };
+}
+pub(crate) use leveled;
+
 #[cfg(test)]
 mod tests {
     use super::*;

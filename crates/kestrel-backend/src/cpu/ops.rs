@@ -7,7 +7,7 @@
 //! token on the FFN activations alone. The kernels are compiled once per
 //! SIMD level (`#[target_feature]` wrappers around one generic body).
 
-use crate::cpu::features::SimdLevel;
+use crate::cpu::features::leveled;
 use crate::cpu::parallel::chunks_mut;
 use crate::layout::RopeStyle;
 
@@ -156,30 +156,6 @@ fn softcap_body(x: &mut [f32], cap: f32) {
     }
 }
 
-macro_rules! leveled {
-    ($name:ident, $body:ident, ($($arg:ident : $ty:ty),*)) => {
-        pub fn $name(level: SimdLevel, $($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
-                unsafe fn v512($($arg: $ty),*) { $body($($arg),*) }
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn v256($($arg: $ty),*) { $body($($arg),*) }
-                if level >= SimdLevel::Avx512Vnni && SimdLevel::Avx512Vnni.available() {
-                    // SAFETY: the features were just checked.
-                    return unsafe { v512($($arg),*) };
-                }
-                if level >= SimdLevel::Avx2 && SimdLevel::Avx2.available() {
-                    // SAFETY: the features were just checked.
-                    return unsafe { v256($($arg),*) };
-                }
-            }
-            let _ = level;
-            $body($($arg),*)
-        }
-    };
-}
-
 leveled!(geglu, geglu_body, (g: &[f32], u: &[f32], o: &mut [f32]));
 leveled!(swiglu, swiglu_body, (g: &[f32], u: &[f32], o: &mut [f32]));
 leveled!(softcap, softcap_body, (x: &mut [f32], cap: f32));
@@ -187,6 +163,7 @@ leveled!(softcap, softcap_body, (x: &mut [f32], cap: f32));
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::features::SimdLevel;
 
     #[test]
     fn fast_exp_matches_std() {
