@@ -35,6 +35,8 @@ enum Command {
     Bench(commands::bench::BenchArgs),
     /// Render benchmark capsules as Markdown (RESULTS.md), CSV or JSON.
     Report(commands::report::ReportArgs),
+    /// Perplexity of a text file with llama-perplexity's protocol.
+    Perplexity(commands::perplexity::PerplexityArgs),
     /// Serve the model over an OpenAI-compatible HTTP API.
     Serve(commands::serve::ServeArgs),
 }
@@ -55,6 +57,7 @@ fn main() -> ExitCode {
         Command::Tokenize(a) => commands::tokenize::main(a),
         Command::Bench(a) => commands::bench::main(a),
         Command::Report(a) => commands::report::main(a),
+        Command::Perplexity(a) => commands::perplexity::main(a),
         Command::Serve(a) => commands::serve::main(a),
     };
     match result {

@@ -365,3 +365,29 @@ fn chat_keeps_history_and_reuses_the_cache() {
         .unwrap();
     assert!(cached > 10, "second turn reused only {cached} tokens: {err}");
 }
+
+#[test]
+fn perplexity_runs_and_reports_bad_files() {
+    let file = tmp("ppl.txt");
+    std::fs::write(&file, "The quick brown fox jumps over the lazy dog. ".repeat(40)).unwrap();
+    let dir = fixtures().join("gemma3/model-f32.gguf");
+    let out = kestrel(&[
+        "perplexity",
+        dir.to_str().unwrap(),
+        "--file",
+        file.to_str().unwrap(),
+        "--ctx",
+        "64",
+        "--device",
+        "cpu",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let j: Value = serde_json::from_str(&text(&out.stdout)).unwrap();
+    let ppl = j["result"]["ppl"].as_f64().unwrap();
+    // A random-weight model over a 480-token vocabulary: finite, above 1.
+    assert!(ppl.is_finite() && ppl > 1.0, "ppl {ppl}");
+    assert_eq!(j["result"]["scored"].as_u64().unwrap() % 31, 0);
+    let out = kestrel(&["perplexity", "--file", "/nonexistent/text.txt", "--device", "cpu"]);
+    assert_clean_error(&out, &["/nonexistent/text.txt"]);
+}
