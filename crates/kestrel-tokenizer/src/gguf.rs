@@ -256,7 +256,8 @@ fn load_spm(gguf: &GgufFile) -> Result<Tokenizer, TokenizerError> {
     }
 
     let eog = end_of_generation_ids(&mut vocab, &[eos, eot, eom]);
-    let specials = SpecialMatcher::new(vocab.matched_in_text());
+    let specials = SpecialMatcher::new(vocab.matched_in_text(true));
+    let user_defined = SpecialMatcher::new(vocab.matched_in_text(false));
     let chat = chat_template(gguf, &vocab)?;
     let model = SpmModel::new(scores, byte_ids, unk, add_space_prefix, path);
     Ok(Tokenizer {
@@ -264,6 +265,7 @@ fn load_spm(gguf: &GgufFile) -> Result<Tokenizer, TokenizerError> {
         encoder: Encoder::Spm {
             model: Box::new(model),
             specials,
+            user_defined,
         },
         bos,
         eos,
@@ -381,13 +383,15 @@ fn load_bpe(gguf: &GgufFile) -> Result<Tokenizer, TokenizerError> {
     let add_bos = opt_bool(gguf, KEY_ADD_BOS)?.unwrap_or(default_add_bos);
 
     let eog = end_of_generation_ids(&mut vocab, &[eos, eot, eom]);
-    let specials = SpecialMatcher::new(vocab.matched_in_text());
+    let specials = SpecialMatcher::new(vocab.matched_in_text(true));
+    let user_defined = SpecialMatcher::new(vocab.matched_in_text(false));
     let chat = chat_template(gguf, &vocab)?;
     Ok(Tokenizer {
         vocab,
         encoder: Encoder::GgufBpe {
             bpe: Box::new(bpe_tokenizer),
             specials,
+            user_defined,
         },
         bos,
         eos,

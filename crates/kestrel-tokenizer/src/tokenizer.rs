@@ -19,6 +19,8 @@ pub(crate) enum Encoder {
         /// Boxed: the byte-fallback table makes it large.
         model: Box<SpmModel>,
         specials: SpecialMatcher,
+        /// User-defined tokens only (matched when special parsing is off).
+        user_defined: SpecialMatcher,
     },
     /// GGUF "gpt2" vocabulary: llama.cpp's special-token partition, then
     /// byte-level BPE (with the pre-tokenizer regex named by
@@ -26,6 +28,8 @@ pub(crate) enum Encoder {
     GgufBpe {
         bpe: Box<tokenizers::Tokenizer>,
         specials: SpecialMatcher,
+        /// User-defined tokens only (matched when special parsing is off).
+        user_defined: SpecialMatcher,
     },
     /// tokenizer.json, run by the `tokenizers` crate as Hugging Face does.
     Hf(Box<tokenizers::Tokenizer>),
@@ -104,12 +108,35 @@ impl Tokenizer {
     /// `<start_of_turn>`) becomes that token, as in llama.cpp. With
     /// `add_bos`, the BOS id is prepended (if the model has one).
     pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>, TokenizerError> {
+        self.encode_with(text, add_bos, true)
+    }
+
+    /// Encodes `text` with control-token text left as plain text (as
+    /// llama.cpp does with `parse_special` off, e.g. in llama-perplexity):
+    /// for scoring documents that merely mention `<start_of_turn>`.
+    /// User-defined tokens are still matched. (tokenizer.json vocabularies
+    /// always match their added tokens.)
+    pub fn encode_text(&self, text: &str, add_bos: bool) -> Result<Vec<u32>, TokenizerError> {
+        self.encode_with(text, add_bos, false)
+    }
+
+    fn encode_with(
+        &self,
+        text: &str,
+        add_bos: bool,
+        parse_special: bool,
+    ) -> Result<Vec<u32>, TokenizerError> {
         let mut out = Vec::with_capacity(text.len() / 3 + 2);
         if add_bos {
             out.extend(self.bos);
         }
         match &self.encoder {
-            Encoder::Spm { model, specials } => {
+            Encoder::Spm {
+                model,
+                specials,
+                user_defined,
+            } => {
+                let specials = if parse_special { specials } else { user_defined };
                 // llama.cpp prefixes a space to text at the start and after
                 // each special token, when the model asks for it.
                 let mut after_special = true;
@@ -134,7 +161,12 @@ impl Tokenizer {
                     }
                 }
             }
-            Encoder::GgufBpe { bpe, specials } => {
+            Encoder::GgufBpe {
+                bpe,
+                specials,
+                user_defined,
+            } => {
+                let specials = if parse_special { specials } else { user_defined };
                 for fragment in specials.split(text) {
                     match fragment {
                         Fragment::Token(id) => out.push(id),

@@ -185,12 +185,19 @@ impl Vocab {
         self.index.get(self, text.as_bytes())
     }
 
-    /// Ids and texts of tokens matched verbatim in input text.
-    pub(crate) fn matched_in_text(&self) -> impl Iterator<Item = (u32, &str)> + '_ {
+    /// Ids and texts of tokens matched verbatim in input text. With
+    /// `parse_special` false, only user-defined tokens (llama.cpp skips
+    /// control and unknown tokens then).
+    pub(crate) fn matched_in_text(&self, parse_special: bool) -> impl Iterator<Item = (u32, &str)> + '_ {
         (0..self.len() as u32).filter_map(move |id| {
             let kind = self.kind(id)?;
             let text = self.text(id)?;
-            (kind.is_matched_in_text() && !text.is_empty()).then_some((id, text))
+            let matched = if parse_special {
+                kind.is_matched_in_text()
+            } else {
+                kind == TokenKind::UserDefined
+            };
+            (matched && !text.is_empty()).then_some((id, text))
         })
     }
 }
@@ -319,7 +326,7 @@ mod tests {
         assert_eq!(v.kind(0), Some(TokenKind::Unknown));
         assert_eq!(v.text(5), None);
         assert_eq!(v.piece(u32::MAX), None);
-        let matched: Vec<u32> = v.matched_in_text().map(|(id, _)| id).collect();
+        let matched: Vec<u32> = v.matched_in_text(true).map(|(id, _)| id).collect();
         assert_eq!(matched, vec![0]);
     }
 }

@@ -50,7 +50,8 @@ impl BackendTask for PplTask {
         let text =
             std::fs::read_to_string(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
         let (model, tok) = loading::load(&self.path, backend)?;
-        let mut ids = tok.encode(&text, tok.add_bos_default())?;
+        // As llama-perplexity: control-token text in the file stays text.
+        let mut ids = tok.encode_text(&text, tok.add_bos_default())?;
         if let Some(n) = a.chunks {
             ids.truncate(n.saturating_mul(a.ctx));
         }
