@@ -72,11 +72,17 @@ impl CudaBackend {
         res: Option<FxResidual<'_>>,
     ) -> Result<()> {
         let fam = fx_family(w).ok_or_else(|| {
-            BackendError::Unsupported(format!("gemv_fx of '{}' ({:?} is not a K-quant)", w.name, w.format))
+            BackendError::Unsupported(format!(
+                "gemv_fx of '{}' ({:?} is not a K-quant)",
+                w.name, w.format
+            ))
         })?;
         let t = x.rows;
         if !(1..=GEMV_MAX_ROWS).contains(&t) {
-            return Err(shape_err("gemv_fx", format!("{t} activation rows (1..={GEMV_MAX_ROWS} taken)")));
+            return Err(shape_err(
+                "gemv_fx",
+                format!("{t} activation rows (1..={GEMV_MAX_ROWS} taken)"),
+            ));
         }
         if x.cols != w.cols || delta.rows != t || delta.cols != w.rows {
             return Err(shape_err(
@@ -98,7 +104,14 @@ impl CudaBackend {
             }
             None => (0, 0),
         };
-        let mut res_args = [Arg::Ptr(0), Arg::Ptr(0), Arg::Ptr(0), Arg::F32(0.0), Arg::Ptr(0), Arg::Ptr(0)];
+        let mut res_args = [
+            Arg::Ptr(0),
+            Arg::Ptr(0),
+            Arg::Ptr(0),
+            Arg::F32(0.0),
+            Arg::Ptr(0),
+            Arg::Ptr(0),
+        ];
         if let Some(r) = res {
             super::same_shape("gemv_fx (residual)", r.x, delta)?;
             super::same_shape("gemv_fx (residual out)", r.out, delta)?;

@@ -91,6 +91,12 @@ pub struct CudaBackend {
     /// Finished-block counter of `gemv_fx` launches (zero between launches:
     /// the last block resets it).
     fx_counter: DevBuf,
+    /// Which `gemv_fx` fusions the fused set uses: bit 0 the gated
+    /// activation load of the down projection, bit 1 the residual step
+    /// after Wo and down. From `KESTREL_FX`; default 0 (off): with both on,
+    /// one H200 run decoded at 1,027 tok/s against 1,361 without, a
+    /// regression not yet explained (benchmarks/NOTES-cuda.md, v3).
+    fx: std::sync::atomic::AtomicU8,
 }
 
 fn shape_err(op: &str, msg: String) -> BackendError {
@@ -123,8 +129,13 @@ impl CudaBackend {
         let module = compile::load_module(&dev.ctx, dev.cc)?;
         let k = Kernels::load(&module)?;
         let fx_counter = DevBuf::alloc(&dev.stream, 4, "gemv_fx block counter")?;
+        let fx = std::env::var("KESTREL_FX")
+            .ok()
+            .and_then(|v| v.trim().parse::<u8>().ok())
+            .unwrap_or(0);
         Ok(CudaBackend {
             fx_counter,
+            fx: std::sync::atomic::AtomicU8::new(fx),
             dev,
             max_attn_splits: std::sync::atomic::AtomicUsize::new(32),
             _module: module,
@@ -132,6 +143,17 @@ impl CudaBackend {
             kernels,
             state: Mutex::new(State::default()),
         })
+    }
+
+    /// Selects the `gemv_fx` fusions (bits as for `KESTREL_FX`: 1 = gated
+    /// activation load, 2 = residual step; 3 = both). Graphs captured before
+    /// a change keep the old kernels.
+    pub fn set_fused_projections(&self, bits: u8) {
+        self.fx.store(bits & 3, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn fx_bits(&self) -> u8 {
+        self.fx.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Caps how many blocks split one query row's keys in fused attention
@@ -1045,7 +1067,7 @@ impl Backend for CudaBackend {
             self.matmul(h, w[0], gate)?;
             self.matmul(h, w[1], up)?;
         }
-        if self.kernels == KernelSet::Fused && Self::gemv_fx_fits(w[2], h.rows) {
+        if self.kernels == KernelSet::Fused && self.fx_bits() & 1 != 0 && Self::gemv_fx_fits(w[2], h.rows) {
             return self.gemv_fx(gate, Some((&*up, act)), w[2], out, None);
         }
         self.gated_activation(gate, up, act, act_out)?;
@@ -1059,7 +1081,7 @@ impl Backend for CudaBackend {
         delta: &mut CudaAct,
         r: ResidualNorm<'_, Self>,
     ) -> Result<()> {
-        if self.kernels == KernelSet::Fused && Self::gemv_fx_fits(w, a.rows) {
+        if self.kernels == KernelSet::Fused && self.fx_bits() & 2 != 0 && Self::gemv_fx_fits(w, a.rows) {
             let res = fused::FxResidual {
                 x: r.x,
                 post: r.post_norm,
@@ -1085,7 +1107,7 @@ impl Backend for CudaBackend {
         r: ResidualNorm<'_, Self>,
     ) -> Result<()> {
         let fits = Self::multi_gemv_fits(h.rows) && Self::gemv_fx_fits(w[2], h.rows);
-        if self.kernels != KernelSet::Fused || !fits {
+        if self.kernels != KernelSet::Fused || self.fx_bits() & 2 == 0 || !fits {
             self.gated_ffn(h, w, act, gate, up, act_out, out)?;
             return residual_norm_unfused_into(self, out, r);
         }
@@ -1103,6 +1125,10 @@ impl Backend for CudaBackend {
             eps: r.eps,
             out: r.out,
         };
+        if self.fx_bits() & 1 == 0 {
+            self.gated_activation(gate, up, act, act_out)?;
+            return self.gemv_fx(act_out, None, w[2], out, Some(res));
+        }
         self.gemv_fx(gate, Some((&*up, act)), w[2], out, Some(res))
     }
 

@@ -725,3 +725,267 @@ fn graph_replay_sees_new_metadata() {
         "regrown attention scratch must make earlier graphs stale"
     );
 }
+
+/// Host f64 reference of the residual step: returns (new x, out).
+fn residual_ref(
+    x: &[f32],
+    delta: &[f64],
+    post: Option<&[f32]>,
+    next: &[f32],
+    eps: f32,
+) -> (Vec<f64>, Vec<f64>) {
+    let rms_inv =
+        |v: &[f64]| 1.0 / (v.iter().map(|a| a * a).sum::<f64>() / v.len() as f64 + eps as f64).sqrt();
+    let d: Vec<f64> = match post {
+        Some(p) => {
+            let inv = rms_inv(delta);
+            delta.iter().zip(p).map(|(&a, &g)| a * inv * g as f64).collect()
+        }
+        None => delta.to_vec(),
+    };
+    let nx: Vec<f64> = x.iter().zip(&d).map(|(&a, &b)| a as f64 + b).collect();
+    let inv = rms_inv(&nx);
+    let out = nx.iter().zip(next).map(|(&a, &g)| a * inv * g as f64).collect();
+    (nx, out)
+}
+
+/// `W · a` in f64 for every row of `a` (`a` is `[t, cols]`, W `[rows, cols]`).
+fn gemv_ref(w: &[f32], rows: usize, cols: usize, a: &[f64]) -> Vec<f64> {
+    a.chunks(cols)
+        .flat_map(|ar| (0..rows).map(move |o| (0..cols).map(|i| w[o * cols + i] as f64 * ar[i]).sum::<f64>()))
+        .collect()
+}
+
+fn upload_f32_vector(be: &CudaBackend, v: &[f32]) -> super::CudaVector {
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let shape = [v.len()];
+    be.upload_vector(&view("norm", DType::F32, &shape, &bytes), 0.0)
+        .expect("vector")
+}
+
+/// Checks one residual step's three outputs (delta, x, out) against f64.
+#[allow(clippy::too_many_arguments)]
+fn check_residual(
+    be: &CudaBackend,
+    what: &str,
+    delta: &super::CudaAct,
+    want_delta: &[f64],
+    x0: &[f32],
+    x: &super::CudaAct,
+    out: &super::CudaAct,
+    post: Option<&[f32]>,
+    next: &[f32],
+    hidden: usize,
+) {
+    let got_delta = be.read_act(delta).expect("read delta");
+    let err = rel_err(&got_delta, want_delta);
+    assert!(err < 2e-5, "{what}: delta rel err {err:e}");
+    let (mut want_x, mut want_out) = (Vec::new(), Vec::new());
+    for (xr, dr) in x0.chunks(hidden).zip(want_delta.chunks(hidden)) {
+        let (nx, o) = residual_ref(xr, dr, post, next, 1e-6);
+        want_x.extend(nx);
+        want_out.extend(o);
+    }
+    let err = rel_err(&be.read_act(x).expect("read x"), &want_x);
+    assert!(err < 2e-5, "{what}: residual rel err {err:e}");
+    let err = rel_err(&be.read_act(out).expect("read out"), &want_out);
+    assert!(err < 2e-5, "{what}: normed out rel err {err:e}");
+}
+
+/// `matmul_residual_norm` and `gated_ffn_residual_norm` (on the fused set:
+/// `gemv_fx` with its gated load and last-block residual step; 13 rows take
+/// the unfused path) against f64, for every K-quant, with and without a
+/// post-norm. Many launches in a row also check that the block counter is
+/// reset after each one (a stale count would skip the residual step).
+#[test]
+fn fused_projection_residual_steps() {
+    use crate::backend::ResidualNorm;
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let (hidden, inner, ffn) = (203, 512, 768);
+    for (ks, bits) in [
+        (KernelSet::Fused, 3),
+        (KernelSet::Fused, 2),
+        (KernelSet::Reference, 3),
+    ] {
+        let Some(be) = backend(ks) else { return };
+        be.set_fused_projections(bits);
+        let post = rvec(&mut rng, hidden, 1.5);
+        let next = rvec(&mut rng, hidden, 1.5);
+        let (pv, nv) = (upload_f32_vector(&be, &post), upload_f32_vector(&be, &next));
+        // Gate and up in f32 (hidden = 203 is no K-quant width); down and
+        // the output projection in each K-quant.
+        let (gbytes, gdeq) = make_weight(&mut rng, DType::F32, ffn, hidden);
+        let (ubytes, udeq) = make_weight(&mut rng, DType::F32, ffn, hidden);
+        let gshape = [ffn, hidden];
+        let wg = be
+            .upload_matrix(&view("gate", DType::F32, &gshape, &gbytes))
+            .expect("upload");
+        let wu = be
+            .upload_matrix(&view("up", DType::F32, &gshape, &ubytes))
+            .expect("upload");
+        for dtype in [DType::Q4_K, DType::Q5_K, DType::Q6_K] {
+            let (obytes, odeq) = make_weight(&mut rng, dtype, hidden, inner);
+            let oshape = [hidden, inner];
+            let wo = be
+                .upload_matrix(&view("wo", dtype, &oshape, &obytes))
+                .expect("upload");
+            let (dbytes, ddeq) = make_weight(&mut rng, dtype, hidden, ffn);
+            let dshape = [hidden, ffn];
+            let wd = be
+                .upload_matrix(&view("down", dtype, &dshape, &dbytes))
+                .expect("upload");
+            for t in [1usize, 3, 8, 13] {
+                for with_post in [true, false] {
+                    let p = with_post.then_some(post.as_slice());
+                    let what = format!("{ks:?} fx={bits} {dtype} rows={t} post={with_post}");
+
+                    // Output projection + residual step.
+                    let a = rvec(&mut rng, t * inner, 1.0);
+                    let x0 = rvec(&mut rng, t * hidden, 2.0);
+                    let aa = act(&be, t, inner, &a);
+                    let mut x = act(&be, t, hidden, &x0);
+                    let mut delta = poisoned(&be, t, hidden);
+                    let mut tmp = poisoned(&be, t, hidden);
+                    let mut out = poisoned(&be, t, hidden);
+                    let r = ResidualNorm {
+                        x: &mut x,
+                        post_norm: with_post.then_some(&pv),
+                        next_norm: &nv,
+                        eps: 1e-6,
+                        tmp: &mut tmp,
+                        out: &mut out,
+                    };
+                    be.matmul_residual_norm(&aa, &wo, &mut delta, r)
+                        .expect("matmul_residual_norm");
+                    let a64: Vec<f64> = a.iter().map(|&v| v as f64).collect();
+                    let want = gemv_ref(&odeq, hidden, inner, &a64);
+                    check_residual(
+                        &be,
+                        &format!("{what} wo"),
+                        &delta,
+                        &want,
+                        &x0,
+                        &x,
+                        &out,
+                        p,
+                        &next,
+                        hidden,
+                    );
+
+                    // Gated FFN + residual step.
+                    for act_kind in [Activation::GeluTanh, Activation::Silu] {
+                        let h = rvec(&mut rng, t * hidden, 1.0);
+                        let x0 = rvec(&mut rng, t * hidden, 2.0);
+                        let ha = act(&be, t, hidden, &h);
+                        let mut x = act(&be, t, hidden, &x0);
+                        let mut gate = poisoned(&be, t, ffn);
+                        let mut up = poisoned(&be, t, ffn);
+                        let mut act_out = poisoned(&be, t, ffn);
+                        let mut delta = poisoned(&be, t, hidden);
+                        let mut out = poisoned(&be, t, hidden);
+                        let r = ResidualNorm {
+                            x: &mut x,
+                            post_norm: with_post.then_some(&pv),
+                            next_norm: &nv,
+                            eps: 1e-6,
+                            tmp: &mut tmp,
+                            out: &mut out,
+                        };
+                        let w = [&wg, &wu, &wd];
+                        be.gated_ffn_residual_norm(
+                            &ha,
+                            w,
+                            act_kind,
+                            &mut gate,
+                            &mut up,
+                            &mut act_out,
+                            &mut delta,
+                            r,
+                        )
+                        .expect("gated_ffn_residual_norm");
+                        let h64: Vec<f64> = h.iter().map(|&v| v as f64).collect();
+                        let g = gemv_ref(&gdeq, ffn, hidden, &h64);
+                        let u = gemv_ref(&udeq, ffn, hidden, &h64);
+                        let a: Vec<f64> = g
+                            .iter()
+                            .zip(&u)
+                            .map(|(&g, &u)| {
+                                let act = match act_kind {
+                                    Activation::Silu => g / (1.0 + (-g).exp()),
+                                    Activation::GeluTanh => {
+                                        let k = (2.0 / std::f64::consts::PI).sqrt();
+                                        0.5 * g * (1.0 + (k * (g + 0.044715 * g * g * g)).tanh())
+                                    }
+                                };
+                                act * u
+                            })
+                            .collect();
+                        let want = gemv_ref(&ddeq, hidden, ffn, &a);
+                        let what = format!("{what} ffn {act_kind:?}");
+                        check_residual(&be, &what, &delta, &want, &x0, &x, &out, p, &next, hidden);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `gated_ffn` alone (the fused set folds act(gate) * up into the down
+/// projection's load; its `act_out` scratch is then left untouched).
+#[test]
+fn fused_gated_ffn_matches_f64() {
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let (hidden, ffn) = (256, 1280);
+    for (ks, bits) in [
+        (KernelSet::Fused, 1),
+        (KernelSet::Fused, 0),
+        (KernelSet::Reference, 1),
+    ] {
+        let Some(be) = backend(ks) else { return };
+        be.set_fused_projections(bits);
+        let (gbytes, gdeq) = make_weight(&mut rng, DType::Q4_K, ffn, hidden);
+        let (ubytes, udeq) = make_weight(&mut rng, DType::Q4_K, ffn, hidden);
+        let (dbytes, ddeq) = make_weight(&mut rng, DType::Q6_K, 77, ffn);
+        let gshape = [ffn, hidden];
+        let dshape = [77, ffn];
+        let wg = be
+            .upload_matrix(&view("gate", DType::Q4_K, &gshape, &gbytes))
+            .expect("upload");
+        let wu = be
+            .upload_matrix(&view("up", DType::Q4_K, &gshape, &ubytes))
+            .expect("upload");
+        let wd = be
+            .upload_matrix(&view("down", DType::Q6_K, &dshape, &dbytes))
+            .expect("upload");
+        for t in [1usize, 2, 5, 8] {
+            let h = rvec(&mut rng, t * hidden, 1.0);
+            let ha = act(&be, t, hidden, &h);
+            let mut gate = poisoned(&be, t, ffn);
+            let mut up = poisoned(&be, t, ffn);
+            let mut act_out = poisoned(&be, t, ffn);
+            let mut out = poisoned(&be, t, 77);
+            be.gated_ffn(
+                &ha,
+                [&wg, &wu, &wd],
+                Activation::GeluTanh,
+                &mut gate,
+                &mut up,
+                &mut act_out,
+                &mut out,
+            )
+            .expect("gated_ffn");
+            let h64: Vec<f64> = h.iter().map(|&v| v as f64).collect();
+            let g = gemv_ref(&gdeq, ffn, hidden, &h64);
+            let u = gemv_ref(&udeq, ffn, hidden, &h64);
+            let k = (2.0 / std::f64::consts::PI).sqrt();
+            let a: Vec<f64> = g
+                .iter()
+                .zip(&u)
+                .map(|(&g, &u)| 0.5 * g * (1.0 + (k * (g + 0.044715 * g * g * g)).tanh()) * u)
+                .collect();
+            let want = gemv_ref(&ddeq, 77, ffn, &a);
+            let err = rel_err(&be.read_act(&out).expect("read"), &want);
+            assert!(err < 2e-5, "{ks:?} fx={bits} gated_ffn rows={t}: rel err {err:e}");
+        }
+    }
+}
