@@ -98,11 +98,11 @@ pub fn rows(name: &str, c: &Value) -> Vec<Row> {
 
 pub fn markdown(rows: &[Row]) -> String {
     let mut s = String::from(
-        "| test | tok/s (median) | min .. max | runs | device | hardware | model | commit | command |\n|---|---:|---|---:|---|---|---|---|---|\n",
+        "| test | tok/s (median) | min .. max | runs | device | hardware | model | commit | command | capsule |\n|---|---:|---|---:|---|---|---|---|---|---|\n",
     );
     for r in rows {
         s.push_str(&format!(
-            "| {} | {:.1} | {:.1} .. {:.1} | {} | {} | {} | {} | {} | `{}` |\n",
+            "| {} | {:.1} | {:.1} .. {:.1} | {} | {} | {} | {} | {} | `{}` | {} |\n",
             r.test,
             r.median_tok_s,
             r.min_tok_s,
@@ -112,7 +112,8 @@ pub fn markdown(rows: &[Row]) -> String {
             r.hardware,
             r.model,
             r.commit,
-            r.command
+            r.command,
+            r.capsule
         ));
     }
     s
