@@ -313,18 +313,7 @@ impl CudaBackend {
                 format!("q/k norm weights are not of head_dim {head_dim}"),
             ));
         }
-        if layer >= pool.spec.n_layers {
-            return Err(shape_err(
-                "qk_norm_rope_store",
-                format!("layer {layer} of {}", pool.spec.n_layers),
-            ));
-        }
-        if batch.num_tokens > 0 && batch.max_slot as usize >= pool.slots() {
-            return Err(shape_err(
-                "qk_norm_rope_store",
-                format!("slot {} beyond the pool's {} slots", batch.max_slot, pool.slots()),
-            ));
-        }
+        super::check_kv_target("qk_norm_rope_store", pool, layer, batch)?;
         let style = match rope.style {
             RopeStyle::Interleaved => 0,
             RopeStyle::Neox => 1,

@@ -103,6 +103,21 @@ fn shape_err(op: &str, msg: String) -> BackendError {
     BackendError::Other(format!("{op}: {msg}"))
 }
 
+/// The pool has layer `layer` and a slot for every token of `batch`
+/// (checked before any kernel writes K/V into it).
+fn check_kv_target(op: &str, pool: &CudaKvPool, layer: usize, batch: &CudaBatch) -> Result<()> {
+    if layer >= pool.spec.n_layers {
+        return Err(shape_err(op, format!("layer {layer} of {}", pool.spec.n_layers)));
+    }
+    if batch.num_tokens > 0 && batch.max_slot as usize >= pool.slots() {
+        return Err(shape_err(
+            op,
+            format!("slot {} beyond the pool's {} slots", batch.max_slot, pool.slots()),
+        ));
+    }
+    Ok(())
+}
+
 fn same_shape(op: &str, a: &CudaAct, b: &CudaAct) -> Result<()> {
     if a.rows != b.rows || a.cols != b.cols {
         return Err(shape_err(
@@ -713,18 +728,7 @@ impl Backend for CudaBackend {
                 ),
             ));
         }
-        if layer >= pool.spec.n_layers {
-            return Err(shape_err(
-                "write_kv",
-                format!("layer {layer} of {}", pool.spec.n_layers),
-            ));
-        }
-        if batch.num_tokens > 0 && batch.max_slot as usize >= pool.slots() {
-            return Err(shape_err(
-                "write_kv",
-                format!("slot {} beyond the pool's {} slots", batch.max_slot, pool.slots()),
-            ));
-        }
+        check_kv_target("write_kv", pool, layer, batch)?;
         let (lo, vo) = pool.offsets(layer);
         self.run(
             "write_kv",
