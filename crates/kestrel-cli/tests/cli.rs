@@ -24,12 +24,7 @@ fn fixtures() -> PathBuf {
 }
 
 fn default_model() -> PathBuf {
-    let p = std::env::var_os("KESTREL_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                .join(".cache/kestrel/models/gemma-3-270m-q4_k_m.gguf")
-        });
+    let p = kestrel_formats::default_model_path();
     assert!(
         p.exists(),
         "default model missing at {}: run scripts/fetch-model.sh",

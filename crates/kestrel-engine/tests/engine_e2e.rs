@@ -4,7 +4,6 @@
 //! KV block. Sizes are kept small so the file runs in well under two
 //! minutes on two cores.
 
-use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -27,12 +26,7 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        let path = std::env::var_os("KESTREL_MODEL")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-                home.join(".cache/kestrel/models/gemma-3-270m-q4_k_m.gguf")
-            });
+        let path = kestrel_formats::default_model_path();
         assert!(
             path.exists(),
             "default model not found at {}: run scripts/fetch-model.sh (or set KESTREL_MODEL)",

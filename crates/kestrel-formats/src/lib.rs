@@ -5,6 +5,7 @@
 //! Shapes everywhere are row-major, outermost first (PyTorch order): a GGUF
 //! tensor with ggml `ne = [in, out]` has `shape = [out, in]`.
 
+mod default_model;
 mod dtype;
 mod error;
 mod gguf_file;
@@ -16,6 +17,7 @@ mod quant;
 mod safetensors_dir;
 mod tensor;
 
+pub use default_model::{default_model_path, DEFAULT_MODEL_FILE};
 pub use dtype::{DType, QK, QK_K};
 pub use error::FormatError;
 pub use gguf_file::GgufFile;

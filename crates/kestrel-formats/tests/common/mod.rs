@@ -4,16 +4,10 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// The default model: $KESTREL_MODEL or ~/.cache/kestrel/models/... .
+/// The default model (`kestrel_formats::default_model_path`).
 /// Panics (failing the test) with instructions when it is absent.
 pub fn model_path() -> PathBuf {
-    let path = match std::env::var_os("KESTREL_MODEL") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let home = std::env::var_os("HOME").unwrap_or_default();
-            PathBuf::from(home).join(".cache/kestrel/models/gemma-3-270m-q4_k_m.gguf")
-        }
-    };
+    let path = kestrel_formats::default_model_path();
     assert!(
         path.is_file(),
         "default model not found at {} (set KESTREL_MODEL or run scripts/fetch-model.sh)",

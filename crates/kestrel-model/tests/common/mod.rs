@@ -8,16 +8,11 @@ use kestrel_backend::{Backend, BatchLayout, KvDType};
 use kestrel_model::Model;
 use serde_json::Value;
 
-/// The default model: `$KESTREL_MODEL` or the cache path that
-/// `scripts/fetch-model.sh` writes. Missing is a failure, not a skip: CI
+/// The default model (`kestrel_formats::default_model_path`, the path
+/// `scripts/fetch-model.sh` writes). Missing is a failure, not a skip: CI
 /// fetches it first.
 pub fn default_model() -> PathBuf {
-    let p = std::env::var_os("KESTREL_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-            home.join(".cache/kestrel/models/gemma-3-270m-q4_k_m.gguf")
-        });
+    let p = kestrel_formats::default_model_path();
     assert!(
         p.exists(),
         "default model missing at {}: run scripts/fetch-model.sh",

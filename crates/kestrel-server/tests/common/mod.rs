@@ -5,7 +5,6 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -30,12 +29,7 @@ pub struct Fixture {
 pub fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        let path = std::env::var_os("KESTREL_MODEL")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-                home.join(".cache/kestrel/models/gemma-3-270m-q4_k_m.gguf")
-            });
+        let path = kestrel_formats::default_model_path();
         assert!(
             path.exists(),
             "default model not found at {}: run scripts/fetch-model.sh (or set KESTREL_MODEL)",

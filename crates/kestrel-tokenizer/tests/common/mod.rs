@@ -9,17 +9,10 @@ use std::sync::OnceLock;
 use kestrel_formats::GgufFile;
 use kestrel_tokenizer::Tokenizer;
 
-/// The default model: $KESTREL_MODEL, else
-/// $HOME/.cache/kestrel/models/gemma-3-270m-q4_k_m.gguf. Fails (never
+/// The default model (`kestrel_formats::default_model_path`). Fails (never
 /// skips) when it is missing.
 pub fn model_path() -> PathBuf {
-    let path = match std::env::var_os("KESTREL_MODEL") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let home = std::env::var_os("HOME").unwrap_or_default();
-            PathBuf::from(home).join(".cache/kestrel/models/gemma-3-270m-q4_k_m.gguf")
-        }
-    };
+    let path = kestrel_formats::default_model_path();
     assert!(
         path.is_file(),
         "default model not found at {}: run scripts/fetch-model.sh (or set KESTREL_MODEL)",
