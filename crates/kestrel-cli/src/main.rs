@@ -1,6 +1,5 @@
 //! `kestrel`: load a model file, generate, chat, inspect, tokenize.
 
-mod capsule;
 mod commands;
 mod device;
 mod loading;

@@ -14,9 +14,9 @@ use kestrel_backend::{Backend, BatchLayout, KvDType};
 use kestrel_model::Model;
 use serde_json::json;
 
-use crate::capsule;
 use crate::device::{dispatch_with, BackendTask, Device, Kernels};
 use crate::{loading, model_path};
+use kestrel_bench::capsule;
 
 #[derive(Args, Clone, Debug)]
 pub struct BenchArgs {
@@ -125,7 +125,7 @@ impl BackendTask for BenchTask {
             tests.push(json!({"test": name, "tokens": n, "seconds": secs, "tok_s": tps, "summary": st}));
         }
         let result = json!({"kind": "bench", "device": device, "tests": tests});
-        let cap = capsule::write(&result, &self.path, a.out.as_deref(), "bench")?;
+        let cap = capsule::write(&result, Some(&self.path), a.out.as_deref(), "bench")?;
         eprintln!("capsule: {}", cap.display());
         if a.json {
             println!("{}", serde_json::to_string_pretty(&result)?);

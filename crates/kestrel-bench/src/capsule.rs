@@ -141,7 +141,10 @@ pub fn model_info(path: &Path) -> Value {
 }
 
 /// Wrap `result` with the run's provenance and write it; returns the path.
-pub fn write(result: &Value, model: &Path, out: Option<&Path>, kind: &str) -> Result<PathBuf> {
+///
+/// `model` is the local model file when there is one (a load test against a
+/// remote server has none); `kind` names the tool in the default file name.
+pub fn write(result: &Value, model: Option<&Path>, out: Option<&Path>, kind: &str) -> Result<PathBuf> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -153,7 +156,7 @@ pub fn write(result: &Value, model: &Path, out: Option<&Path>, kind: &str) -> Re
         "unix_time": now,
         "command": std::env::args().collect::<Vec<_>>(),
         "hardware": hardware(),
-        "model": model_info(model),
+        "model": model.map(model_info),
         "result": result,
     });
     let path = match out {

@@ -1,0 +1,7 @@
+//! Measurement shared by kestrel's tools: summary statistics, repro capsules
+//! (machine, command, model, raw numbers), and the pieces `bench-serve`,
+//! `validate`, `microbench` and `report` build on.
+
+pub mod capsule;
+
+pub use capsule::Stats;
