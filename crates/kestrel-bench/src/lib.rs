@@ -3,5 +3,7 @@
 //! `validate`, `microbench` and `report` build on.
 
 pub mod capsule;
+pub mod rows;
 
 pub use capsule::Stats;
+pub use rows::{Better, Row};

@@ -38,6 +38,14 @@ enum Command {
     Perplexity(commands::perplexity::PerplexityArgs),
     /// Serve the model over an OpenAI-compatible HTTP API.
     Serve(commands::serve::ServeArgs),
+    /// Load-test any OpenAI-compatible server (sweeps, Poisson arrivals, A/B comparison).
+    BenchServe(commands::bench_serve::Args),
+    /// Greedy token-ID fidelity and speed of a candidate profile against a baseline.
+    Validate(commands::validate::Args),
+    /// Each fused operation against its reference: agreement and achieved bandwidth.
+    Microbench(commands::microbench::Args),
+    /// The streaming detokenizer against naive per-token decoding.
+    BenchDetok(commands::bench_detok::Args),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +66,10 @@ fn main() -> ExitCode {
         Command::Report(a) => commands::report::main(a),
         Command::Perplexity(a) => commands::perplexity::main(a),
         Command::Serve(a) => commands::serve::main(a),
+        Command::BenchServe(a) => commands::bench_serve::main(a),
+        Command::Validate(a) => commands::validate::main(a),
+        Command::Microbench(a) => commands::microbench::main(a),
+        Command::BenchDetok(a) => commands::bench_detok::main(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

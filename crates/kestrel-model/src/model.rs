@@ -50,6 +50,9 @@ pub struct Model<B: Backend> {
     pub weight_bytes: u64,
     /// Scratch, logits and graphs of forward steps.
     state: Mutex<StepState<B>>,
+    /// Whether decode steps may be captured and replayed as graphs (on by
+    /// default; off to compare against eager launches, e.g. in `validate`).
+    graphs_enabled: std::sync::atomic::AtomicBool,
     /// Thread holding `state` through a `Logits` (to refuse re-entry
     /// instead of deadlocking).
     holder: Mutex<Option<std::thread::ThreadId>>,
@@ -278,8 +281,21 @@ impl<B: Backend> Model<B> {
             weight_bytes: weight_bytes.get(),
             state: Mutex::new(StepState::default()),
             holder: Mutex::new(None),
+            graphs_enabled: std::sync::atomic::AtomicBool::new(true),
             file,
         })
+    }
+
+    /// Allow or forbid graph capture of decode steps (graphs already
+    /// captured are dropped when forbidding).
+    pub fn set_graphs(&self, enabled: bool) {
+        self.graphs_enabled
+            .store(enabled, std::sync::atomic::Ordering::Relaxed);
+        if !enabled {
+            if let Ok(mut st) = self.state.lock() {
+                st.graphs.clear();
+            }
+        }
     }
 
     pub fn file(&self) -> &ModelFile {
@@ -375,7 +391,11 @@ impl<B: Backend> Model<B> {
         // Decode steps whose logits are every row, in order, are graph candidates.
         let identity = logit_rows.iter().enumerate().all(|(i, &r)| i as u32 == r) && m == n;
         let decode = layout.seqs.iter().all(|s| s.query_len == 1);
-        let graphable = be.supports_graphs() && identity && decode && n <= GRAPH_MAX_ROWS;
+        let graphable = be.supports_graphs()
+            && self.graphs_enabled.load(std::sync::atomic::Ordering::Relaxed)
+            && identity
+            && decode
+            && n <= GRAPH_MAX_ROWS;
         if graphable {
             // Generous, so that prefill steps and growing contexts rarely
             // reallocate the metadata (which would make graphs stale).
