@@ -243,6 +243,14 @@ pub trait Backend: Send + Sync {
         residual_norm_unfused_into(self, out, r)
     }
 
+    // ---- memory -------------------------------------------------------------
+
+    /// `(free, total)` bytes of the device's memory, for backends with a
+    /// device of their own (the CPU backend uses host memory: `None`).
+    fn device_memory(&self) -> Option<(u64, u64)> {
+        None
+    }
+
     // ---- graphs (defaults: unsupported) -------------------------------------
 
     /// Whether `begin_capture` / `end_capture` / `replay` work here.

@@ -140,9 +140,11 @@ impl<B: Backend> std::ops::Deref for Logits<'_, B> {
     }
 }
 
-/// Graphs are captured for decode steps of at most this many sequences
-/// (the GEMV path; larger steps go through cuBLAS, which is not captured).
-const GRAPH_MAX_ROWS: usize = 32;
+/// Graphs are captured for decode steps of at most this many sequences, one
+/// graph per sequence count (GEMV launches up to 32 rows; cuBLAS GEMMs on
+/// the weights' f16 mirrors above that, which capture too). A capture that
+/// fails (e.g. a weight without a mirror) leaves that size eager.
+const GRAPH_MAX_ROWS: usize = 256;
 
 impl<B: Backend> Model<B> {
     /// Open a GGUF file or HF directory and upload its weights to `backend`.

@@ -65,6 +65,11 @@ pub struct CudaWeight {
     pub(crate) cols: usize,
     pub(crate) off1: usize,
     pub(crate) off2: usize,
+    /// The same matrix dequantized to f16 (`[rows, cols]`, row-major), kept
+    /// beside the stored format when the backend's dense budget allows, so
+    /// that GEMMs of batched decode and prefill read it directly instead of
+    /// dequantizing the weight again every step.
+    pub(crate) dense: Option<DevBuf>,
 }
 
 impl CudaWeight {
@@ -78,9 +83,10 @@ impl CudaWeight {
     pub fn stored_dtype(&self) -> kestrel_formats::DType {
         self.stored
     }
-    /// Bytes the weight occupies on the device.
+    /// Bytes the weight occupies on the device (stored format plus the f16
+    /// mirror when there is one).
     pub fn device_bytes(&self) -> usize {
-        self.buf.bytes
+        self.buf.bytes + self.dense.as_ref().map_or(0, |d| d.bytes)
     }
     pub(crate) fn ptrs(&self) -> (u64, u64, u64) {
         (

@@ -7,7 +7,7 @@
 
 use super::buffers::{CudaAct, CudaBatch, CudaKvPool, CudaRope, CudaVector, CudaWeight};
 use super::launch::{i32_of, Arg};
-use super::matmul::{gemv_cap, gemv_kernel, GEMV_MAX_ROWS, GEMV_REPEAT_ROWS};
+use super::matmul::{gemv_cap, gemv_kernel, GEMV_MAX_ROWS};
 use super::weights::Format;
 use super::{shape_err, CudaBackend};
 use crate::backend::Activation;
@@ -148,9 +148,15 @@ impl CudaBackend {
         self.run(&format!("gemv_fx_{}", gemv_cap(t)), (blocks, 1, 1), 256, 0, &args)
     }
 
-    /// Whether `multi_gemv` takes activations of `rows` rows (decode sizes).
-    pub(crate) fn multi_gemv_fits(rows: usize) -> bool {
-        rows <= GEMV_REPEAT_ROWS
+    /// Whether `multi_gemv` takes activations of `rows` rows by `ws`
+    /// (decode sizes; see `gemv_takes`).
+    pub(crate) fn multi_gemv_fits(rows: usize, ws: &[&CudaWeight]) -> bool {
+        super::matmul::gemv_takes(rows, ws)
+    }
+
+    /// Whether `multi_gemm` takes `ws` (every weight has an f16 mirror).
+    pub(crate) fn multi_gemm_fits(ws: &[&CudaWeight]) -> bool {
+        ws.iter().all(|w| w.dense.is_some())
     }
 
     /// `outs[i] = W_i · x` for up to three weights sharing x, one launch per

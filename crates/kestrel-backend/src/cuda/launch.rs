@@ -40,6 +40,9 @@ pub(crate) fn i32_of(v: usize, what: &str) -> Result<Arg, BackendError> {
 /// Every kernel entry point of the module, looked up once.
 pub(crate) struct Kernels {
     funcs: HashMap<String, CudaFunction>,
+    /// Launch with programmatic stream serialization (PDL, sm_90+): see
+    /// `pdl_entry` in common.cu. `KESTREL_PDL=0` turns it off.
+    pdl: bool,
 }
 
 const PLAIN: [&str; 21] = [
@@ -82,7 +85,7 @@ const GEMV: [&str; 12] = [
 ];
 
 impl Kernels {
-    pub fn load(module: &Arc<CudaModule>) -> Result<Kernels, BackendError> {
+    pub fn load(module: &Arc<CudaModule>, cc: (i32, i32)) -> Result<Kernels, BackendError> {
         let mut names: Vec<String> = PLAIN.iter().map(|s| s.to_string()).collect();
         for g in GEMV {
             for t in [1, 2, 4, 8] {
@@ -100,7 +103,13 @@ impl Kernels {
                 .map_err(|e| BackendError::Cuda(format!("kernel '{n}' missing from the module: {e}")))?;
             funcs.insert(n, f);
         }
-        Ok(Kernels { funcs })
+        let pdl = cc.0 >= 9 && std::env::var("KESTREL_PDL").map_or(true, |v| v.trim() != "0");
+        Ok(Kernels { funcs, pdl })
+    }
+
+    /// Whether launches use programmatic dependent launch.
+    pub fn pdl(&self) -> bool {
+        self.pdl
     }
 
     pub fn launch(
@@ -121,6 +130,34 @@ impl Kernels {
             .ok_or_else(|| BackendError::Cuda(format!("unknown kernel '{name}'")))?;
         let mut vals: Vec<u64> = args.iter().map(|a| a.bits()).collect();
         let mut params: Vec<*mut c_void> = vals.iter_mut().map(|v| v as *mut u64 as *mut c_void).collect();
+        let err =
+            |e: String| BackendError::Cuda(format!("launching '{name}' grid {grid:?} block {block}: {e}"));
+        if self.pdl {
+            use cudarc::driver::sys;
+            // SAFETY: an all-zero attribute is valid plain data; the id and
+            // value are set next.
+            let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attr.value.programmaticStreamSerializationAllowed = 1;
+            let cfg = sys::CUlaunchConfig {
+                gridDimX: grid.0,
+                gridDimY: grid.1,
+                gridDimZ: grid.2,
+                blockDimX: block,
+                blockDimY: 1,
+                blockDimZ: 1,
+                sharedMemBytes: smem,
+                hStream: stream.cu_stream(),
+                attrs: &mut attr,
+                numAttrs: 1,
+            };
+            // SAFETY: as for `launch_kernel` below; `cfg` and `attr` live
+            // through the call.
+            let r = unsafe {
+                sys::cuLaunchKernelEx(&cfg, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut())
+            };
+            return r.result().map_err(|e| err(e.to_string()));
+        }
         // SAFETY: `params` points at one properly sized value per kernel
         // parameter (callers mirror the .cu signatures); `vals` outlives the call.
         unsafe {
@@ -133,7 +170,7 @@ impl Kernels {
                 &mut params,
             )
         }
-        .map_err(|e| BackendError::Cuda(format!("launching '{name}' grid {grid:?} block {block}: {e}")))
+        .map_err(|e| err(e.to_string()))
     }
 }
 

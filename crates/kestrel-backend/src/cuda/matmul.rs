@@ -16,6 +16,17 @@ pub(crate) const GEMV_MAX_ROWS: usize = 8;
 pub(crate) const GEMV_REPEAT_ROWS: usize = 32;
 /// f16 scratch for dequantized weight chunks (elements).
 const W16_CHUNK_ELEMS: usize = 32 << 20;
+/// cuBLAS workspace (Hopper GEMMs want up to 32 MiB).
+const BLAS_WORKSPACE: usize = 32 << 20;
+
+/// Whether GEMV launches (rather than one GEMM) compute `t` activation rows
+/// by the weights `ws`: always up to 8 rows; up to 32 (repeated launches)
+/// only when a weight has no f16 mirror, since one GEMM on the mirrors beats
+/// re-reading the quantized weights once per 8 rows (H200, batch 32: 5.4 ms
+/// per step through GEMVs).
+pub(crate) fn gemv_takes(t: usize, ws: &[&CudaWeight]) -> bool {
+    t <= GEMV_MAX_ROWS || (t <= GEMV_REPEAT_ROWS && ws.iter().any(|w| w.dense.is_none()))
+}
 
 /// Smallest compiled row capacity (1, 2, 4, 8) holding `n` rows.
 pub(crate) fn gemv_cap(n: usize) -> usize {
@@ -75,7 +86,7 @@ impl CudaBackend {
             args.extend([Arg::Ptr(x.ptr()), i32_of(t, "rows")?, Arg::Ptr(out.ptr())]);
             return self.run("matmul_ref", (n.div_ceil(128) as u32, 1, 1), 128, 0, &args);
         }
-        if t <= GEMV_REPEAT_ROWS {
+        if gemv_takes(t, &[w]) {
             let mut r0 = 0;
             while r0 < t {
                 let n = (t - r0).min(GEMV_MAX_ROWS);
@@ -112,35 +123,145 @@ impl CudaBackend {
         self.run(&name, (blocks, 1, 1), 256, 0, &args)
     }
 
+    /// An f16 copy of `w` when the dense budget has room for it (the fused
+    /// set only; the reference set keeps to its plain kernel).
+    pub(crate) fn dense_mirror(&self, w: &CudaWeight) -> Result<Option<DevBuf>, BackendError> {
+        use std::sync::atomic::Ordering;
+        if self.kernels == KernelSet::Reference {
+            return Ok(None);
+        }
+        let bytes = w.rows * w.cols * 2;
+        let took = self
+            .dense_budget
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                left.checked_sub(bytes)
+            });
+        if took.is_err() {
+            return Ok(None);
+        }
+        let buf = DevBuf::alloc(&self.dev.stream, bytes, "f16 weight mirror")?;
+        let mut args = Self::weight_args(w)?.to_vec();
+        args.extend([Arg::I64(0), i32_of(w.rows, "weight rows")?, Arg::Ptr(buf.ptr)]);
+        self.run(
+            "dequant_f16",
+            (super::launch::grid_for(w.rows * w.cols).min(4096), 1, 1),
+            256,
+            0,
+            &args,
+        )?;
+        Ok(Some(buf))
+    }
+
+    /// The cuBLAS handle, created on first use with a fixed workspace so that
+    /// GEMMs recorded into a graph never allocate.
+    fn blas_handle(&self, st: &mut super::State) -> Result<cb::cublasHandle_t, BackendError> {
+        if st.blas.is_none() {
+            if st.capturing {
+                return Err(BackendError::Unsupported(
+                    "first cuBLAS use inside a graph capture: run the step once before capturing".into(),
+                ));
+            }
+            let b = cudarc::cublas::CudaBlas::new(self.dev.stream.clone())
+                .map_err(|e| BackendError::Cuda(format!("creating the cuBLAS handle: {e}")))?;
+            let ws = DevBuf::alloc(&self.dev.stream, BLAS_WORKSPACE, "cuBLAS workspace")?;
+            // SAFETY: the handle is live and the workspace outlives it (both in `st`).
+            let status = unsafe { cb::cublasSetWorkspace_v2(*b.handle(), ws.ptr as *mut _, ws.bytes) };
+            if status != cb::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                return Err(BackendError::Cuda(format!("cublasSetWorkspace: {status:?}")));
+            }
+            st.blas = Some(b);
+            st.blas_ws = Some(ws);
+        }
+        match &st.blas {
+            Some(b) => Ok(*b.handle()),
+            None => Err(BackendError::Cuda("cuBLAS handle missing".into())),
+        }
+    }
+
+    /// `outs[i] = x · W_iᵀ` for weights that all have f16 mirrors: the
+    /// activation is converted to f16 once and each product is one GEMM.
+    pub(crate) fn multi_gemm(
+        &self,
+        x: &CudaAct,
+        ws: &[&CudaWeight],
+        outs: &mut [&mut CudaAct],
+    ) -> Result<(), BackendError> {
+        let mut st = self.lock()?;
+        let need_x = x.rows * x.cols * 2;
+        let x_small = st.x16.as_ref().is_none_or(|b| b.bytes < need_x);
+        if st.capturing && x_small {
+            return Err(BackendError::Unsupported(
+                "GEMM inside a graph capture needs its scratch sized: run the step once before capturing"
+                    .into(),
+            ));
+        }
+        if x_small {
+            st.x16 = Some(DevBuf::alloc(&self.dev.stream, need_x, "f16 activation scratch")?);
+        }
+        let handle = self.blas_handle(&mut st)?;
+        let x16 = match &st.x16 {
+            Some(a) => a.ptr,
+            None => return Err(BackendError::Cuda("activation scratch missing".into())),
+        };
+        drop(st);
+        let nx = x.rows * x.cols;
+        self.run(
+            "f32_to_f16",
+            (super::launch::grid_for(nx), 1, 1),
+            256,
+            0,
+            &[Arg::Ptr(x.ptr()), Arg::I64(nx as i64), Arg::Ptr(x16)],
+        )?;
+        for (w, out) in ws.iter().zip(outs.iter_mut()) {
+            let dense = match &w.dense {
+                Some(d) => d.ptr,
+                None => {
+                    return Err(BackendError::Other(format!(
+                        "multi_gemm: '{}' has no f16 mirror",
+                        w.name
+                    )))
+                }
+            };
+            if x.cols != w.cols || out.cols != w.rows || out.rows != x.rows {
+                return Err(BackendError::Other(format!(
+                    "multi_gemm '{}': x [{}, {}] · W [{}, {}]ᵀ does not fit out [{}, {}]",
+                    w.name, x.rows, x.cols, w.rows, w.cols, out.rows, out.cols
+                )));
+            }
+            gemm_f16(handle, w, dense, w.rows, x16, x.rows, out.ptr(), w.rows)?;
+        }
+        Ok(())
+    }
+
     fn gemm_cublas(&self, x: &CudaAct, w: &CudaWeight, out: &mut CudaAct) -> Result<(), BackendError> {
         let (t, k, m_all) = (x.rows, w.cols, w.rows);
         let mut st = self.lock()?;
-        if st.capturing {
+        // With an f16 mirror the whole product is one GEMM on resident
+        // weights; without, weights are dequantized chunk by chunk into scratch.
+        let chunk_rows = match &w.dense {
+            Some(_) => m_all,
+            None => (W16_CHUNK_ELEMS / k).clamp(1, m_all),
+        };
+        let need_x = t * k * 2;
+        let need_w = if w.dense.is_some() { 0 } else { chunk_rows * k * 2 };
+        let x_small = st.x16.as_ref().is_none_or(|b| b.bytes < need_x);
+        let w_small = need_w > 0 && st.w16.as_ref().is_none_or(|b| b.bytes < need_w);
+        if st.capturing && (w.dense.is_none() || x_small) {
             return Err(BackendError::Unsupported(format!(
-                "matmul of {t} rows (cuBLAS prefill path) inside a graph capture; capture decode steps of at most {GEMV_REPEAT_ROWS} rows"
+                "matmul of {t} rows by '{}' inside a graph capture needs its f16 mirror and scratch ready: run the step once before capturing",
+                w.name
             )));
         }
-        let chunk_rows = (W16_CHUNK_ELEMS / k).clamp(1, m_all);
-        let need_x = t * k * 2;
-        let need_w = chunk_rows * k * 2;
-        if st.x16.as_ref().is_none_or(|b| b.bytes < need_x) {
+        if x_small {
             st.x16 = Some(DevBuf::alloc(&self.dev.stream, need_x, "f16 activation scratch")?);
         }
-        if st.w16.as_ref().is_none_or(|b| b.bytes < need_w) {
+        if w_small {
             st.w16 = Some(DevBuf::alloc(&self.dev.stream, need_w, "f16 weight scratch")?);
         }
-        if st.blas.is_none() {
-            let b = cudarc::cublas::CudaBlas::new(self.dev.stream.clone())
-                .map_err(|e| BackendError::Cuda(format!("creating the cuBLAS handle: {e}")))?;
-            st.blas = Some(b);
-        }
-        let (x16, w16) = match (&st.x16, &st.w16) {
-            (Some(a), Some(b)) => (a.ptr, b.ptr),
-            _ => return Err(BackendError::Cuda("scratch buffers missing".into())),
-        };
-        let handle = match &st.blas {
-            Some(b) => *b.handle(),
-            None => return Err(BackendError::Cuda("cuBLAS handle missing".into())),
+        let handle = self.blas_handle(&mut st)?;
+        let x16 = match &st.x16 {
+            Some(a) => a.ptr,
+            None => return Err(BackendError::Cuda("activation scratch missing".into())),
         };
         let nx = t * k;
         self.run(
@@ -151,50 +272,73 @@ impl CudaBackend {
             &[Arg::Ptr(x.ptr()), Arg::I64(nx as i64), Arg::Ptr(x16)],
         )?;
         let wa = Self::weight_args(w)?;
-        let (alpha, beta) = (1.0f32, 0.0f32);
         let mut r0 = 0;
         while r0 < m_all {
             let m = chunk_rows.min(m_all - r0);
-            let mut args = wa.to_vec();
-            args.extend([Arg::I64(r0 as i64), i32_of(m, "chunk rows")?, Arg::Ptr(w16)]);
-            self.run(
-                "dequant_f16",
-                (super::launch::grid_for(m * k).min(4096), 1, 1),
-                256,
-                0,
-                &args,
-            )?;
-            // Column-major view: C[m, t] (ldc = m_all) = op(A)[m, k] · B[k, t]
-            // with A = the chunk stored [m, k] row-major (k × m col-major, transposed)
-            // and B = x16 stored [t, k] row-major (k × t col-major).
+            let a_ptr = match (&w.dense, &st.w16) {
+                (Some(d), _) => d.ptr,
+                (None, Some(w16)) => {
+                    let mut args = wa.to_vec();
+                    args.extend([Arg::I64(r0 as i64), i32_of(m, "chunk rows")?, Arg::Ptr(w16.ptr)]);
+                    self.run(
+                        "dequant_f16",
+                        (super::launch::grid_for(m * k).min(4096), 1, 1),
+                        256,
+                        0,
+                        &args,
+                    )?;
+                    w16.ptr
+                }
+                (None, None) => return Err(BackendError::Cuda("weight scratch missing".into())),
+            };
             let c_ptr = out.ptr() + (r0 * 4) as u64;
-            // SAFETY: all pointers are live device buffers sized above.
-            unsafe {
-                cudarc::cublas::result::gemm_ex(
-                    handle,
-                    cb::cublasOperation_t::CUBLAS_OP_T,
-                    cb::cublasOperation_t::CUBLAS_OP_N,
-                    m as i32,
-                    t as i32,
-                    k as i32,
-                    &alpha as *const f32 as *const _,
-                    w16 as *const _,
-                    cb::cudaDataType::CUDA_R_16F,
-                    k as i32,
-                    x16 as *const _,
-                    cb::cudaDataType::CUDA_R_16F,
-                    k as i32,
-                    &beta as *const f32 as *const _,
-                    c_ptr as *mut _,
-                    cb::cudaDataType::CUDA_R_32F,
-                    m_all as i32,
-                    cb::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                    cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                )
-            }
-            .map_err(|e| BackendError::Cuda(format!("cublasGemmEx for '{}': {e}", w.name)))?;
+            gemm_f16(handle, w, a_ptr, m, x16, t, c_ptr, m_all)?;
             r0 += m;
         }
         Ok(())
     }
+}
+
+/// `C[t, m] (row stride ldc) = X16[t, k] · A[m, k]ᵀ` with f16 inputs and f32
+/// accumulation and output, in cuBLAS's column-major terms: C[m, t] =
+/// op(A)[m, k] · B[k, t], where the row-major [m, k] rows are a transposed
+/// k × m column-major matrix and X16 [t, k] row-major is k × t column-major.
+#[allow(clippy::too_many_arguments)]
+fn gemm_f16(
+    handle: cb::cublasHandle_t,
+    w: &CudaWeight,
+    a_ptr: u64,
+    m: usize,
+    x16: u64,
+    t: usize,
+    c_ptr: u64,
+    ldc: usize,
+) -> Result<(), BackendError> {
+    let k = w.cols;
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    // SAFETY: the callers pass live device buffers of the sizes named above.
+    unsafe {
+        cudarc::cublas::result::gemm_ex(
+            handle,
+            cb::cublasOperation_t::CUBLAS_OP_T,
+            cb::cublasOperation_t::CUBLAS_OP_N,
+            m as i32,
+            t as i32,
+            k as i32,
+            &alpha as *const f32 as *const _,
+            a_ptr as *const _,
+            cb::cudaDataType::CUDA_R_16F,
+            k as i32,
+            x16 as *const _,
+            cb::cudaDataType::CUDA_R_16F,
+            k as i32,
+            &beta as *const f32 as *const _,
+            c_ptr as *mut _,
+            cb::cudaDataType::CUDA_R_32F,
+            ldc as i32,
+            cb::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|e| BackendError::Cuda(format!("cublasGemmEx for '{}': {e}", w.name)))
 }

@@ -78,6 +78,9 @@ pub(crate) struct State {
     att_part: Option<DevBuf>,
     att_count: Option<DevBuf>,
     capturing: bool,
+    /// cuBLAS workspace set on the handle (so that captured GEMMs never
+    /// allocate).
+    blas_ws: Option<DevBuf>,
 }
 
 pub struct CudaBackend {
@@ -97,6 +100,10 @@ pub struct CudaBackend {
     /// one H200 run decoded at 1,027 tok/s against 1,361 without, a
     /// regression not yet explained (benchmarks/NOTES-cuda.md, v3).
     fx: std::sync::atomic::AtomicU8,
+    /// Device bytes still allowed for f16 weight mirrors (see
+    /// `CudaWeight::dense`); set from `KESTREL_DENSE_WEIGHTS` (MiB, 0 = off),
+    /// by default an eighth of the device's memory.
+    dense_budget: std::sync::atomic::AtomicUsize,
 }
 
 fn shape_err(op: &str, msg: String) -> BackendError {
@@ -142,13 +149,22 @@ impl CudaBackend {
     pub fn with_kernels(ordinal: usize, kernels: KernelSet) -> Result<CudaBackend> {
         let dev = Device::open(ordinal)?;
         let module = compile::load_module(&dev.ctx, dev.cc)?;
-        let k = Kernels::load(&module)?;
+        let k = Kernels::load(&module, dev.cc)?;
         let fx_counter = DevBuf::alloc(&dev.stream, 4, "gemv_fx block counter")?;
         let fx = std::env::var("KESTREL_FX")
             .ok()
             .and_then(|v| v.trim().parse::<u8>().ok())
             .unwrap_or(0);
+        let dense_budget = match std::env::var("KESTREL_DENSE_WEIGHTS") {
+            Ok(v) => v.trim().parse::<usize>().map(|mib| mib << 20).map_err(|_| {
+                BackendError::Other(format!(
+                    "KESTREL_DENSE_WEIGHTS='{v}': expected a size in MiB (0 turns the f16 weight mirrors off)"
+                ))
+            })?,
+            Err(_) => dev.total_mem / 8,
+        };
         Ok(CudaBackend {
+            dense_budget: std::sync::atomic::AtomicUsize::new(dense_budget),
             fx_counter,
             fx: std::sync::atomic::AtomicU8::new(fx),
             dev,
@@ -391,7 +407,7 @@ impl Backend for CudaBackend {
 
     fn describe(&self) -> String {
         format!(
-            "cuda ({}, {:.1} GiB, sm_{}{}, {} SMs, {} kernels)",
+            "cuda ({}, {:.1} GiB, sm_{}{}, {} SMs, {} kernels{})",
             self.dev.name,
             self.dev.total_mem as f64 / (1u64 << 30) as f64,
             self.dev.cc.0,
@@ -400,14 +416,15 @@ impl Backend for CudaBackend {
             match self.kernels {
                 KernelSet::Fused => "fused",
                 KernelSet::Reference => "reference",
-            }
+            },
+            if self.k.pdl() { ", PDL" } else { "" }
         )
     }
 
     fn upload_matrix(&self, t: &TensorView<'_>) -> Result<CudaWeight> {
         let p = weights::pack(t)?;
         let buf = self.upload_bytes(&p.bytes, t.name)?;
-        Ok(CudaWeight {
+        let mut w = CudaWeight {
             buf,
             format: p.format,
             stored: p.stored,
@@ -416,7 +433,10 @@ impl Backend for CudaBackend {
             cols: t.shape[1],
             off1: p.off1,
             off2: p.off2,
-        })
+            dense: None,
+        };
+        w.dense = self.dense_mirror(&w)?;
+        Ok(w)
     }
 
     fn upload_vector(&self, t: &TensorView<'_>, offset: f32) -> Result<CudaVector> {
@@ -1003,8 +1023,14 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         if self.kernels == KernelSet::Reference
             || bias.iter().any(|b| b.is_some())
-            || !Self::multi_gemv_fits(h.rows)
+            || !Self::multi_gemv_fits(h.rows, &w)
         {
+            if self.kernels == KernelSet::Fused
+                && bias.iter().all(|b| b.is_none())
+                && Self::multi_gemm_fits(&w)
+            {
+                return self.multi_gemm(h, &w, &mut [q, k, v]);
+            }
             return qkv_unfused(self, h, w, bias, q, k, v);
         }
         if q.rows != h.rows || k.rows != h.rows || v.rows != h.rows {
@@ -1059,7 +1085,12 @@ impl Backend for CudaBackend {
         act_out: &mut CudaAct,
         out: &mut CudaAct,
     ) -> Result<()> {
-        if self.kernels == KernelSet::Fused && Self::multi_gemv_fits(h.rows) {
+        if self.kernels == KernelSet::Fused
+            && !Self::multi_gemv_fits(h.rows, &w[..2])
+            && Self::multi_gemm_fits(&w[..2])
+        {
+            self.multi_gemm(h, &w[..2], &mut [&mut *gate, &mut *up])?;
+        } else if self.kernels == KernelSet::Fused && Self::multi_gemv_fits(h.rows, &w[..2]) {
             if gate.rows != h.rows || up.rows != h.rows {
                 return Err(shape_err(
                     "gated_ffn",
@@ -1110,7 +1141,7 @@ impl Backend for CudaBackend {
         out: &mut CudaAct,
         r: ResidualNorm<'_, Self>,
     ) -> Result<()> {
-        let fits = Self::multi_gemv_fits(h.rows) && Self::gemv_fx_fits(w[2], h.rows);
+        let fits = Self::multi_gemv_fits(h.rows, &w[..2]) && Self::gemv_fx_fits(w[2], h.rows);
         if self.kernels != KernelSet::Fused || self.fx_bits() & 2 == 0 || !fits {
             self.gated_ffn(h, w, act, gate, up, act_out, out)?;
             return residual_norm_unfused_into(self, out, r);
@@ -1138,6 +1169,13 @@ impl Backend for CudaBackend {
 
     fn supports_graphs(&self) -> bool {
         true
+    }
+
+    fn device_memory(&self) -> Option<(u64, u64)> {
+        self.dev.ctx.bind_to_thread().ok()?;
+        cudarc::driver::result::mem_get_info()
+            .ok()
+            .map(|(free, total)| (free as u64, total as u64))
     }
 
     fn reserve_batch(&self, max_tokens: usize, max_seqs: usize, max_blocks_per_seq: usize) -> Result<()> {

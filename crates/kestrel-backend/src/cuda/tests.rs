@@ -150,10 +150,11 @@ fn matmul_every_dtype() {
                     }
                 }
                 let err = rel_err(&got, &want);
-                // Rows > 32 go through f16 operands + cuBLAS on the fused set.
-                // Types without a device kernel are stored as f16 (rounded).
+                // Rows > 8 go through f16 operands + cuBLAS on the fused set
+                // (the weights' f16 mirrors). Types without a device kernel
+                // are stored as f16 (rounded).
                 let host_fallback = matches!(dtype, DType::Q4_1 | DType::Q3_K);
-                let tol = if ks == KernelSet::Fused && t > 32 {
+                let tol = if ks == KernelSet::Fused && t > super::matmul::GEMV_MAX_ROWS {
                     5e-3
                 } else if host_fallback {
                     2e-3
@@ -779,7 +780,13 @@ fn check_residual(
 ) {
     let got_delta = be.read_act(delta).expect("read delta");
     let err = rel_err(&got_delta, want_delta);
-    assert!(err < 2e-5, "{what}: delta rel err {err:e}");
+    // More than 8 rows: one GEMM with f16 operands (the weight's mirror).
+    let tol = if delta.rows() > super::matmul::GEMV_MAX_ROWS {
+        5e-3
+    } else {
+        2e-5
+    };
+    assert!(err < tol, "{what}: delta rel err {err:e}");
     let (mut want_x, mut want_out) = (Vec::new(), Vec::new());
     for (xr, dr) in x0.chunks(hidden).zip(want_delta.chunks(hidden)) {
         let (nx, o) = residual_ref(xr, dr, post, next, 1e-6);
@@ -787,9 +794,9 @@ fn check_residual(
         want_out.extend(o);
     }
     let err = rel_err(&be.read_act(x).expect("read x"), &want_x);
-    assert!(err < 2e-5, "{what}: residual rel err {err:e}");
+    assert!(err < tol, "{what}: residual rel err {err:e}");
     let err = rel_err(&be.read_act(out).expect("read out"), &want_out);
-    assert!(err < 2e-5, "{what}: normed out rel err {err:e}");
+    assert!(err < tol, "{what}: normed out rel err {err:e}");
 }
 
 /// `matmul_residual_norm` and `gated_ffn_residual_norm` (on the fused set:

@@ -3,6 +3,10 @@
 //!
 //! pp<N>: one prefill of N tokens into an empty cache. tg<N>: N single-token
 //! decode steps from an empty cache (as llama-bench measures them), greedy.
+//! TTFT of pp<N> is its prefill time; TPOT of tg<N> its mean step time.
+//!
+//! With `--batch`, `--shared-prefix` or `--interference` it measures the
+//! engine instead (see `bench_engine`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,7 +20,10 @@ use serde_json::json;
 
 use crate::device::{dispatch_with, BackendTask, Device, Kernels};
 use crate::{loading, model_path};
-use kestrel_bench::capsule;
+use kestrel_bench::{capsule, Better, Row};
+
+use super::bench_engine;
+use crate::memory;
 
 #[derive(Args, Clone, Debug)]
 pub struct BenchArgs {
@@ -36,12 +43,58 @@ pub struct BenchArgs {
     /// CUDA kernel set: fused (fast) or reference (plain kernels, for comparison).
     #[arg(long, value_enum, default_value = "fused")]
     pub kernels: Kernels,
+    /// KV cache element type.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub kv: KvArg,
+    /// Engine benchmark: decode throughput with this many sequences at once
+    /// (comma-separated list, e.g. 1,8,32,64,128,256).
+    #[arg(long, value_delimiter = ',')]
+    pub batch: Vec<usize>,
+    /// Engine benchmark: requests sharing a prefix of this many tokens, with
+    /// the prefix cache on and off.
+    #[arg(long)]
+    pub shared_prefix: Option<usize>,
+    /// Requests of the shared-prefix benchmark.
+    #[arg(long, default_value_t = 64)]
+    pub requests: usize,
+    /// Engine benchmark: TPOT of `--streams` running sequences before and
+    /// while a prompt of this many tokens is prefilled beside them.
+    #[arg(long)]
+    pub interference: Option<usize>,
+    /// Running sequences of the interference benchmark.
+    #[arg(long, default_value_t = 32)]
+    pub streams: usize,
+    /// Prompt tokens of each sequence in the engine benchmarks.
+    #[arg(long, default_value_t = 128)]
+    pub prompt_len: usize,
+    /// Generated tokens of each sequence in the batch benchmark.
+    #[arg(long, default_value_t = 128)]
+    pub gen_len: usize,
+    /// Token budget of one engine step (chunked prefill) in the engine benchmarks.
+    #[arg(long, default_value_t = 2048)]
+    pub max_num_batched_tokens: usize,
     /// Write the capsule here (default: benchmarks/<date>-bench-<device>.json).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Print the result as one JSON document on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--kv`: KV cache element type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum KvArg {
+    F32,
+    F16,
+}
+
+impl KvArg {
+    pub fn dtype(self) -> KvDType {
+        match self {
+            KvArg::F32 => KvDType::F32,
+            KvArg::F16 => KvDType::F16,
+        }
+    }
 }
 
 pub fn main(args: BenchArgs) -> Result<()> {
@@ -61,10 +114,10 @@ fn prompt_tokens(n: usize, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
-fn run_pp<B: Backend>(model: &Model<B>, n: usize) -> Result<f64> {
+fn run_pp<B: Backend>(model: &Model<B>, n: usize, kvt: KvDType) -> Result<f64> {
     let bs = 16;
     let blocks = n.div_ceil(bs) + 1;
-    let mut kv = model.backend.alloc_kv(&model.kv_spec(blocks, bs, KvDType::F32))?;
+    let mut kv = model.backend.alloc_kv(&model.kv_spec(blocks, bs, kvt))?;
     let table: Vec<u32> = (0..blocks as u32).collect();
     let toks = prompt_tokens(n, model.config.vocab_size);
     let t0 = Instant::now();
@@ -77,10 +130,10 @@ fn run_pp<B: Backend>(model: &Model<B>, n: usize) -> Result<f64> {
     Ok(t0.elapsed().as_secs_f64())
 }
 
-fn run_tg<B: Backend>(model: &Model<B>, n: usize, first: u32) -> Result<f64> {
+fn run_tg<B: Backend>(model: &Model<B>, n: usize, first: u32, kvt: KvDType) -> Result<f64> {
     let bs = 16;
     let blocks = n.div_ceil(bs) + 1;
-    let mut kv = model.backend.alloc_kv(&model.kv_spec(blocks, bs, KvDType::F32))?;
+    let mut kv = model.backend.alloc_kv(&model.kv_spec(blocks, bs, kvt))?;
     let table: Vec<u32> = (0..blocks as u32).collect();
     let mut tok = first;
     let t0 = Instant::now();
@@ -97,34 +150,109 @@ impl BackendTask for BenchTask {
     fn run<B: Backend + 'static>(self, backend: Arc<B>) -> Result<()> {
         let a = &self.args;
         let device = backend.describe();
-        let (model, tok) = loading::load(&self.path, backend)?;
+        let (model, tok) = loading::load(&self.path, backend.clone())?;
+        let kvt = a.kv.dtype();
+        let mut rows = Vec::new();
         let mut tests = Vec::new();
-        for (name, n, is_pp) in [
-            (format!("pp{}", a.pp), a.pp, true),
-            (format!("tg{}", a.tg), a.tg, false),
-        ] {
-            if n == 0 {
-                continue;
+        let engine_mode = !a.batch.is_empty() || a.shared_prefix.is_some() || a.interference.is_some();
+        let mut engine = serde_json::Map::new();
+        if engine_mode {
+            let (model, tok) = (Arc::new(model), Arc::new(tok));
+            let o = bench_engine::EngineBenchOpts {
+                kv: kvt,
+                block_size: 16,
+                max_num_batched_tokens: a.max_num_batched_tokens,
+                prompt_len: a.prompt_len,
+                gen_len: a.gen_len,
+            };
+            if !a.batch.is_empty() {
+                let v = bench_engine::batch_curve(&model, &tok, &o, &a.batch, a.runs, &mut rows)?;
+                engine.insert("batch".into(), v);
             }
+            if let Some(len) = a.shared_prefix {
+                let v = bench_engine::shared_prefix(&model, &tok, &o, len, a.requests, &mut rows)?;
+                engine.insert("shared_prefix".into(), v);
+            }
+            if let Some(len) = a.interference {
+                let v = bench_engine::interference(&model, &tok, &o, a.streams, len, &mut rows)?;
+                engine.insert("interference".into(), v);
+            }
+        } else {
             let bos = tok.bos_id().unwrap_or(0);
-            let once = |m: &Model<B>| if is_pp { run_pp(m, n) } else { run_tg(m, n, bos) };
-            once(&model).with_context(|| format!("warmup of {name}"))?;
-            let mut secs = Vec::new();
-            for _ in 0..a.runs.max(1) {
-                secs.push(once(&model)?);
+            for (name, n, is_pp) in [
+                (format!("pp{}", a.pp), a.pp, true),
+                (format!("tg{}", a.tg), a.tg, false),
+            ] {
+                if n == 0 {
+                    continue;
+                }
+                let once = |m: &Model<B>| {
+                    if is_pp {
+                        run_pp(m, n, kvt)
+                    } else {
+                        run_tg(m, n, bos, kvt)
+                    }
+                };
+                once(&model).with_context(|| format!("warmup of {name}"))?;
+                let mut secs = Vec::new();
+                for _ in 0..a.runs.max(1) {
+                    secs.push(once(&model)?);
+                }
+                let tps: Vec<f64> = secs.iter().map(|s| n as f64 / s).collect();
+                let st = capsule::Stats::of(&tps);
+                eprintln!(
+                    "{name:>7}: {:>9.1} tok/s (median of {}; min {:.1}, max {:.1})",
+                    st.median,
+                    tps.len(),
+                    st.min,
+                    st.max
+                );
+                let (metric, lat, lat_raw) = if is_pp {
+                    (
+                        "prefill_tok_s",
+                        "ttft_ms",
+                        secs.iter().map(|s| s * 1e3).collect::<Vec<_>>(),
+                    )
+                } else {
+                    (
+                        "decode_tok_s",
+                        "tpot_ms",
+                        secs.iter().map(|s| s * 1e3 / n as f64).collect(),
+                    )
+                };
+                rows.push(Row::new(&name, metric, "tok/s", Better::Higher, tps.clone()));
+                rows.push(Row::new(&name, lat, "ms", Better::Lower, lat_raw));
+                tests.push(json!({"test": name, "tokens": n, "seconds": secs, "tok_s": tps, "summary": st}));
             }
-            let tps: Vec<f64> = secs.iter().map(|s| n as f64 / s).collect();
-            let st = capsule::Stats::of(&tps);
-            eprintln!(
-                "{name:>7}: {:>9.1} tok/s (median of {}; min {:.1}, max {:.1})",
-                st.median,
-                tps.len(),
-                st.min,
-                st.max
-            );
-            tests.push(json!({"test": name, "tokens": n, "seconds": secs, "tok_s": tps, "summary": st}));
         }
-        let result = json!({"kind": "bench", "device": device, "tests": tests});
+        let device_mem = backend.device_memory();
+        let mem = memory::report(device_mem, model_bytes_hint(&self.path));
+        eprintln!("{}", memory::describe(&mem));
+        rows.push(Row::new(
+            "memory",
+            "peak_host_mib",
+            "MiB",
+            Better::Lower,
+            vec![mem.peak_host_mib],
+        ));
+        if let Some(d) = mem.device_used_mib {
+            rows.push(Row::new(
+                "memory",
+                "device_used_mib",
+                "MiB",
+                Better::Lower,
+                vec![d],
+            ));
+        }
+        let result = json!({
+            "kind": "bench",
+            "device": device,
+            "kv": format!("{:?}", a.kv).to_lowercase(),
+            "tests": tests,
+            "engine": engine,
+            "memory": mem,
+            "rows": rows,
+        });
         let cap = capsule::write(&result, Some(&self.path), a.out.as_deref(), "bench")?;
         eprintln!("capsule: {}", cap.display());
         if a.json {
@@ -132,4 +260,9 @@ impl BackendTask for BenchTask {
         }
         Ok(())
     }
+}
+
+/// Size of the model file (for the memory report's context).
+fn model_bytes_hint(path: &std::path::Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }

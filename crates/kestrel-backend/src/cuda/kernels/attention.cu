@@ -191,7 +191,7 @@ extern "C" __global__ void attention(const float* q, const void* pool, long long
                                      const u32* token_seq, const u32* block_tables, int bt_stride,
                                      int block_size, int n_heads, int n_kv_heads, int head_dim,
                                      float scale, int window, float cap, float* out, int splits,
-                                     float* part, u32* counters) {
+                                     float* part, u32* counters) { pdl_entry();
 #define ATT_ARGS q, pool, layer_off, v_off, positions, token_seq, block_tables, bt_stride, block_size, \
                  n_heads, n_kv_heads, head_dim, scale, window, cap, out, splits, part, counters
     bool vec = head_dim % 8 == 0;
@@ -211,7 +211,7 @@ extern "C" __global__ void attention_ref(const float* q, const void* pool, long 
                                          long long v_off, int kvt, const u32* positions,
                                          const u32* token_seq, const u32* block_tables, int bt_stride,
                                          int block_size, int rows, int n_heads, int n_kv_heads,
-                                         int head_dim, float scale, int window, float cap, float* out) {
+                                         int head_dim, float scale, int window, float cap, float* out) { pdl_entry();
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)rows * n_heads * head_dim) return;
     int d = (int)(i % head_dim);

@@ -82,7 +82,7 @@ __device__ float dq(const WeightRef& w, long long r, int c) {
 
 // out[i, :] = dq(table[tokens[i]]) * scale. grid.x = rows.
 extern "C" __global__ void embed(const u8* p0, const u8* p1, const u16* p2, int wrows, int cols,
-                                 int dtype, const u32* tokens, float scale, float* out) {
+                                 int dtype, const u32* tokens, float scale, float* out) { pdl_entry();
     WeightRef w = {p0, p1, p2, wrows, cols, dtype};
     long long tok = tokens[blockIdx.x];
     if (tok >= wrows) tok = 0; // guarded on the host; never read out of bounds here
@@ -93,7 +93,7 @@ extern "C" __global__ void embed(const u8* p0, const u8* p1, const u16* p2, int 
 // Reference matmul: one thread per output element, whole-row dequantized
 // dot product in f32. out[t, o] = sum_i W[o, i] x[t, i].
 extern "C" __global__ void matmul_ref(const u8* p0, const u8* p1, const u16* p2, int wrows,
-                                      int cols, int dtype, const float* x, int xrows, float* out) {
+                                      int cols, int dtype, const float* x, int xrows, float* out) { pdl_entry();
     WeightRef w = {p0, p1, p2, wrows, cols, dtype};
     long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (long long)xrows * wrows) return;
@@ -107,7 +107,7 @@ extern "C" __global__ void matmul_ref(const u8* p0, const u8* p1, const u16* p2,
 
 // Dequantize rows [row0, row0 + nrows) to f16 (prefill path). grid-stride.
 extern "C" __global__ void dequant_f16(const u8* p0, const u8* p1, const u16* p2, int wrows,
-                                       int cols, int dtype, long long row0, int nrows, u16* out) {
+                                       int cols, int dtype, long long row0, int nrows, u16* out) { pdl_entry();
     WeightRef w = {p0, p1, p2, wrows, cols, dtype};
     long long n = (long long)nrows * cols;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
@@ -116,7 +116,7 @@ extern "C" __global__ void dequant_f16(const u8* p0, const u8* p1, const u16* p2
     }
 }
 
-extern "C" __global__ void f32_to_f16(const float* x, long long n, u16* out) {
+extern "C" __global__ void f32_to_f16(const float* x, long long n, u16* out) { pdl_entry();
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
         out[i] = f2h(x[i]);

@@ -1,7 +1,7 @@
 // Norms, residual adds, activations, RoPE, KV writes, row gathers, argmax.
 
 // out = x / rms(x) * w, one block per row.
-extern "C" __global__ void rms_norm(const float* x, const float* w, float eps, int cols, float* out) {
+extern "C" __global__ void rms_norm(const float* x, const float* w, float eps, int cols, float* out) { pdl_entry();
     __shared__ float scratch[32];
     const float* xr = x + (long long)blockIdx.x * cols;
     float* o = out + (long long)blockIdx.x * cols;
@@ -14,7 +14,7 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, float eps, i
 
 // x += delta; out = rms_norm(x) * w, one block per row (one pass over x).
 extern "C" __global__ void add_rms_norm(float* x, const float* delta, const float* w, float eps,
-                                        int cols, float* out) {
+                                        int cols, float* out) { pdl_entry();
     __shared__ float scratch[32];
     float* xr = x + (long long)blockIdx.x * cols;
     const float* dr = delta + (long long)blockIdx.x * cols;
@@ -30,23 +30,23 @@ extern "C" __global__ void add_rms_norm(float* x, const float* delta, const floa
     for (int c = threadIdx.x; c < cols; c += blockDim.x) o[c] = xr[c] * inv * w[c];
 }
 
-extern "C" __global__ void add_inplace(float* x, const float* y, long long n) {
+extern "C" __global__ void add_inplace(float* x, const float* y, long long n) { pdl_entry();
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) x[i] += y[i];
 }
 
-extern "C" __global__ void add_bias(float* x, const float* b, int cols, long long n) {
+extern "C" __global__ void add_bias(float* x, const float* b, int cols, long long n) { pdl_entry();
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) x[i] += b[i % cols];
 }
 
-extern "C" __global__ void softcap(float* x, float cap, long long n) {
+extern "C" __global__ void softcap(float* x, float cap, long long n) { pdl_entry();
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) x[i] = cap * tanhf(x[i] / cap);
 }
 
 // act: 0 = SiLU, 1 = GELU (tanh).
-extern "C" __global__ void gated_act(const float* gate, const float* up, int act, long long n, float* out) {
+extern "C" __global__ void gated_act(const float* gate, const float* up, int act, long long n, float* out) { pdl_entry();
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
         float g = gate[i];
@@ -54,7 +54,7 @@ extern "C" __global__ void gated_act(const float* gate, const float* up, int act
     }
 }
 
-extern "C" __global__ void gather_rows(const float* x, const u32* idx, int cols, float* out) {
+extern "C" __global__ void gather_rows(const float* x, const u32* idx, int cols, float* out) { pdl_entry();
     const float* src = x + (long long)idx[blockIdx.x] * cols;
     float* dst = out + (long long)blockIdx.x * cols;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = src[c];
@@ -70,7 +70,7 @@ __device__ __forceinline__ u32 ordered_bits(float f) {
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-extern "C" __global__ void argmax_rows(const float* x, int cols, u64* keys) {
+extern "C" __global__ void argmax_rows(const float* x, int cols, u64* keys) { pdl_entry();
     __shared__ float sv[32];
     __shared__ int si[32];
     const float* xr = x + (long long)blockIdx.y * cols;
@@ -123,7 +123,7 @@ __device__ __forceinline__ void rope_pair(float* a, float* b, u32 pos, float inv
 // style: 0 = interleaved pairs (2i, 2i+1), 1 = NeoX halves (i, i + n_pairs).
 extern "C" __global__ void qk_norm_rope(float* x, int n_heads, int head_dim, const float* w, float eps,
                                         const float* inv_freq, int n_pairs, int style, float mscale,
-                                        const u32* positions) {
+                                        const u32* positions) { pdl_entry();
     extern __shared__ float hbuf[];
     __shared__ float scratch[32];
     float* h = x + ((long long)blockIdx.x * n_heads + blockIdx.y) * head_dim;
@@ -147,7 +147,7 @@ extern "C" __global__ void qk_norm_rope(float* x, int n_heads, int head_dim, con
 }
 
 // Reference path, unfused: per-head RMSNorm, one thread per (row, head).
-extern "C" __global__ void head_norm_ref(float* x, int total_heads, int head_dim, const float* w, float eps) {
+extern "C" __global__ void head_norm_ref(float* x, int total_heads, int head_dim, const float* w, float eps) { pdl_entry();
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= total_heads) return;
     float* h = x + (long long)i * head_dim;
@@ -159,7 +159,7 @@ extern "C" __global__ void head_norm_ref(float* x, int total_heads, int head_dim
 
 // Reference path: RoPE, one thread per (row, head, pair).
 extern "C" __global__ void rope_ref(float* x, int rows, int n_heads, int head_dim, const float* inv_freq,
-                                    int n_pairs, int style, float mscale, const u32* positions) {
+                                    int n_pairs, int style, float mscale, const u32* positions) { pdl_entry();
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)rows * n_heads * n_pairs) return;
     int p = (int)(i % n_pairs);
@@ -175,7 +175,7 @@ extern "C" __global__ void rope_ref(float* x, int rows, int n_heads, int head_di
 // K block-major [num_blocks*block_size slots][kv_dim], then V likewise.
 // grid.x = rows.
 extern "C" __global__ void write_kv(void* pool, long long layer_off, long long v_off, int kvt,
-                                    const float* k, const float* v, const u32* slots, int kv_dim) {
+                                    const float* k, const float* v, const u32* slots, int kv_dim) { pdl_entry();
     long long slot = slots[blockIdx.x];
     const float* kr = k + (long long)blockIdx.x * kv_dim;
     const float* vr = v + (long long)blockIdx.x * kv_dim;
@@ -190,7 +190,7 @@ extern "C" __global__ void write_kv(void* pool, long long layer_off, long long v
 // x += delta'; out = rms_norm(x) * w. Replaces rms_norm + add_rms_norm (two launches, two
 // passes over x) with one; the arithmetic per element is the same as theirs.
 extern "C" __global__ void residual_norm(float* x, const float* delta, const float* post_w, const float* w,
-                                         float eps, int cols, float* out) {
+                                         float eps, int cols, float* out) { pdl_entry();
     __shared__ float scratch[32];
     float* xr = x + (long long)blockIdx.x * cols;
     const float* dr = delta + (long long)blockIdx.x * cols;
@@ -222,7 +222,7 @@ extern "C" __global__ void qk_norm_rope_store(float* q, float* k, const float* v
                                               int head_dim, const float* qw, const float* kw, float eps,
                                               const float* inv_freq, int n_pairs, int style, float mscale,
                                               const u32* positions, void* pool, long long layer_off,
-                                              long long v_off, int kvt, const u32* slots) {
+                                              long long v_off, int kvt, const u32* slots) { pdl_entry();
     extern __shared__ float hbuf[];
     __shared__ float scratch[32];
     int row = blockIdx.x, y = blockIdx.y;
@@ -259,7 +259,7 @@ extern "C" __global__ void qk_norm_rope_store(float* q, float* k, const float* v
 }
 
 // dst = src (n floats); for copying an activation inside a captured graph.
-extern "C" __global__ void copy_f32(const float* src, long long n, float* dst) {
+extern "C" __global__ void copy_f32(const float* src, long long n, float* dst) { pdl_entry();
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
         dst[i] = src[i];
 }

@@ -366,7 +366,7 @@ __device__ void gemv_float(int bid, const u8* p0, int wrows, int cols, const flo
 #define GEMV_ENTRY(name, T, body)                                                                  \
     extern "C" __global__ void __launch_bounds__(256) name##_##T(                                  \
         const u8* p0, const u8* p1, const u16* p2, int wrows, int cols, const float* x, int nt,    \
-        float* out) { body; }
+        float* out) { pdl_entry(); body; }
 
 #define GEMV_ALL(T)                                                                                \
     GEMV_ENTRY(gemv_f32, T, (gemv_float<T, DT_F32>(blockIdx.x, p0, wrows, cols, x, nt, out)))                  \
@@ -414,7 +414,7 @@ __device__ __forceinline__ void gemv_any(int kind, int bid, const u8* p0, const 
         const float* x, int nt, int cols,                                                          \
         int k0, const u8* a0, const u8* a1, const u16* a2, int r0, float* o0, int nb0,             \
         int k1, const u8* b0, const u8* b1, const u16* b2, int r1, float* o1, int nb1,             \
-        int k2, const u8* c0, const u8* c1, const u16* c2, int r2, float* o2) {                    \
+        int k2, const u8* c0, const u8* c1, const u16* c2, int r2, float* o2) { pdl_entry();                    \
         int b = blockIdx.x;                                                                        \
         if (b < nb0) { gemv_any<T>(k0, b, a0, a1, a2, r0, cols, x, nt, o0); return; }              \
         b -= nb0;                                                                                  \
@@ -478,7 +478,7 @@ __device__ __forceinline__ void gemv_k_any(int fam, int bid, const u8* p0, const
     extern "C" __global__ void __launch_bounds__(256) gemv_fx_##T(                                 \
         int fam, const u8* p0, const u16* p2, int wrows, int cols, const float* x, const float* up, \
         int act, int nt, float* out, float* res, const float* post_w, const float* next_w,         \
-        float eps, float* hout, u32* counter) {                                                    \
+        float eps, float* hout, u32* counter) { pdl_entry();                                                    \
         __shared__ float scratch[32];                                                              \
         __shared__ int s_last;                                                                     \
         if (up) gemv_k_any<T, true>(fam, blockIdx.x, p0, p2, wrows, cols, x, up, act, nt, out);    \

@@ -1,0 +1,325 @@
+//! Engine-level benchmarks of `kestrel bench`: what continuous batching, the
+//! prefix cache and chunked prefill buy, measured through the same `Engine`
+//! the server runs (not a special path).
+//!
+//! - `--batch 1,8,64`: N greedy sequences with distinct prompts decoding
+//!   together; decode throughput counts only steps where all N sequences
+//!   decode (like llama-batched-bench's S_TG), so prefill does not dilute it.
+//! - `--shared-prefix LEN`: requests sharing a LEN-token prefix, run with the
+//!   prefix cache on and off: tokens computed, tokens saved, time.
+//! - `--interference LEN`: time per output token of running streams before and
+//!   while a LEN-token prompt is prefilled beside them.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use kestrel_backend::{Backend, KvDType};
+use kestrel_bench::{Better, Row};
+use kestrel_engine::engine::StepReport;
+use kestrel_engine::{Engine, EngineConfig, EventReceiver, SamplingParams};
+use kestrel_model::Model;
+use kestrel_tokenizer::Tokenizer;
+use serde_json::{json, Value};
+
+/// Options shared by the engine benchmarks.
+#[derive(Clone, Debug)]
+pub struct EngineBenchOpts {
+    pub kv: KvDType,
+    pub block_size: usize,
+    pub max_num_batched_tokens: usize,
+    pub prompt_len: usize,
+    pub gen_len: usize,
+}
+
+/// Distinct pseudo-random prompt tokens for sequence `seq` (ids >= 1000 keep
+/// clear of special tokens).
+fn prompt(seq: usize, len: usize, vocab: usize) -> Vec<u32> {
+    let span = (vocab as u64).saturating_sub(1000).max(1);
+    (0..len)
+        .map(|i| {
+            let h = (seq as u64 + 1)
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                .wrapping_add(i as u64 * 2_654_435_761);
+            ((h >> 17) % span + 1000) as u32
+        })
+        .collect()
+}
+
+fn greedy(max_tokens: usize) -> SamplingParams {
+    SamplingParams {
+        max_tokens,
+        ignore_eos: true,
+        ..SamplingParams::default()
+    }
+}
+
+/// A fresh engine with room for `seqs` sequences of `tokens` tokens each.
+fn engine<B: Backend>(
+    model: &Arc<Model<B>>,
+    tok: &Arc<Tokenizer>,
+    o: &EngineBenchOpts,
+    seqs: usize,
+    tokens: usize,
+    prefix_cache: bool,
+) -> Result<Engine<B>> {
+    let blocks = seqs * tokens.div_ceil(o.block_size) + 16;
+    let cfg = EngineConfig {
+        num_kv_blocks: blocks,
+        block_size: o.block_size,
+        max_num_seqs: seqs,
+        max_num_batched_tokens: o.max_num_batched_tokens,
+        enable_prefix_caching: prefix_cache,
+        kv_dtype: o.kv,
+    };
+    Engine::new(model.clone(), tok.clone(), cfg).context("creating the engine")
+}
+
+/// Steps until no work is left, timing each step.
+fn drain<B: Backend>(e: &mut Engine<B>, timeline: &mut Vec<(StepReport, Duration)>) -> Result<()> {
+    while e.has_work() {
+        let t0 = Instant::now();
+        let r = e.step().context("engine step")?;
+        timeline.push((r, t0.elapsed()));
+    }
+    Ok(())
+}
+
+/// Counts the tokens each receiver got (and checks nothing failed).
+fn count_tokens(rxs: &[EventReceiver]) -> Result<Vec<usize>> {
+    let mut counts = Vec::with_capacity(rxs.len());
+    for (i, rx) in rxs.iter().enumerate() {
+        let mut n = 0;
+        while let Ok(ev) = rx.try_recv() {
+            match ev {
+                kestrel_engine::Event::Token { .. } => n += 1,
+                kestrel_engine::Event::Error { message } => bail!("request {i} failed: {message}"),
+                _ => {}
+            }
+        }
+        counts.push(n);
+    }
+    Ok(counts)
+}
+
+/// Decode throughput at each batch size in `sizes`; `runs` runs each.
+pub fn batch_curve<B: Backend>(
+    model: &Arc<Model<B>>,
+    tok: &Arc<Tokenizer>,
+    o: &EngineBenchOpts,
+    sizes: &[usize],
+    runs: usize,
+    rows: &mut Vec<Row>,
+) -> Result<Value> {
+    let mut out = Vec::new();
+    for &n in sizes {
+        let once = || -> Result<(f64, f64, f64)> {
+            let mut e = engine(model, tok, o, n, o.prompt_len + o.gen_len, false)?;
+            let mut rxs = Vec::with_capacity(n);
+            for s in 0..n {
+                let p = prompt(s, o.prompt_len, model.config.vocab_size);
+                rxs.push(e.add_request(p, greedy(o.gen_len))?.1);
+            }
+            let t0 = Instant::now();
+            let mut tl = Vec::new();
+            drain(&mut e, &mut tl)?;
+            let wall = t0.elapsed().as_secs_f64();
+            let counts = count_tokens(&rxs)?;
+            if let Some((i, c)) = counts.iter().enumerate().find(|(_, &c)| c != o.gen_len) {
+                bail!(
+                    "batch {n}: request {i} produced {c} tokens, expected {}",
+                    o.gen_len
+                );
+            }
+            // Steps in which every sequence decoded one token.
+            let full: Vec<&(StepReport, Duration)> = tl
+                .iter()
+                .filter(|(r, _)| r.num_seqs == n && r.num_tokens == n)
+                .collect();
+            let toks: usize = full.iter().map(|(r, _)| r.num_sampled).sum();
+            let secs: f64 = full.iter().map(|(_, d)| d.as_secs_f64()).sum();
+            let decode = if secs > 0.0 { toks as f64 / secs } else { 0.0 };
+            let total = (n * o.gen_len) as f64 / wall;
+            let step_ms = if full.is_empty() {
+                0.0
+            } else {
+                secs * 1e3 / full.len() as f64
+            };
+            Ok((decode, total, step_ms))
+        };
+        once().with_context(|| format!("warmup of batch {n}"))?;
+        let (mut dec, mut tot, mut step) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..runs.max(1) {
+            let (d, t, s) = once()?;
+            dec.push(d);
+            tot.push(t);
+            step.push(s);
+        }
+        let name = format!("batch{n}");
+        let r_dec =
+            Row::new(&name, "decode_tok_s", "tok/s", Better::Higher, dec).with_param("concurrency", n as f64);
+        let r_tot = Row::new(&name, "end_to_end_tok_s", "tok/s", Better::Higher, tot)
+            .with_param("concurrency", n as f64);
+        let r_step =
+            Row::new(&name, "tpot_ms", "ms", Better::Lower, step).with_param("concurrency", n as f64);
+        eprintln!(
+            "{name:>9}: decode {:>10.1} tok/s  (step {:.3} ms; with prefill {:.1} tok/s)",
+            r_dec.stats.median, r_step.stats.median, r_tot.stats.median
+        );
+        out.push(json!({"sequences": n, "decode_tok_s": r_dec.raw, "end_to_end_tok_s": r_tot.raw, "step_ms": r_step.raw}));
+        rows.extend([r_dec, r_tot, r_step]);
+    }
+    Ok(json!(out))
+}
+
+/// `requests` requests sharing a `prefix_len`-token prefix (each with its
+/// own 16-token question), with the prefix cache on and then off.
+pub fn shared_prefix<B: Backend>(
+    model: &Arc<Model<B>>,
+    tok: &Arc<Tokenizer>,
+    o: &EngineBenchOpts,
+    prefix_len: usize,
+    requests: usize,
+    rows: &mut Vec<Row>,
+) -> Result<Value> {
+    let vocab = model.config.vocab_size;
+    let shared = prompt(usize::MAX / 2, prefix_len, vocab);
+    let gen = 16;
+    let mut out = serde_json::Map::new();
+    for cache in [true, false] {
+        let mut e = engine(model, tok, o, requests, prefix_len + 16 + gen, cache)?;
+        let mut rxs = Vec::new();
+        let t0 = Instant::now();
+        // The first request arrives alone (a system prompt's first user);
+        // the others arrive together once it is being answered.
+        for s in 0..requests {
+            let mut p = shared.clone();
+            p.extend(prompt(s, 16, vocab));
+            rxs.push(e.add_request(p, greedy(gen))?.1);
+            if s == 0 {
+                while e.stats().tokens_generated == 0 {
+                    e.step().context("engine step")?;
+                }
+            }
+        }
+        let mut tl = Vec::new();
+        drain(&mut e, &mut tl)?;
+        let secs = t0.elapsed().as_secs_f64();
+        count_tokens(&rxs)?;
+        let st = e.stats();
+        let label = if cache {
+            "prefix_cache_on"
+        } else {
+            "prefix_cache_off"
+        };
+        eprintln!(
+            "shared prefix {prefix_len} x {requests} requests, {label}: {:.3} s, {} tokens computed, {} prompt tokens from the cache (hits {}, misses {})",
+            secs, st.tokens_computed, st.prefix_cache.tokens_saved, st.prefix_cache.hits, st.prefix_cache.misses
+        );
+        let name = format!("shared_prefix{prefix_len}x{requests}/{label}");
+        rows.push(Row::new(&name, "seconds", "s", Better::Lower, vec![secs]));
+        rows.push(Row::new(
+            &name,
+            "tokens_computed",
+            "tokens",
+            Better::Lower,
+            vec![st.tokens_computed as f64],
+        ));
+        rows.push(Row::new(
+            &name,
+            "tokens_saved",
+            "tokens",
+            Better::Neither,
+            vec![st.prefix_cache.tokens_saved as f64],
+        ));
+        out.insert(
+            label.to_string(),
+            json!({"seconds": secs, "tokens_computed": st.tokens_computed, "prefix_cache": st.prefix_cache}),
+        );
+    }
+    Ok(Value::Object(out))
+}
+
+/// TPOT of `streams` decoding sequences before and while a `long_len`-token
+/// prompt is prefilled beside them (chunked by the step's token budget).
+pub fn interference<B: Backend>(
+    model: &Arc<Model<B>>,
+    tok: &Arc<Tokenizer>,
+    o: &EngineBenchOpts,
+    streams: usize,
+    long_len: usize,
+    rows: &mut Vec<Row>,
+) -> Result<Value> {
+    let vocab = model.config.vocab_size;
+    let gen = 64 + 2 * long_len.div_ceil(o.max_num_batched_tokens.max(1)) + 64;
+    let mut e = engine(
+        model,
+        tok,
+        o,
+        streams + 1,
+        (o.prompt_len + gen).max(long_len + 2),
+        false,
+    )?;
+    let mut rxs = Vec::new();
+    for s in 0..streams {
+        rxs.push(e.add_request(prompt(s, o.prompt_len, vocab), greedy(gen))?.1);
+    }
+    let step = |e: &mut Engine<B>| -> Result<(StepReport, f64)> {
+        let t0 = Instant::now();
+        let r = e.step().context("engine step")?;
+        Ok((r, t0.elapsed().as_secs_f64() * 1e3))
+    };
+    // Let every stream reach steady decoding, then time 32 plain steps.
+    while e.stats().running < streams || e.stats().tokens_generated < (streams * 4) as u64 {
+        step(&mut e)?;
+    }
+    let mut before = Vec::new();
+    for _ in 0..32 {
+        let (r, ms) = step(&mut e)?;
+        if r.num_tokens == streams {
+            before.push(ms);
+        }
+    }
+    let long = e.add_request(prompt(streams + 7, long_len, vocab), greedy(1))?.1;
+    let mut during = Vec::new();
+    let mut chunks = Vec::new();
+    loop {
+        let (r, ms) = step(&mut e)?;
+        if r.num_tokens > streams {
+            during.push(ms);
+            chunks.push(r.num_tokens - streams);
+        } else {
+            break;
+        }
+    }
+    count_tokens(&[long])?;
+    e.abort_all();
+    let b = Row::new("interference/before", "tpot_ms", "ms", Better::Lower, before);
+    let d = Row::new(
+        &format!("interference/during_prefill{long_len}"),
+        "tpot_ms",
+        "ms",
+        Better::Lower,
+        during,
+    );
+    let ratio = if b.stats.median > 0.0 {
+        d.stats.median / b.stats.median
+    } else {
+        0.0
+    };
+    eprintln!(
+        "{streams} streams: TPOT {:.3} ms before, {:.3} ms while a {long_len}-token prompt is prefilled in chunks of {:?} tokens: {ratio:.2}x",
+        b.stats.median, d.stats.median, chunks
+    );
+    let v = json!({"streams": streams, "long_prompt": long_len, "tpot_before_ms": b.raw, "tpot_during_ms": d.raw, "prefill_chunks": chunks, "ratio": ratio});
+    rows.push(b);
+    rows.push(d);
+    rows.push(Row::new(
+        "interference/ratio",
+        "tpot_ratio",
+        "x",
+        Better::Lower,
+        vec![ratio],
+    ));
+    Ok(v)
+}

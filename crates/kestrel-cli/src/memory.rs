@@ -1,0 +1,62 @@
+//! Memory a run used: peak resident host memory (the kernel's high-water
+//! mark, so it covers every allocation and mapped weight page touched) and
+//! device memory in use as the driver reports it.
+
+use serde::Serialize;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct MemoryReport {
+    /// Peak resident set of this process (VmHWM).
+    pub peak_host_mib: f64,
+    /// Device memory in use (all processes on the device: the driver does
+    /// not split it), when running on a GPU.
+    pub device_used_mib: Option<f64>,
+    pub device_total_mib: Option<f64>,
+    /// Size of the model file, for scale.
+    pub model_file_mib: f64,
+}
+
+/// VmHWM of /proc/self/status in MiB (0 where /proc is unavailable).
+pub fn peak_host_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+pub fn report(device: Option<(u64, u64)>, model_file_bytes: u64) -> MemoryReport {
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    MemoryReport {
+        peak_host_mib: peak_host_mib(),
+        device_used_mib: device.map(|(free, total)| mib(total.saturating_sub(free))),
+        device_total_mib: device.map(|(_, total)| mib(total)),
+        model_file_mib: mib(model_file_bytes),
+    }
+}
+
+pub fn describe(m: &MemoryReport) -> String {
+    let mut s = format!("memory: peak host {:.0} MiB", m.peak_host_mib);
+    if let (Some(u), Some(t)) = (m.device_used_mib, m.device_total_mib) {
+        s += &format!(", device {u:.0} of {t:.0} MiB in use");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peak_host_memory_is_read_from_proc() {
+        // This test process has touched at least a few MiB.
+        let v = peak_host_mib();
+        assert!(v > 1.0, "VmHWM {v} MiB");
+        let r = report(Some((1 << 30, 4 << 30)), 0);
+        assert_eq!(r.device_used_mib, Some(3072.0));
+    }
+}
