@@ -3,7 +3,9 @@
 //! `validate`, `microbench` and `report` build on.
 
 pub mod capsule;
+pub mod report;
 pub mod rows;
+pub mod serve_load;
 
 pub use capsule::Stats;
 pub use rows::{Better, Row};

@@ -1,14 +1,18 @@
-//! `kestrel report CAPSULE...`: render benchmark capsules as a Markdown
-//! table (the source of RESULTS.md), or CSV / JSON.
+//! `kestrel report CAPSULE...`: render capsules of any tool as one table
+//! (Markdown, the body of RESULTS.md; CSV; JSON), compare two capsules with
+//! `--compare`, and draw SVG charts with `--plot DIR`. The work is in
+//! `kestrel_bench::report`; this file is the command line.
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Args, ValueEnum};
-use serde_json::Value;
+use kestrel_bench::report::{compare, plot, render, Capsule, ReportError, DEFAULT_THRESHOLD_PCT};
+use serde_json::{json, Value};
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Format {
+    #[value(name = "md", alias = "markdown")]
     Markdown,
     Csv,
     Json,
@@ -16,174 +20,95 @@ pub enum Format {
 
 #[derive(Args, Clone, Debug)]
 pub struct ReportArgs {
-    /// Capsule files written by `kestrel bench`.
+    /// Capsule files written by kestrel's tools (bench, bench-serve, validate,
+    /// microbench, bench-detok).
     #[arg(required = true)]
     pub capsules: Vec<PathBuf>,
-    #[arg(long, value_enum, default_value = "markdown")]
+    #[arg(long, value_enum, default_value = "md")]
     pub format: Format,
-}
-
-/// One row of the report: a test of one capsule.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct Row {
-    pub capsule: String,
-    pub device: String,
-    pub hardware: String,
-    pub model: String,
-    pub test: String,
-    pub median_tok_s: f64,
-    pub min_tok_s: f64,
-    pub max_tok_s: f64,
-    pub runs: u64,
-    pub command: String,
-    pub commit: String,
-}
-
-/// The rows of one capsule (a `bench` capsule holds one row per test).
-pub fn rows(name: &str, c: &Value) -> Vec<Row> {
-    let hw = &c["hardware"];
-    let gpus = hw["gpus"]
-        .as_array()
-        .map(|g| g.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("; "));
-    let hardware = match gpus.filter(|g| !g.is_empty()) {
-        Some(g) => g,
-        None => format!(
-            "{} ({} threads)",
-            hw["cpu"].as_str().unwrap_or("?"),
-            hw["logical_cores"].as_u64().unwrap_or(0)
-        ),
-    };
-    let model = c["model"]["path"]
-        .as_str()
-        .unwrap_or("?")
-        .rsplit('/')
-        .next()
-        .unwrap_or("?")
-        .to_string();
-    let command = c["command"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_str)
-                .enumerate()
-                .map(|(i, s)| if i == 0 { "kestrel" } else { s })
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .unwrap_or_default();
-    let commit: String = c["git_commit"].as_str().unwrap_or("?").chars().take(10).collect();
-    let r = &c["result"];
-    r["tests"]
-        .as_array()
-        .map(|tests| {
-            tests
-                .iter()
-                .map(|t| Row {
-                    capsule: name.to_string(),
-                    device: r["device"].as_str().unwrap_or("?").to_string(),
-                    hardware: hardware.clone(),
-                    model: model.clone(),
-                    test: t["test"].as_str().unwrap_or("?").to_string(),
-                    median_tok_s: t["summary"]["median"].as_f64().unwrap_or(0.0),
-                    min_tok_s: t["summary"]["min"].as_f64().unwrap_or(0.0),
-                    max_tok_s: t["summary"]["max"].as_f64().unwrap_or(0.0),
-                    runs: t["summary"]["n"].as_u64().unwrap_or(0),
-                    command: command.clone(),
-                    commit: commit.clone(),
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-pub fn markdown(rows: &[Row]) -> String {
-    let mut s = String::from(
-        "| test | tok/s (median) | min .. max | runs | device | hardware | model | commit | command | capsule |\n|---|---:|---|---:|---|---|---|---|---|---|\n",
-    );
-    for r in rows {
-        s.push_str(&format!(
-            "| {} | {:.1} | {:.1} .. {:.1} | {} | {} | {} | {} | {} | `{}` | {} |\n",
-            r.test,
-            r.median_tok_s,
-            r.min_tok_s,
-            r.max_tok_s,
-            r.runs,
-            r.device,
-            r.hardware,
-            r.model,
-            r.commit,
-            r.command,
-            r.capsule
-        ));
-    }
-    s
+    /// Same as `--format json`: one JSON document on stdout.
+    #[arg(long, conflicts_with = "format")]
+    pub json: bool,
+    /// Compare exactly two capsules, baseline first then candidate: rows
+    /// joined on (test, metric), ratio of medians and a verdict per row.
+    /// Never implied, so that the shape of the output does not depend on
+    /// how many capsules a glob happens to match.
+    #[arg(long)]
+    pub compare: bool,
+    /// Percent change below which a compared row is "neutral".
+    #[arg(long, default_value_t = DEFAULT_THRESHOLD_PCT, value_name = "PCT")]
+    pub threshold: f64,
+    /// Write SVG charts here: throughput against concurrency (rows with a
+    /// `concurrency` param) and the distribution of each latency metric.
+    /// The file names go to stderr (and into the JSON document).
+    #[arg(long, value_name = "DIR")]
+    pub plot: Option<PathBuf>,
 }
 
 pub fn main(a: ReportArgs) -> Result<()> {
-    let mut all = Vec::new();
-    for p in &a.capsules {
-        let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-        let c: Value =
-            serde_json::from_str(&text).with_context(|| format!("{}: not a JSON capsule", p.display()))?;
-        let name = p
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default();
-        all.extend(rows(&name, &c));
+    let format = if a.json { Format::Json } else { a.format };
+    if !a.threshold.is_finite() || a.threshold < 0.0 {
+        return Err(ReportError::Threshold { got: a.threshold }.into());
     }
-    match a.format {
-        Format::Markdown => print!("{}", markdown(&all)),
-        Format::Json => println!("{}", serde_json::to_string_pretty(&all)?),
-        Format::Csv => {
-            println!("capsule,test,median_tok_s,min_tok_s,max_tok_s,runs,device,hardware,model,commit");
-            for r in &all {
-                println!(
-                    "{},{},{:.3},{:.3},{:.3},{},\"{}\",\"{}\",{},{}",
-                    r.capsule,
-                    r.test,
-                    r.median_tok_s,
-                    r.min_tok_s,
-                    r.max_tok_s,
-                    r.runs,
-                    r.device,
-                    r.hardware,
-                    r.model,
-                    r.commit
+    if a.compare && a.capsules.len() != 2 {
+        return Err(ReportError::CompareCount {
+            got: a.capsules.len(),
+        }
+        .into());
+    }
+    let capsules = a
+        .capsules
+        .iter()
+        .map(|p| Capsule::read(p))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let plots = match &a.plot {
+        Some(dir) => {
+            let written = plot::write_plots(&capsules, dir)?;
+            if written.is_empty() {
+                eprintln!("no plots: no row has a concurrency param or latency samples");
+            }
+            for p in &written {
+                eprintln!("wrote {}", p.display());
+            }
+            Some(written)
+        }
+        None => None,
+    };
+
+    let comparison = match capsules.as_slice() {
+        [base, cand] if a.compare => {
+            if base.kind != cand.kind {
+                eprintln!(
+                    "note: comparing a {} capsule with a {} capsule; only rows with the same test and metric are joined",
+                    base.kind, cand.kind
                 );
             }
+            Some(compare::compare(base, cand, a.threshold))
+        }
+        _ => None,
+    };
+
+    match format {
+        Format::Markdown => match &comparison {
+            Some(c) => print!("{}", compare::markdown(c)),
+            None => print!("{}", render::markdown(&capsules)),
+        },
+        Format::Csv => match &comparison {
+            Some(c) => print!("{}", compare::csv(c)),
+            None => print!("{}", render::csv(&capsules)),
+        },
+        Format::Json => {
+            let mut doc: Value = match &comparison {
+                Some(c) => json!({ "comparison": c }),
+                None => render::json(&capsules),
+            };
+            if let (Some(written), Some(obj)) = (&plots, doc.as_object_mut()) {
+                let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
+                obj.insert("plots".into(), json!(names));
+            }
+            println!("{}", serde_json::to_string_pretty(&doc)?);
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn capsule_rows_render() {
-        let c = json!({
-            "git_commit": "0123456789abcdef",
-            "command": ["/x/kestrel", "bench", "--device", "cpu"],
-            "hardware": {"cpu": "Xeon", "logical_cores": 2, "gpus": []},
-            "model": {"path": "/m/gemma.gguf"},
-            "result": {"device": "cpu (avx2)", "tests": [
-                {"test": "pp512", "summary": {"median": 400.0, "min": 390.0, "max": 410.0, "n": 3}},
-                {"test": "tg128", "summary": {"median": 50.5, "min": 49.0, "max": 51.0, "n": 3}}
-            ]}
-        });
-        let r = rows("a.json", &c);
-        assert_eq!(r.len(), 2);
-        assert_eq!(r[1].test, "tg128");
-        assert_eq!(r[1].median_tok_s, 50.5);
-        assert_eq!(r[0].hardware, "Xeon (2 threads)");
-        assert_eq!(r[0].commit, "0123456789");
-        let md = markdown(&r);
-        assert!(
-            md.contains("| pp512 | 400.0 | 390.0 .. 410.0 | 3 | cpu (avx2) |"),
-            "{md}"
-        );
-        assert!(md.contains("`kestrel bench --device cpu`"), "{md}");
-    }
 }

@@ -363,24 +363,57 @@ __device__ void gemv_float(int bid, const u8* p0, int wrows, int cols, const flo
     gemv_finish<T>(acc, nt, row, wrows, out);
 }
 
-#define GEMV_ENTRY(name, T, body)                                                                  \
+// Bytes of one row in a weight's p0 array (see dequant.cu's layouts).
+__device__ __forceinline__ long long p0_row_bytes(int dt, int cols) {
+    switch (dt) {
+    case DT_F32: return (long long)cols * 4;
+    case DT_F16:
+    case DT_BF16: return (long long)cols * 2;
+    case DT_Q8_0: return cols;
+    case DT_Q4_0:
+    case DT_Q5_0: return cols / 2;
+    case DT_Q4_K: return (long long)(cols / 256) * 144;
+    case DT_Q5_K: return (long long)(cols / 256) * 176;
+    default: return (long long)(cols / 256) * 208;
+    }
+}
+
+// Before waiting for the previous kernel (pdl_entry), pull this block's
+// weight rows [row0, row0 + nrows) into L2: weights do not depend on the
+// previous kernel, so under programmatic dependent launch their fetch
+// overlaps the previous kernel instead of following it.
+__device__ __forceinline__ void prefetch_rows(const u8* p0, int dt, int cols, long long row0, int nrows, int wrows) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (row0 >= wrows) return;
+    long long n = p0_row_bytes(dt, cols) * (long long)min(nrows, (int)(wrows - row0));
+    const u8* base = p0 + row0 * p0_row_bytes(dt, cols);
+    for (long long off = (long long)threadIdx.x * 128; off < n; off += (long long)blockDim.x * 128)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(base + off));
+#endif
+}
+
+#define GEMV_ENTRY(name, T, DT, NR, body)                                                          \
     extern "C" __global__ void __launch_bounds__(256) name##_##T(                                  \
         const u8* p0, const u8* p1, const u16* p2, int wrows, int cols, const float* x, int nt,    \
-        float* out) { pdl_entry(); body; }
+        float* out) {                                                                              \
+        prefetch_rows(p0, DT, cols, (long long)blockIdx.x * GEMV_WARPS * NR, GEMV_WARPS * NR, wrows); \
+        pdl_entry();                                                                               \
+        body;                                                                                      \
+    }
 
 #define GEMV_ALL(T)                                                                                \
-    GEMV_ENTRY(gemv_f32, T, (gemv_float<T, DT_F32>(blockIdx.x, p0, wrows, cols, x, nt, out)))                  \
-    GEMV_ENTRY(gemv_f16, T, (gemv_float<T, DT_F16>(blockIdx.x, p0, wrows, cols, x, nt, out)))                  \
-    GEMV_ENTRY(gemv_bf16, T, (gemv_float<T, DT_BF16>(blockIdx.x, p0, wrows, cols, x, nt, out)))                \
-    GEMV_ENTRY(gemv_q8_0, T, (gemv_q8_0<T, 1>(blockIdx.x, p0, p2, wrows, cols, x, nt, out)))                   \
-    GEMV_ENTRY(gemv_q8_0r4, T, (gemv_q8_0<T, 4>(blockIdx.x, p0, p2, wrows, cols, x, nt, out)))                 \
-    GEMV_ENTRY(gemv_q4_0, T, (gemv_q45_0<T, false, 1>(blockIdx.x, p0, p1, p2, wrows, cols, x, nt, out)))       \
-    GEMV_ENTRY(gemv_q5_0, T, (gemv_q45_0<T, true, 1>(blockIdx.x, p0, p1, p2, wrows, cols, x, nt, out)))        \
-    GEMV_ENTRY(gemv_q4_0r2, T, (gemv_q45_0<T, false, 2>(blockIdx.x, p0, p1, p2, wrows, cols, x, nt, out)))     \
-    GEMV_ENTRY(gemv_q5_0r2, T, (gemv_q45_0<T, true, 2>(blockIdx.x, p0, p1, p2, wrows, cols, x, nt, out)))      \
-    GEMV_ENTRY(gemv_q4_k, T, (gemv_q45_k<T, false>(blockIdx.x, p0, wrows, cols, x, nt, out)))                  \
-    GEMV_ENTRY(gemv_q5_k, T, (gemv_q45_k<T, true>(blockIdx.x, p0, wrows, cols, x, nt, out)))                   \
-    GEMV_ENTRY(gemv_q6_k, T, (gemv_q6_k<T>(blockIdx.x, p0, p2, wrows, cols, x, nt, out)))
+    GEMV_ENTRY(gemv_f32, T, DT_F32, 1, (gemv_float<T, DT_F32>(blockIdx.x, p0, wrows, cols, x, nt, out)))                  \
+    GEMV_ENTRY(gemv_f16, T, DT_F16, 1, (gemv_float<T, DT_F16>(blockIdx.x, p0, wrows, cols, x, nt, out)))                  \
+    GEMV_ENTRY(gemv_bf16, T, DT_BF16, 1, (gemv_float<T, DT_BF16>(blockIdx.x, p0, wrows, cols, x, nt, out)))                \
+    GEMV_ENTRY(gemv_q8_0, T, DT_Q8_0, 1, (gemv_q8_0<T, 1>(blockIdx.x, p0, p2, wrows, cols, x, nt, out)))                   \
+    GEMV_ENTRY(gemv_q8_0r4, T, DT_Q8_0, 4, (gemv_q8_0<T, 4>(blockIdx.x, p0, p2, wrows, cols, x, nt, out)))                 \
+    GEMV_ENTRY(gemv_q4_0, T, DT_Q4_0, 1, (gemv_q45_0<T, false, 1>(blockIdx.x, p0, p1, p2, wrows, cols, x, nt, out)))       \
+    GEMV_ENTRY(gemv_q5_0, T, DT_Q5_0, 1, (gemv_q45_0<T, true, 1>(blockIdx.x, p0, p1, p2, wrows, cols, x, nt, out)))        \
+    GEMV_ENTRY(gemv_q4_0r2, T, DT_Q4_0, 2, (gemv_q45_0<T, false, 2>(blockIdx.x, p0, p1, p2, wrows, cols, x, nt, out)))     \
+    GEMV_ENTRY(gemv_q5_0r2, T, DT_Q5_0, 2, (gemv_q45_0<T, true, 2>(blockIdx.x, p0, p1, p2, wrows, cols, x, nt, out)))      \
+    GEMV_ENTRY(gemv_q4_k, T, DT_Q4_K, 1, (gemv_q45_k<T, false>(blockIdx.x, p0, wrows, cols, x, nt, out)))                  \
+    GEMV_ENTRY(gemv_q5_k, T, DT_Q5_K, 1, (gemv_q45_k<T, true>(blockIdx.x, p0, wrows, cols, x, nt, out)))                   \
+    GEMV_ENTRY(gemv_q6_k, T, DT_Q6_K, 1, (gemv_q6_k<T>(blockIdx.x, p0, p2, wrows, cols, x, nt, out)))
 
 GEMV_ALL(1)
 GEMV_ALL(2)
@@ -409,13 +442,24 @@ __device__ __forceinline__ void gemv_any(int kind, int bid, const u8* p0, const 
     }
 }
 
+// Weight dtype and rows per warp of a `gemv_any` kernel family code.
+__device__ __forceinline__ int kind_dt(int kind) {
+    const int dts[12] = {DT_F32, DT_F16, DT_BF16, DT_Q8_0, DT_Q8_0, DT_Q4_0, DT_Q5_0, DT_Q4_0, DT_Q5_0, DT_Q4_K, DT_Q5_K, DT_Q6_K};
+    return dts[kind < 0 || kind > 11 ? 11 : kind];
+}
+__device__ __forceinline__ int kind_nr(int kind) { return kind == 4 ? 4 : (kind == 7 || kind == 8) ? 2 : 1; }
+
 #define GEMV3_ENTRY(T)                                                                             \
     extern "C" __global__ void __launch_bounds__(256) gemv3_##T(                                   \
         const float* x, int nt, int cols,                                                          \
         int k0, const u8* a0, const u8* a1, const u16* a2, int r0, float* o0, int nb0,             \
         int k1, const u8* b0, const u8* b1, const u16* b2, int r1, float* o1, int nb1,             \
-        int k2, const u8* c0, const u8* c1, const u16* c2, int r2, float* o2) { pdl_entry();                    \
+        int k2, const u8* c0, const u8* c1, const u16* c2, int r2, float* o2) {                    \
         int b = blockIdx.x;                                                                        \
+        if (b < nb0) prefetch_rows(a0, kind_dt(k0), cols, (long long)b * GEMV_WARPS * kind_nr(k0), GEMV_WARPS * kind_nr(k0), r0); \
+        else if (b < nb0 + nb1) prefetch_rows(b0, kind_dt(k1), cols, (long long)(b - nb0) * GEMV_WARPS * kind_nr(k1), GEMV_WARPS * kind_nr(k1), r1); \
+        else prefetch_rows(c0, kind_dt(k2), cols, (long long)(b - nb0 - nb1) * GEMV_WARPS * kind_nr(k2), GEMV_WARPS * kind_nr(k2), r2); \
+        pdl_entry();                                                                               \
         if (b < nb0) { gemv_any<T>(k0, b, a0, a1, a2, r0, cols, x, nt, o0); return; }              \
         b -= nb0;                                                                                  \
         if (b < nb1) { gemv_any<T>(k1, b, b0, b1, b2, r1, cols, x, nt, o1); return; }              \
