@@ -43,3 +43,34 @@ sse=$(curl -fsS -N "http://127.0.0.1:$port/v1/chat/completions" -H 'Content-Type
 echo "$sse" | grep -q '^data: {.*"object":"chat.completion.chunk"' || { echo "run.sh: curl SSE lacks chunks:" >&2; echo "$sse" >&2; exit 1; }
 [ "$(echo "$sse" | grep '^data: ' | tail -n 1)" = "data: [DONE]" ] || { echo "run.sh: curl SSE does not end with [DONE]:" >&2; echo "$sse" >&2; exit 1; }
 echo "run.sh: curl SSE ok"
+
+# The startup line names the address, the model and the device.
+grep -q "listening on http://127.0.0.1:$port | model .* | device " "$log" \
+    || { echo "run.sh: no startup line with address, model and device:" >&2; cat "$log" >&2; exit 1; }
+
+# Graceful shutdown: SIGINT stops accepting while a stream goes on; SIGTERM
+# (a second signal) aborts it, which still ends it with [DONE]; the server
+# exits with status 0.
+long=target/python-serve-long.sse
+curl -sS -N "http://127.0.0.1:$port/v1/completions" -H 'Content-Type: application/json' \
+    -d '{"prompt":"Once upon a time","max_tokens":2000,"temperature":0,"ignore_eos":true,"stream":true}' >"$long" &
+reader=$!
+for _ in $(seq 1 100); do grep -q '^data: ' "$long" 2>/dev/null && break; sleep 0.1; done
+grep -q '^data: ' "$long" || { echo "run.sh: the long stream never started" >&2; exit 1; }
+kill -INT "$server"
+sleep 1
+kill -0 "$server" 2>/dev/null || { echo "run.sh: SIGINT did not wait for the stream in flight" >&2; cat "$log" >&2; exit 1; }
+if curl -fsS --max-time 2 "http://127.0.0.1:$port/health" >/dev/null 2>&1; then
+    echo "run.sh: new connections are still accepted after SIGINT" >&2; exit 1
+fi
+kill -TERM "$server"
+status=0
+for _ in $(seq 1 100); do kill -0 "$server" 2>/dev/null || break; sleep 0.1; done
+kill -0 "$server" 2>/dev/null && { echo "run.sh: the server did not exit within 10 s of SIGTERM" >&2; exit 1; }
+wait "$server" || status=$?
+wait "$reader" || true
+[ "$status" -eq 0 ] || { echo "run.sh: the server exited with status $status" >&2; cat "$log" >&2; exit 1; }
+[ "$(grep '^data: ' "$long" | tail -n 1)" = "data: [DONE]" ] || { echo "run.sh: the aborted stream lacks [DONE]" >&2; tail -n 3 "$long" >&2; exit 1; }
+grep -q '"overloaded_error"' "$long" || { echo "run.sh: the aborted stream lacks its error event" >&2; exit 1; }
+grep -q "shutting down" "$log" && grep -q "stopped" "$log" || { echo "run.sh: no shutdown lines in the log:" >&2; cat "$log" >&2; exit 1; }
+echo "run.sh: SIGINT/SIGTERM shutdown ok"

@@ -126,3 +126,51 @@ def test_errors_are_raised_as_openai_exceptions(client, model):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=model, prompt=PROMPT, max_tokens=2, temperature=5)
     assert "temperature" in str(e.value)
+
+
+def test_completions_echo_with_logprobs(client, model):
+    args = dict(model=model, prompt=PROMPT, max_tokens=3, temperature=0, logprobs=2, extra_body={"ignore_eos": True})
+    r = client.completions.create(echo=True, **args)
+    c = r.choices[0]
+    assert c.text.startswith(PROMPT)
+    lp = c.logprobs
+    n_prompt = r.usage.prompt_tokens
+    n = len(lp.tokens)
+    assert n == n_prompt + 3
+    assert len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n
+    # As OpenAI's legacy API: the first prompt token has no log-probability.
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(x <= 0 for x in lp.token_logprobs[1:])
+    assert all(len(top) == 2 for top in lp.top_logprobs[1:])
+    assert r.usage.prompt_tokens_details.cached_tokens == 0
+    # text_offset points into the choice's text.
+    assert lp.text_offset == sorted(lp.text_offset)
+    assert lp.text_offset[n_prompt] == len(PROMPT)
+    for i in range(1, n):
+        assert c.text[lp.text_offset[i] :].startswith(lp.tokens[i]), (i, lp.tokens[i])
+
+    # Without echo: the same generated tokens and log-probabilities.
+    plain = client.completions.create(**args).choices[0].logprobs
+    assert plain.tokens == lp.tokens[n_prompt:]
+    assert plain.token_logprobs == pytest.approx(lp.token_logprobs[n_prompt:], abs=1e-5)
+
+    # Streamed: the chunks add up to the same text and lists.
+    text, tokens, logprobs = "", [], []
+    for chunk in client.completions.create(echo=True, stream=True, **args):
+        for ch in chunk.choices:
+            text += ch.text
+            if ch.logprobs is not None:
+                tokens += ch.logprobs.tokens
+                logprobs += ch.logprobs.token_logprobs
+    assert text == c.text
+    assert tokens == lp.tokens
+    assert logprobs[0] is None
+    assert logprobs[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-5)
+
+    # max_tokens=0 scores the prompt alone.
+    s = client.completions.create(model=model, prompt=PROMPT, max_tokens=0, echo=True, logprobs=1)
+    assert s.choices[0].text == PROMPT
+    assert s.usage.completion_tokens == 0
+    scores = s.choices[0].logprobs.token_logprobs
+    assert len(scores) == n_prompt and scores[0] is None
+    assert scores[1:] == pytest.approx(lp.token_logprobs[1:n_prompt], abs=1e-5)

@@ -3,6 +3,7 @@
 mod commands;
 mod device;
 mod loading;
+mod memory;
 mod model_path;
 
 use std::process::ExitCode;

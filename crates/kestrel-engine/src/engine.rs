@@ -7,6 +7,11 @@
 //! onto its own thread and returns a cloneable [`EngineHandle`] that any
 //! thread (or async task) can use; requests are validated on the caller's
 //! side so errors come back at once.
+//!
+//! A request may also ask for the log-probabilities of its prompt tokens
+//! ([`RequestOptions::prompt_logprobs`]): the scheduler then plans the
+//! logits rows of its prompt positions beside the sampling rows, and each
+//! step turns them into `PromptLogprobs` events before any sampling.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,10 +25,12 @@ use kestrel_tokenizer::Tokenizer;
 
 use crate::block_manager::{BlockManager, CacheStats};
 use crate::error::EngineError;
-use crate::events::{channel, Event, EventReceiver, EventSender, FinishReason, RequestId, Usage};
+use crate::events::{
+    channel, Event, EventReceiver, EventSender, FinishReason, PromptLogprob, RequestId, Usage,
+};
 use crate::output::SeqOutput;
-use crate::sampling::{Sampled, SamplingParams};
-use crate::scheduler::{Scheduler, SchedulerConfig, StepPlan};
+use crate::sampling::{score_token, Sampled, SamplingError, SamplingParams, MAX_LOGPROBS};
+use crate::scheduler::{PromptRows, Scheduler, SchedulerConfig, StepPlan, DEFAULT_MAX_PROMPT_LOGPROB_ROWS};
 
 /// Engine sizing. The CLI computes `num_kv_blocks` from `--num-kv-blocks` or
 /// from free device memory.
@@ -91,6 +98,17 @@ impl EngineConfig {
     }
 }
 
+/// What a request asks for beyond sampling.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RequestOptions {
+    /// `Some(n)`: score every prompt token after the first (its
+    /// log-probability given the tokens before it, with the `n` most likely
+    /// alternatives, `n <= 20`), sent as `PromptLogprobs` events before the
+    /// first token. Those positions are computed even when the prefix cache
+    /// holds them, so the request reports no cached tokens.
+    pub prompt_logprobs: Option<usize>,
+}
+
 /// A snapshot of the engine's state and counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct EngineStats {
@@ -119,8 +137,21 @@ struct Limits {
 }
 
 impl Limits {
-    fn check(&self, prompt: &[u32], params: &SamplingParams) -> Result<(), EngineError> {
+    fn check(
+        &self,
+        prompt: &[u32],
+        params: &SamplingParams,
+        opts: &RequestOptions,
+    ) -> Result<(), EngineError> {
         params.validate()?;
+        if let Some(n) = opts.prompt_logprobs.filter(|&n| n > MAX_LOGPROBS) {
+            return Err(SamplingError::OutOfRange {
+                name: "prompt_logprobs",
+                value: n.to_string(),
+                expected: "an integer in [0, 20]",
+            }
+            .into());
+        }
         if prompt.is_empty() {
             return Err(EngineError::Request("the prompt is empty (no tokens)".into()));
         }
@@ -190,6 +221,7 @@ impl<B: Backend> Engine<B> {
             SchedulerConfig {
                 max_num_seqs: config.max_num_seqs,
                 max_num_batched_tokens: config.max_num_batched_tokens,
+                max_prompt_logprob_rows: DEFAULT_MAX_PROMPT_LOGPROB_ROWS,
             },
             blocks,
         );
@@ -228,10 +260,20 @@ impl<B: Backend> Engine<B> {
         prompt: Vec<u32>,
         params: SamplingParams,
     ) -> Result<(RequestId, EventReceiver), EngineError> {
-        self.limits.check(&prompt, &params)?;
+        self.add_request_with(prompt, params, RequestOptions::default())
+    }
+
+    /// [`add_request`](Self::add_request) with options.
+    pub fn add_request_with(
+        &mut self,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        opts: RequestOptions,
+    ) -> Result<(RequestId, EventReceiver), EngineError> {
+        self.limits.check(&prompt, &params, &opts)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = channel();
-        self.enqueue(id, prompt, params, tx)?;
+        self.enqueue(id, prompt, params, opts, tx)?;
         Ok((id, rx))
     }
 
@@ -240,10 +282,17 @@ impl<B: Backend> Engine<B> {
         id: RequestId,
         prompt: Vec<u32>,
         params: SamplingParams,
+        opts: RequestOptions,
         sink: EventSender,
     ) -> Result<(), EngineError> {
-        self.sched.add(id, prompt)?;
-        self.outputs.insert(id, SeqOutput::new(&self.tok, params, sink));
+        if opts.prompt_logprobs.is_some() {
+            self.sched.add_with_prompt_logprobs(id, prompt)?;
+        } else {
+            self.sched.add(id, prompt)?;
+        }
+        let mut out = SeqOutput::new(&self.tok, params, sink);
+        out.prompt_logprobs = opts.prompt_logprobs;
+        self.outputs.insert(id, out);
         Ok(())
     }
 
@@ -358,7 +407,10 @@ impl<B: Backend> Engine<B> {
             }
             Picked::Logits(mut logits) => {
                 let vocab = self.model.config.vocab_size;
-                for (row, id) in logits.chunks_exact_mut(vocab).zip(ids) {
+                let (sampling, prompt) = logits.split_at_mut(ids.len() * vocab);
+                // Prompt scores first: they precede the request's first token.
+                self.send_prompt_logprobs(&plan.prompt_rows, plan.num_samplers(), prompt);
+                for (row, id) in sampling.chunks_exact_mut(vocab).zip(ids) {
                     report.num_sampled += 1;
                     if self.sample_one(id, row)? {
                         report.num_finished += 1;
@@ -369,27 +421,65 @@ impl<B: Backend> Engine<B> {
         Ok(report)
     }
 
+    /// Scores the prompt tokens of the step's prompt rows (`logits` holds
+    /// the rows after the `samplers` sampling rows) and sends them.
+    fn send_prompt_logprobs(&mut self, rows: &[PromptRows], samplers: usize, logits: &mut [f32]) {
+        let vocab = self.model.config.vocab_size;
+        for r in rows {
+            let (Some(out), Some(seq)) = (self.outputs.get(&r.id), self.sched.seq(r.id)) else {
+                continue;
+            };
+            let top_n = out.prompt_logprobs.unwrap_or(0);
+            // Prompt rows follow the sampling rows; run_model checked the count.
+            let start = r.first_row.saturating_sub(samplers) * vocab;
+            let Some(block) = logits.get_mut(start..start + r.count * vocab) else {
+                continue;
+            };
+            let mut entries = Vec::with_capacity(r.count);
+            for (k, row) in block.chunks_exact_mut(vocab).enumerate() {
+                let Some(&token) = seq.prompt().get(r.first_pos + k + 1) else {
+                    break;
+                };
+                // Rows are never empty (vocab > 0), so scoring cannot fail.
+                let Ok((logprob, top_logprobs)) = score_token(row, token, top_n) else {
+                    break;
+                };
+                entries.push(PromptLogprob {
+                    token,
+                    logprob,
+                    top_logprobs,
+                });
+            }
+            out.sink.send(Event::PromptLogprobs {
+                first: r.first_pos + 1,
+                entries,
+            });
+        }
+    }
+
     /// Runs the step's forward pass. When every sampling sequence is plain
-    /// greedy, only the argmax ids leave the device; otherwise the logits
-    /// rows come to the host for the full sampler.
+    /// greedy and no prompt is scored, only the argmax ids leave the device;
+    /// otherwise the logits rows come to the host.
     fn run_model(&mut self, plan: &StepPlan, ids: &[RequestId]) -> Result<Picked, EngineError> {
         let act = self.model.forward(&plan.layout, &mut self.kv, &plan.logit_rows)?;
         let be = self.model.backend.as_ref();
-        let all_greedy = ids
-            .iter()
-            .all(|id| self.outputs.get(id).is_none_or(|o| o.params.is_plain_greedy()));
+        let all_greedy = plan.prompt_rows.is_empty()
+            && ids
+                .iter()
+                .all(|id| self.outputs.get(id).is_none_or(|o| o.params.is_plain_greedy()));
         let picked = if all_greedy {
             Picked::Tokens(be.argmax_rows(&act).map_err(|e| EngineError::Model(e.into()))?)
         } else {
             Picked::Logits(be.read_act(&act).map_err(|e| EngineError::Model(e.into()))?)
         };
+        let rows = plan.logit_rows.len();
         let (got, want) = match &picked {
-            Picked::Tokens(t) => (t.len(), ids.len()),
-            Picked::Logits(l) => (l.len(), ids.len() * self.model.config.vocab_size),
+            Picked::Tokens(t) => (t.len(), rows),
+            Picked::Logits(l) => (l.len(), rows * self.model.config.vocab_size),
         };
-        if got != want {
+        if got != want || rows != ids.len() + plan.prompt_rows.iter().map(|r| r.count).sum::<usize>() {
             return Err(EngineError::Request(format!(
-                "the model returned {got} values for {} sampling rows, expected {want}",
+                "the model returned {got} values for {rows} logits rows ({} sampling), expected {want}",
                 ids.len()
             )));
         }
@@ -471,6 +561,7 @@ enum Command {
         id: RequestId,
         prompt: Vec<u32>,
         params: SamplingParams,
+        opts: RequestOptions,
         sink: EventSender,
     },
     Abort(RequestId),
@@ -568,9 +659,10 @@ fn apply<B: Backend>(engine: &mut Engine<B>, cmd: Command) -> bool {
             id,
             prompt,
             params,
+            opts,
             sink,
         } => {
-            if let Err(e) = engine.enqueue(id, prompt, params, sink) {
+            if let Err(e) = engine.enqueue(id, prompt, params, opts, sink) {
                 tracing::error!("request {id} rejected by the engine: {e}");
             }
         }
@@ -593,7 +685,17 @@ impl EngineHandle {
         prompt: Vec<u32>,
         params: SamplingParams,
     ) -> Result<(RequestId, EventReceiver), EngineError> {
-        self.shared.limits.check(&prompt, &params)?;
+        self.add_request_with(prompt, params, RequestOptions::default())
+    }
+
+    /// [`add_request`](Self::add_request) with options.
+    pub fn add_request_with(
+        &self,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        opts: RequestOptions,
+    ) -> Result<(RequestId, EventReceiver), EngineError> {
+        self.shared.limits.check(&prompt, &params, &opts)?;
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let (sink, rx) = channel();
         self.tx
@@ -601,6 +703,7 @@ impl EngineHandle {
                 id,
                 prompt,
                 params,
+                opts,
                 sink,
             })
             .map_err(|_| EngineError::Stopped)?;

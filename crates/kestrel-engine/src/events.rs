@@ -39,9 +39,29 @@ pub struct Usage {
     pub cached_tokens: usize,
 }
 
+/// How likely one prompt token was, given the prompt tokens before it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PromptLogprob {
+    pub token: u32,
+    /// Log-probability of `token` under the model's raw distribution (no
+    /// penalty or temperature: the prompt was not sampled).
+    pub logprob: f32,
+    /// The most likely `(token, logprob)` pairs at that position, most
+    /// likely first (as many as requested).
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
 /// One item of a request's output stream.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
+    /// Scores of consecutive prompt tokens, from prompt index `first` on
+    /// (at least 1: the first prompt token has no context to be scored
+    /// in). Sent only when prompt log-probabilities were requested, in
+    /// order and each index once, all before the first `Token`.
+    PromptLogprobs {
+        first: usize,
+        entries: Vec<PromptLogprob>,
+    },
     /// A generated token, with the text that became final with it (empty
     /// while a multi-byte character or a possible stop string is held back;
     /// the last token's text includes everything released at the end).

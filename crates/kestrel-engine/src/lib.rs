@@ -12,10 +12,12 @@ pub mod sampling;
 pub mod scheduler;
 pub mod session;
 pub mod stop;
+#[cfg(feature = "test-util")]
+pub mod test_util;
 
-pub use engine::{Engine, EngineConfig, EngineHandle, EngineStats};
+pub use engine::{Engine, EngineConfig, EngineHandle, EngineStats, RequestOptions};
 pub use error::EngineError;
-pub use events::{Event, EventReceiver, FinishReason, RequestId, Usage};
+pub use events::{Event, EventReceiver, FinishReason, PromptLogprob, RequestId, Usage};
 pub use perplexity::{perplexity, Perplexity};
 pub use sampling::{Sampled, Sampler, SamplingError, SamplingParams};
 pub use session::{Generation, Session, BLOCK_SIZE};

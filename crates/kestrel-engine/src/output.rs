@@ -18,6 +18,8 @@ pub struct SeqOutput {
     /// Token ids that end the request (EOS unless ignored, plus stop ids).
     stop_ids: Vec<u32>,
     pub sink: EventSender,
+    /// `Some(n)`: the prompt is scored, with `n` alternatives per token.
+    pub prompt_logprobs: Option<usize>,
 }
 
 impl SeqOutput {
@@ -34,6 +36,7 @@ impl SeqOutput {
             stop_ids,
             params,
             sink,
+            prompt_logprobs: None,
         }
     }
 

@@ -490,6 +490,33 @@ impl Sampler {
     }
 }
 
+/// Scores `token` under the raw distribution of one logits row (no
+/// penalty, temperature or truncation): its log-probability and the `n`
+/// most likely `(token, logprob)` pairs, most likely first (ties by lowest
+/// id). This is how prompt tokens are scored. `logits` is used as scratch
+/// (NaN becomes `-inf`); a `token` outside the row scores `-inf`.
+pub fn score_token(
+    logits: &mut [f32],
+    token: u32,
+    n: usize,
+) -> Result<(f32, Vec<(u32, f32)>), SamplingError> {
+    if logits.is_empty() {
+        return Err(SamplingError::EmptyLogits);
+    }
+    let best = sanitize_and_argmax(logits);
+    let lse = log_sum_exp(logits, logits[best]);
+    let logprob = logits
+        .get(token as usize)
+        .map_or(f32::NEG_INFINITY, |&l| log_prob(l, lse));
+    let mut candidates = Vec::with_capacity(n);
+    let mut heap = BinaryHeap::with_capacity(n);
+    let ranked = logits.iter().enumerate().map(|(i, &l)| (l, i as u32));
+    select_best(&mut candidates, &mut heap, ranked, n);
+    candidates.sort_unstable_by(best_first);
+    let top = candidates.iter().map(|&(l, id)| (id, log_prob(l, lse))).collect();
+    Ok((logprob, top))
+}
+
 /// The top-p mass histogram has buckets 1/8 of a scaled logit wide (a
 /// probability ratio of 1.13) down to -48, then one tail bucket for all that
 /// is lower. Tail tokens are left out of the mass and never kept: even four
@@ -670,6 +697,33 @@ fn log_prob(logit: f32, lse: f64) -> f32 {
     } else {
         (f64::from(logit) - lse) as f32
     }
+}
+
+/// The softmax normaliser `ln(sum(exp(logits)))` exactly as the sampler
+/// computes it for log-probabilities (a pass for the max, a pass for the
+/// sum) once NaN logits have been replaced (see `Sampler::sample`); `-inf`
+/// when every logit is `-inf`. Public so that `kestrel microbench` can time
+/// the sampler's softmax on its own.
+pub fn log_softmax_normalizer(logits: &[f32]) -> f64 {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|l| !l.is_nan())
+        .fold(f32::NEG_INFINITY, f32::max);
+    log_sum_exp(logits, max)
+}
+
+/// The `k` best `(logit, id)` pairs, best first (ties: lowest id), chosen
+/// the way top-k sampling chooses them (a k-sized heap up to 1024, then
+/// `select_nth_unstable`). Public so that `kestrel microbench` can time the
+/// sampler's top-k selection on its own.
+pub fn top_k_candidates(logits: &[f32], k: usize) -> Vec<(f32, u32)> {
+    let mut out = Vec::new();
+    let mut heap = BinaryHeap::new();
+    let ranked = logits.iter().enumerate().map(|(i, &l)| (l, i as u32));
+    select_best(&mut out, &mut heap, ranked, k);
+    out.sort_unstable_by(best_first);
+    out
 }
 
 #[cfg(test)]
@@ -1058,6 +1112,22 @@ mod tests {
         assert_eq!((none.logprob, none.top.len()), (None, 0));
         let zero = sample_once(&params(|p| p.logprobs = Some(0)), &logits);
         assert!(zero.logprob.is_some() && zero.top.is_empty());
+    }
+
+    #[test]
+    fn score_token_is_the_raw_log_softmax_with_the_best_alternatives() {
+        let mut l = vec![1.0f32, 3.0, f32::NAN, 2.0, 3.0];
+        let (lp, top) = score_token(&mut l, 3, 3).unwrap();
+        let probs = softmax(&[1.0, 3.0, f32::NEG_INFINITY, 2.0, 3.0], 1.0);
+        assert!((f64::from(lp) - probs[3].ln()).abs() < 1e-6, "{lp}");
+        // Ties go to the lowest id; NaN never ranks.
+        let ids: Vec<u32> = top.iter().map(|&(id, _)| id).collect();
+        assert_eq!(ids, vec![1, 4, 3]);
+        assert!((f64::from(top[0].1) - probs[1].ln()).abs() < 1e-6);
+        let (masked, none) = score_token(&mut l, 2, 0).unwrap();
+        assert_eq!((masked, none.len()), (f32::NEG_INFINITY, 0));
+        assert_eq!(score_token(&mut l, 99, 1).unwrap().0, f32::NEG_INFINITY);
+        assert_eq!(score_token(&mut [], 0, 1), Err(SamplingError::EmptyLogits));
     }
 
     #[test]

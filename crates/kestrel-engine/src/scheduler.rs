@@ -22,6 +22,18 @@
 //! tokens in this step they are taken back; if the sequence needing the
 //! block is itself the newest, it is the one preempted. No new sequence is
 //! admitted in a step that preempted.
+//!
+//! # Prompt log-probabilities
+//!
+//! A sequence added with [`Scheduler::add_with_prompt_logprobs`] also wants
+//! the logits of its prompt positions (each scores the next prompt token).
+//! Those positions must run through the model, so such a sequence takes from
+//! the prefix cache only tokens before the first position still wanted; and
+//! because every such row is a vocabulary of logits brought to the host, a
+//! step carries at most `max_prompt_logprob_rows` of them: a chunk that would
+//! need more is cut short (admission still stops at the first sequence that
+//! gets nothing, so nobody is overtaken). A position's row is planned once:
+//! after a preemption, the recompute skips the rows already delivered.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -36,13 +48,21 @@ pub struct SchedulerConfig {
     pub max_num_seqs: usize,
     /// Most tokens in one step.
     pub max_num_batched_tokens: usize,
+    /// Most prompt log-probability rows in one step: each is a vocabulary
+    /// of logits brought to the host, so this bounds the step's memory.
+    pub max_prompt_logprob_rows: usize,
 }
+
+/// Default of [`SchedulerConfig::max_prompt_logprob_rows`]: 256 rows of
+/// Gemma 3's 262,144 logits are 256 MiB of f32.
+pub const DEFAULT_MAX_PROMPT_LOGPROB_ROWS: usize = 256;
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
         SchedulerConfig {
             max_num_seqs: 256,
             max_num_batched_tokens: 2048,
+            max_prompt_logprob_rows: DEFAULT_MAX_PROMPT_LOGPROB_ROWS,
         }
     }
 }
@@ -60,6 +80,11 @@ pub struct SeqState {
     pub cached_prompt_tokens: Option<usize>,
     /// Times this sequence was preempted.
     pub preemptions: u32,
+    /// `Some(p)`: the logits of prompt positions `p..prompt_len - 1` are
+    /// still wanted (position `i` scores prompt token `i + 1`), so tokens
+    /// from `p` on must be computed, not taken from the prefix cache.
+    /// `None` once every one was planned, or when never asked for.
+    pub prompt_logprobs_from: Option<usize>,
 }
 
 impl SeqState {
@@ -80,16 +105,33 @@ pub struct Scheduled {
     /// The step completes its known tokens, so a new token is sampled from
     /// its logits row.
     pub sample: bool,
+    /// Prompt log-probability rows this chunk carries.
+    pub prompt_rows: usize,
+}
+
+/// Prompt log-probability rows of one sequence in a step: logit row
+/// `first_row + k` (an index into [`StepPlan::logit_rows`]) holds the
+/// logits at prompt position `first_pos + k`, which score prompt token
+/// `first_pos + k + 1`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PromptRows {
+    pub id: SeqId,
+    pub first_pos: usize,
+    pub first_row: usize,
+    pub count: usize,
 }
 
 /// A step's work, ready for `Model::forward`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StepPlan {
     pub layout: BatchLayout,
-    /// Rows of `layout` whose logits are needed, one per sampling sequence
-    /// (in the order those sequences appear in `scheduled`).
+    /// Rows of `layout` whose logits are needed: first one per sampling
+    /// sequence (in the order those sequences appear in `scheduled`), then
+    /// the prompt log-probability rows described by `prompt_rows`.
     pub logit_rows: Vec<u32>,
     pub scheduled: Vec<Scheduled>,
+    /// Where the prompt log-probability rows are, per sequence.
+    pub prompt_rows: Vec<PromptRows>,
     /// Sequences preempted while planning this step.
     pub preempted: Vec<SeqId>,
 }
@@ -101,6 +143,47 @@ impl StepPlan {
     /// Ids of the sequences that sample, in logit-row order.
     pub fn samplers(&self) -> impl Iterator<Item = SeqId> + '_ {
         self.scheduled.iter().filter(|s| s.sample).map(|s| s.id)
+    }
+    /// Number of sampling rows (the first rows of `logit_rows`).
+    pub fn num_samplers(&self) -> usize {
+        self.scheduled.iter().filter(|s| s.sample).count()
+    }
+}
+
+/// What is left of a step's limits while it is being planned.
+struct Budget {
+    tokens: usize,
+    prompt_rows: usize,
+}
+
+impl SeqState {
+    /// Prompt log-probability rows a chunk of `n` tokens from `from` needs.
+    fn prompt_rows_needed(&self, from: usize, n: usize) -> usize {
+        let Some(p) = self.prompt_logprobs_from else {
+            return 0;
+        };
+        let end = (from + n).min(self.prompt_len.saturating_sub(1));
+        end.saturating_sub(from.max(p))
+    }
+
+    /// The longest chunk of at most `n` tokens from `from` whose rows fit in
+    /// `rows` (possibly 0).
+    fn chunk_within_rows(&self, from: usize, n: usize, rows: usize) -> usize {
+        if self.prompt_rows_needed(from, n) <= rows {
+            return n;
+        }
+        // Tokens before the first wanted row cost no row.
+        let first = self.prompt_logprobs_from.map_or(from, |p| p.max(from));
+        (first + rows - from).min(n)
+    }
+
+    /// Leading tokens the prefix cache may supply: all but those whose
+    /// prompt log-probability rows are still wanted.
+    fn cacheable(&self) -> &[u32] {
+        match self.prompt_logprobs_from {
+            Some(p) => &self.tokens[..(p + 1).min(self.tokens.len())],
+            None => &self.tokens,
+        }
     }
 }
 
@@ -134,6 +217,7 @@ impl Scheduler {
             cfg: SchedulerConfig {
                 max_num_seqs: cfg.max_num_seqs.max(1),
                 max_num_batched_tokens: cfg.max_num_batched_tokens.max(1),
+                max_prompt_logprob_rows: cfg.max_prompt_logprob_rows.max(1),
             },
             blocks,
             seqs: HashMap::new(),
@@ -175,21 +259,34 @@ impl Scheduler {
     /// Queues a new sequence. Ids must grow with arrival: they define the
     /// first-come-first-served order and which sequence is the newest.
     pub fn add(&mut self, id: SeqId, prompt: Vec<u32>) -> Result<(), SchedulerError> {
+        self.add_seq(id, prompt, false)
+    }
+
+    /// Like [`add`](Self::add), and the step plans also carry the logits of
+    /// every prompt position but the last (see [`StepPlan::prompt_rows`]).
+    pub fn add_with_prompt_logprobs(&mut self, id: SeqId, prompt: Vec<u32>) -> Result<(), SchedulerError> {
+        self.add_seq(id, prompt, true)
+    }
+
+    fn add_seq(&mut self, id: SeqId, prompt: Vec<u32>, prompt_logprobs: bool) -> Result<(), SchedulerError> {
         if self.seqs.contains_key(&id) {
             return Err(SchedulerError::Duplicate { id });
         }
         if prompt.is_empty() {
             return Err(SchedulerError::EmptyPrompt { id });
         }
+        let prompt_len = prompt.len();
         self.seqs.insert(
             id,
             SeqState {
                 id,
-                prompt_len: prompt.len(),
+                prompt_len,
                 tokens: prompt,
                 num_computed: 0,
                 cached_prompt_tokens: None,
                 preemptions: 0,
+                // A one-token prompt has no position that scores a prompt token.
+                prompt_logprobs_from: (prompt_logprobs && prompt_len > 1).then_some(0),
             },
         );
         self.enqueue_waiting(id);
@@ -203,7 +300,10 @@ impl Scheduler {
 
     /// Plans the next step (empty when there is nothing to do or nothing fits).
     pub fn schedule(&mut self) -> StepPlan {
-        let mut budget = self.cfg.max_num_batched_tokens;
+        let mut budget = Budget {
+            tokens: self.cfg.max_num_batched_tokens,
+            prompt_rows: self.cfg.max_prompt_logprob_rows,
+        };
         let mut scheduled: Vec<Scheduled> = Vec::new();
         let mut preempted = Vec::new();
 
@@ -212,7 +312,7 @@ impl Scheduler {
         let order: Vec<SeqId> = self.running.clone();
         for decode_pass in [true, false] {
             for &id in &order {
-                if budget == 0 {
+                if budget.tokens == 0 {
                     break;
                 }
                 let Some(s) = self.seqs.get(&id) else { continue };
@@ -223,54 +323,66 @@ impl Scheduler {
                 if remaining == 0 || (remaining == 1) != decode_pass {
                     continue;
                 }
-                let n = remaining.min(budget);
+                let n = s.chunk_within_rows(s.num_computed, remaining.min(budget.tokens), budget.prompt_rows);
+                if n == 0 {
+                    continue; // its rows wait for the next step
+                }
+                let rows = s.prompt_rows_needed(s.num_computed, n);
                 let slots = s.num_computed + n;
                 if self.make_room(id, slots, &mut scheduled, &mut budget, &mut preempted) {
                     scheduled.push(Scheduled {
                         id,
                         num_tokens: n,
                         sample: n == remaining,
+                        prompt_rows: rows,
                     });
-                    budget -= n;
+                    budget.tokens -= n;
+                    budget.prompt_rows -= rows;
                 }
             }
         }
 
         // Admit waiting sequences in arrival order.
         if preempted.is_empty() {
-            while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
+            while budget.tokens > 0 && self.running.len() < self.cfg.max_num_seqs {
                 let Some(&id) = self.waiting.front() else { break };
                 let Some(s) = self.seqs.get(&id) else {
                     self.waiting.pop_front();
                     continue;
                 };
-                let cached = self.blocks.cached_prefix(&s.tokens);
-                let n = (s.tokens.len() - cached).min(budget);
-                let Ok(cached) = self.blocks.allocate(id, &s.tokens, cached + n) else {
+                let cached = self.blocks.cached_prefix(s.cacheable());
+                let remaining = s.tokens.len() - cached;
+                let n = s.chunk_within_rows(cached, remaining.min(budget.tokens), budget.prompt_rows);
+                if n == 0 {
+                    break; // no row left for it: wait rather than be overtaken
+                }
+                let rows = s.prompt_rows_needed(cached, n);
+                let Ok(cached) = self.blocks.allocate(id, s.cacheable(), cached + n) else {
                     break; // not enough blocks: wait rather than be overtaken
                 };
                 self.waiting.pop_front();
                 let Some(s) = self.seqs.get_mut(&id) else { continue };
                 s.num_computed = cached;
                 s.cached_prompt_tokens.get_or_insert(cached.min(s.prompt_len));
-                let remaining = s.tokens.len() - cached;
-                let n = remaining.min(budget);
                 let at = self.running.partition_point(|&r| r < id);
                 self.running.insert(at, id);
                 scheduled.push(Scheduled {
                     id,
                     num_tokens: n,
                     sample: n == remaining,
+                    prompt_rows: rows,
                 });
-                budget -= n;
+                budget.tokens -= n;
+                budget.prompt_rows -= rows;
             }
         }
 
-        let (layout, logit_rows) = self.build_layout(&scheduled);
+        let (layout, logit_rows, prompt_rows) = self.build_layout(&scheduled);
         StepPlan {
             layout,
             logit_rows,
             scheduled,
+            prompt_rows,
             preempted,
         }
     }
@@ -282,7 +394,7 @@ impl Scheduler {
         id: SeqId,
         slots: usize,
         scheduled: &mut Vec<Scheduled>,
-        budget: &mut usize,
+        budget: &mut Budget,
         preempted: &mut Vec<SeqId>,
     ) -> bool {
         loop {
@@ -297,7 +409,8 @@ impl Scheduler {
                 return false;
             };
             if let Some(i) = scheduled.iter().position(|s| s.id == victim) {
-                *budget += scheduled[i].num_tokens;
+                budget.tokens += scheduled[i].num_tokens;
+                budget.prompt_rows += scheduled[i].prompt_rows;
                 scheduled.remove(i);
             }
             self.preempt(victim);
@@ -319,13 +432,16 @@ impl Scheduler {
         self.enqueue_waiting(id);
     }
 
-    fn build_layout(&self, scheduled: &[Scheduled]) -> (BatchLayout, Vec<u32>) {
+    fn build_layout(&self, scheduled: &[Scheduled]) -> (BatchLayout, Vec<u32>, Vec<PromptRows>) {
         let bs = self.blocks.block_size();
         let mut layout = BatchLayout {
             block_size: bs as u32,
             ..BatchLayout::default()
         };
         let mut logit_rows = Vec::new();
+        // (sequence, first position, first row of the layout, count); turned
+        // into indices of `logit_rows` once the sampling rows are all in.
+        let mut wanted: Vec<(SeqId, usize, u32, usize)> = Vec::new();
         for sch in scheduled {
             let (Some(s), Some(table)) = (self.seqs.get(&sch.id), self.blocks.block_table(sch.id)) else {
                 continue;
@@ -349,8 +465,22 @@ impl Scheduler {
             if sch.sample {
                 logit_rows.push(start + sch.num_tokens as u32 - 1);
             }
+            if sch.prompt_rows > 0 {
+                let first = s.prompt_logprobs_from.map_or(from, |p| p.max(from));
+                wanted.push((sch.id, first, start + (first - from) as u32, sch.prompt_rows));
+            }
         }
-        (layout, logit_rows)
+        let mut prompt_rows = Vec::with_capacity(wanted.len());
+        for (id, first_pos, row, count) in wanted {
+            prompt_rows.push(PromptRows {
+                id,
+                first_pos,
+                first_row: logit_rows.len(),
+                count,
+            });
+            logit_rows.extend(row..row + count as u32);
+        }
+        (layout, logit_rows, prompt_rows)
     }
 
     /// Records that `plan` ran: its tokens' KV is in the pool, and full
@@ -361,6 +491,11 @@ impl Scheduler {
                 continue;
             };
             s.num_computed = (s.num_computed + sch.num_tokens).min(s.tokens.len());
+            if let Some(p) = s.prompt_logprobs_from {
+                // Rows up to the computed count were planned in this step.
+                let next = p.max(s.num_computed);
+                s.prompt_logprobs_from = (next + 1 < s.prompt_len).then_some(next);
+            }
             self.blocks.commit(sch.id, &s.tokens[..s.num_computed])?;
         }
         Ok(())

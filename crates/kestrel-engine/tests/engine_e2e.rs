@@ -4,46 +4,17 @@
 //! KV block. Sizes are kept small so the file runs in well under two
 //! minutes on two cores.
 
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use kestrel_backend::cpu::CpuBackend;
-use kestrel_engine::engine::{Engine, EngineConfig};
-use kestrel_engine::events::{Event, EventReceiver, FinishReason, Usage};
+use kestrel_backend::{Backend, BatchLayout, KvDType};
+use kestrel_engine::engine::{Engine, EngineConfig, RequestOptions};
+use kestrel_engine::events::{Event, EventReceiver, FinishReason, PromptLogprob, Usage};
+use kestrel_engine::test_util::default_model as fixture;
 use kestrel_engine::{SamplingParams, Session};
-use kestrel_formats::ModelFile;
-use kestrel_model::Model;
-use kestrel_tokenizer::Tokenizer;
 use serde_json::Value;
 
 const GEN: usize = 12;
-
-struct Fixture {
-    model: Arc<Model<CpuBackend>>,
-    tok: Arc<Tokenizer>,
-}
-
-fn fixture() -> &'static Fixture {
-    static F: OnceLock<Fixture> = OnceLock::new();
-    F.get_or_init(|| {
-        let path = kestrel_formats::default_model_path();
-        assert!(
-            path.exists(),
-            "default model not found at {}: run scripts/fetch-model.sh (or set KESTREL_MODEL)",
-            path.display()
-        );
-        let model = Model::load(&path, Arc::new(CpuBackend::new()))
-            .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()));
-        let tok = match model.file() {
-            ModelFile::Gguf(g) => Tokenizer::from_gguf(g).expect("tokenizer from the GGUF"),
-            _ => panic!("{} is not a GGUF file", path.display()),
-        };
-        Fixture {
-            model: Arc::new(model),
-            tok: Arc::new(tok),
-        }
-    })
-}
 
 fn engine(cfg: EngineConfig) -> Engine<CpuBackend> {
     let f = fixture();
@@ -65,6 +36,10 @@ struct Outcome {
     text: String,
     reason: Option<FinishReason>,
     usage: Usage,
+    /// Prompt scores by prompt index (index 0 is never scored).
+    prompt: Vec<Option<PromptLogprob>>,
+    /// How many `PromptLogprobs` events brought them.
+    prompt_events: usize,
 }
 
 fn collect(rx: &EventReceiver) -> Outcome {
@@ -73,9 +48,23 @@ fn collect(rx: &EventReceiver) -> Outcome {
         text: String::new(),
         reason: None,
         usage: Usage::default(),
+        prompt: Vec::new(),
+        prompt_events: 0,
     };
     while let Ok(ev) = rx.try_recv() {
         match ev {
+            Event::PromptLogprobs { first, entries } => {
+                assert!(o.tokens.is_empty(), "prompt scores after a generated token");
+                assert!(first >= 1, "prompt index 0 cannot be scored");
+                assert_eq!(
+                    first,
+                    o.prompt.len().max(1),
+                    "prompt scores must come in order, each index once"
+                );
+                o.prompt.resize(first, None);
+                o.prompt.extend(entries.into_iter().map(Some));
+                o.prompt_events += 1;
+            }
             Event::Token { id, text, .. } => {
                 o.tokens.push(id);
                 o.text.push_str(&text);
@@ -378,6 +367,7 @@ fn threaded_handle_streams_and_aborts() {
             Event::Token { .. } => n += 1,
             Event::Finished { reason, usage } => end = Some((reason, usage)),
             Event::Error { message } => panic!("{message}"),
+            Event::PromptLogprobs { .. } => panic!("prompt scores were not asked for"),
         }
     }
     let (reason, usage) = end.expect("stream finished");
@@ -475,4 +465,192 @@ fn stop_strings_and_seeded_sampling_in_a_mixed_batch() {
     assert_eq!(b.tokens.len(), GEN);
     assert!(lp.is_some_and(|l| l <= 0.0));
     assert_eq!(ntop, 2);
+}
+
+/// The score of each prompt token after the first by a teacher-forced
+/// pass: the whole prompt in one forward on a fresh pool, every row's
+/// logits, log-softmax in f64. Entry `i` scores `tokens[i + 1]`: its
+/// log-probability and the `top` best `(token, logprob)`.
+fn teacher_forced(tokens: &[u32], top: usize) -> Vec<(f64, Vec<(u32, f64)>)> {
+    let m = &fixture().model;
+    let bs = 16;
+    let blocks = tokens.len().div_ceil(bs);
+    let mut kv = m
+        .backend
+        .alloc_kv(&m.kv_spec(blocks, bs, KvDType::F32))
+        .expect("kv pool");
+    let table: Vec<u32> = (0..blocks as u32).collect();
+    let layout = BatchLayout::single(tokens, 0, &table, bs as u32);
+    let rows: Vec<u32> = (0..tokens.len() as u32 - 1).collect();
+    let logits = m.forward(&layout, &mut kv, &rows).expect("forward");
+    let host = m.backend.read_act(&logits).expect("read logits");
+    drop(logits);
+    let vocab = m.config.vocab_size;
+    host.chunks_exact(vocab)
+        .zip(&tokens[1..])
+        .map(|(row, &next)| {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let lse = f64::from(max) + row.iter().map(|&l| f64::from(l - max).exp()).sum::<f64>().ln();
+            let mut order: Vec<u32> = (0..vocab as u32).collect();
+            order.select_nth_unstable_by(top, |&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+            let mut best: Vec<u32> = order[..top].to_vec();
+            best.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
+            let best = best
+                .iter()
+                .map(|&t| (t, f64::from(row[t as usize]) - lse))
+                .collect();
+            (f64::from(row[next as usize]) - lse, best)
+        })
+        .collect()
+}
+
+/// Checks a request's prompt scores against the teacher-forced pass.
+fn assert_prompt_scores(what: &str, prompt: &[u32], got: &Outcome, want: &[(f64, Vec<(u32, f64)>)]) {
+    assert_eq!(
+        got.prompt.len(),
+        prompt.len(),
+        "{what}: one score per prompt token"
+    );
+    assert!(got.prompt[0].is_none(), "{what}: the first token has no score");
+    for (i, (g, (lp, top))) in got.prompt[1..].iter().zip(want).enumerate() {
+        let g = g
+            .as_ref()
+            .unwrap_or_else(|| panic!("{what}: token {} unscored", i + 1));
+        assert_eq!(g.token, prompt[i + 1], "{what}: token {}", i + 1);
+        assert!(
+            (f64::from(g.logprob) - lp).abs() < 1e-4,
+            "{what}: token {} logprob {} vs teacher-forced {lp}",
+            i + 1,
+            g.logprob
+        );
+        assert_eq!(g.top_logprobs.len(), top.len(), "{what}: token {}", i + 1);
+        for (&(gid, glp), &(wid, wlp)) in g.top_logprobs.iter().zip(top) {
+            assert!(
+                (f64::from(glp) - wlp).abs() < 1e-4,
+                "{what}: token {} top {glp} vs {wlp}",
+                i + 1
+            );
+            // Ids may swap only where two alternatives are tied.
+            assert!(
+                gid == wid || (f64::from(glp) - wlp).abs() < 1e-4,
+                "{what}: token {}",
+                i + 1
+            );
+        }
+    }
+}
+
+fn scored() -> RequestOptions {
+    RequestOptions {
+        prompt_logprobs: Some(3),
+    }
+}
+
+#[test]
+fn prompt_logprobs_match_a_teacher_forced_pass_with_chunked_prefill() {
+    let refs = references();
+    let prompts = prompts(&refs);
+    let long = prompts.iter().max_by_key(|p| p.len()).expect("prompts").clone();
+    assert!(long.len() > 30, "a prompt longer than several chunks");
+    let want = teacher_forced(&long, 3);
+    let solo = run_solo(std::slice::from_ref(&long), 4).remove(0);
+
+    // A budget of 7 tokens: the prompt takes several steps, beside two
+    // plain requests that decode in the same steps.
+    let mut e = engine(EngineConfig {
+        num_kv_blocks: 64,
+        max_num_batched_tokens: 7,
+        ..EngineConfig::default()
+    });
+    let (_, a) = e.add_request(prompts[0].clone(), greedy(6)).expect("add");
+    let (_, rx) = e
+        .add_request_with(long.clone(), greedy(4), scored())
+        .expect("add");
+    let (_, b) = e.add_request(prompts[1].clone(), greedy(6)).expect("add");
+    while e.has_work() {
+        e.step().expect("step");
+    }
+    let got = collect(&rx);
+    assert!(
+        got.prompt_events >= long.len() / 7,
+        "{} prompt events for a prompt of {} tokens in chunks of 7",
+        got.prompt_events,
+        long.len()
+    );
+    assert_prompt_scores("chunked", &long, &got, &want);
+    assert_eq!(got.tokens, solo.tokens, "scoring the prompt changed the output");
+    assert_eq!(got.usage.prompt_tokens, long.len());
+    for (rx, p) in [(a, &prompts[0]), (b, &prompts[1])] {
+        let o = collect(&rx);
+        assert!(o.prompt.is_empty(), "scores that were not asked for");
+        assert_eq!(o.tokens, run_solo(std::slice::from_ref(p), 6).remove(0).tokens);
+    }
+    assert_eq!(e.stats().kv_blocks_used, 0);
+}
+
+#[test]
+fn prompt_logprobs_recompute_what_the_prefix_cache_holds() {
+    let refs = references();
+    let long = prompts(&refs)
+        .into_iter()
+        .max_by_key(|p| p.len())
+        .expect("prompts");
+    assert!(long.len() > 32, "the prompt should fill two cache blocks");
+    let want = teacher_forced(&long, 3);
+    let mut e = engine(EngineConfig {
+        num_kv_blocks: 64,
+        ..EngineConfig::default()
+    });
+    // A first run fills the cache; a second plain one shows the hit is there.
+    run_batch(&mut e, std::slice::from_ref(&long), 2);
+    let hit = run_batch(&mut e, std::slice::from_ref(&long), 2).remove(0);
+    assert!(hit.usage.cached_tokens >= 32, "no prefix hit: {:?}", hit.usage);
+
+    let before = e.stats();
+    let (_, rx) = e
+        .add_request_with(long.clone(), greedy(2), scored())
+        .expect("add");
+    while e.has_work() {
+        e.step().expect("step");
+    }
+    let got = collect(&rx);
+    let after = e.stats();
+    assert_eq!(
+        got.usage.cached_tokens, 0,
+        "a scored prompt takes nothing from the cache"
+    );
+    assert_eq!(
+        after.tokens_computed - before.tokens_computed,
+        (long.len() + 1) as u64,
+        "the whole prompt and one decode went through the model"
+    );
+    assert_prompt_scores("cache hit available", &long, &got, &want);
+    assert_eq!(got.tokens, hit.tokens);
+
+    // Preempted mid-prompt (a pool of six blocks for three scored prompts):
+    // the recompute delivers no score twice and misses none.
+    let mut e = engine(EngineConfig {
+        num_kv_blocks: 6,
+        max_num_batched_tokens: 16,
+        ..EngineConfig::default()
+    });
+    let rxs: Vec<EventReceiver> = (0..3)
+        .map(|_| {
+            e.add_request_with(long.clone(), greedy(GEN), scored())
+                .expect("add")
+                .1
+        })
+        .collect();
+    while e.has_work() {
+        e.step().expect("step");
+    }
+    assert!(
+        e.stats().preemptions > 0,
+        "the tiny pool should preempt: {:?}",
+        e.stats()
+    );
+    for (i, rx) in rxs.iter().enumerate() {
+        assert_prompt_scores(&format!("preempted, request {i}"), &long, &collect(rx), &want);
+    }
+    assert_eq!(e.stats().kv_blocks_used, 0);
 }

@@ -3,7 +3,9 @@
 //! hash of the context it reads back through the block table. Any stale,
 //! missing or misplaced KV (bad block tables, a wrong prefix hit, a lost
 //! preemption) changes the output, so comparing with a sequence run alone
-//! checks the whole bookkeeping without a real model.
+//! checks the whole bookkeeping without a real model. Prompt positions
+//! whose logits are wanted are "scored" the same way, from the context read
+//! back at that position.
 
 use std::collections::HashMap;
 
@@ -30,25 +32,41 @@ fn solo(prompt: &[u32], max_tokens: usize) -> Vec<u32> {
     ctx[prompt.len()..].to_vec()
 }
 
+/// What scoring every prompt position of `prompt` gives: `(position,
+/// score of the context through it)`.
+fn solo_scores(prompt: &[u32]) -> Vec<(usize, u32)> {
+    (0..prompt.len() - 1)
+        .map(|p| (p, next_token(&prompt[..=p])))
+        .collect()
+}
+
 struct Sim {
     s: Scheduler,
     kv: Vec<Option<u32>>,
     max_tokens: HashMap<SeqId, usize>,
     done: HashMap<SeqId, Vec<u32>>,
+    /// Prompt positions scored so far, per sequence, in delivery order.
+    scores: HashMap<SeqId, Vec<(usize, u32)>>,
     steps: Vec<StepPlan>,
 }
 
 impl Sim {
     fn new(num_blocks: usize, max_num_seqs: usize, budget: usize, caching: bool) -> Sim {
+        Sim::with_rows(num_blocks, max_num_seqs, budget, caching, 1000)
+    }
+
+    fn with_rows(num_blocks: usize, max_num_seqs: usize, budget: usize, caching: bool, rows: usize) -> Sim {
         let cfg = SchedulerConfig {
             max_num_seqs,
             max_num_batched_tokens: budget,
+            max_prompt_logprob_rows: rows,
         };
         Sim {
             s: Scheduler::new(cfg, BlockManager::new(num_blocks, BS, caching)),
             kv: vec![None; num_blocks * BS],
             max_tokens: HashMap::new(),
             done: HashMap::new(),
+            scores: HashMap::new(),
             steps: Vec::new(),
         }
     }
@@ -56,6 +74,19 @@ impl Sim {
     fn add(&mut self, id: SeqId, prompt: Vec<u32>, max_tokens: usize) {
         self.s.add(id, prompt).unwrap();
         self.max_tokens.insert(id, max_tokens);
+    }
+
+    fn add_scored(&mut self, id: SeqId, prompt: Vec<u32>, max_tokens: usize) {
+        self.s.add_with_prompt_logprobs(id, prompt).unwrap();
+        self.max_tokens.insert(id, max_tokens);
+        self.scores.insert(id, Vec::new());
+    }
+
+    /// The token at `pos` of a scheduled sequence's context, read back
+    /// through its block table.
+    fn read(&self, block_table: &[u32], pos: usize) -> u32 {
+        let slot = block_table[pos / BS] as usize * BS + pos % BS;
+        self.kv[slot].unwrap_or(u32::MAX)
     }
 
     /// One step; returns the plan it ran.
@@ -77,14 +108,35 @@ impl Sim {
             assert_eq!(plan.logit_rows[row], sl.query_start + sl.query_len - 1);
             row += 1;
             let ctx: Vec<u32> = (0..sl.context_len as usize)
-                .map(|p| {
-                    let slot = sl.block_table[p / BS] as usize * BS + p % BS;
-                    self.kv[slot].unwrap_or(u32::MAX)
-                })
+                .map(|p| self.read(&sl.block_table, p))
                 .collect();
             sampled.push((sch.id, next_token(&ctx)));
         }
+        assert_eq!(row, plan.num_samplers());
+        for pr in &plan.prompt_rows {
+            assert_eq!(
+                pr.first_row, row,
+                "prompt rows follow the sampling rows, in order"
+            );
+            let i = plan.scheduled.iter().position(|s| s.id == pr.id).unwrap();
+            assert_eq!(plan.scheduled[i].prompt_rows, pr.count);
+            let sl = &l.seqs[i];
+            let from = l.positions[sl.query_start as usize] as usize;
+            for k in 0..pr.count {
+                let pos = pr.first_pos + k;
+                // The row is that position's token in the layout.
+                assert_eq!(plan.logit_rows[row + k], sl.query_start + (pos - from) as u32);
+                let ctx: Vec<u32> = (0..=pos).map(|p| self.read(&sl.block_table, p)).collect();
+                self.scores
+                    .get_mut(&pr.id)
+                    .expect("a scored sequence")
+                    .push((pos, next_token(&ctx)));
+            }
+            row += pr.count;
+        }
         assert_eq!(row, plan.logit_rows.len());
+        let rows: usize = plan.prompt_rows.iter().map(|r| r.count).sum();
+        assert!(rows <= self.s.config().max_prompt_logprob_rows);
         self.s.complete_step(&plan).unwrap();
         for (id, tok) in sampled {
             self.s.append_token(id, tok).unwrap();
@@ -245,6 +297,34 @@ fn prefix_hit_skips_the_cached_blocks() {
 }
 
 #[test]
+fn scored_prompt_skips_the_cache_and_its_rows_are_budgeted() {
+    // Rows for 5 positions per step, in a 64-token budget.
+    let mut sim = Sim::with_rows(64, 8, 64, true, 5);
+    let p = prompt(18, 4);
+    sim.add(1, p.clone(), 2);
+    sim.run_to_end(20);
+    // The same prompt again, scored: its cached blocks are not used.
+    sim.add_scored(2, p.clone(), 3);
+    sim.add(3, p.clone(), 3);
+    let first = sim.step();
+    assert_eq!(sim.s.seq(2).unwrap().cached_prompt_tokens, Some(0));
+    assert_eq!(first.scheduled[0].num_tokens, 5, "cut to the row budget");
+    // The plain one behind it still gets its hit.
+    assert_eq!(sim.s.seq(3).unwrap().cached_prompt_tokens, Some(16));
+    sim.run_to_end(40);
+    assert_eq!(sim.scores[&2], solo_scores(&p));
+    assert_eq!(sim.done[&2], solo(&p, 3));
+    assert_eq!(sim.done[&3], solo(&p, 3));
+    // 17 scored positions at 5 a step.
+    let scoring_steps = sim.steps.iter().filter(|s| !s.prompt_rows.is_empty()).count();
+    assert_eq!(scoring_steps, 4);
+    // A one-token prompt has nothing to score.
+    sim.add_scored(4, vec![9], 2);
+    sim.run_to_end(10);
+    assert!(sim.scores[&4].is_empty());
+}
+
+#[test]
 fn aborting_anywhere_frees_everything() {
     let mut sim = Sim::new(40, 8, 8, true);
     for id in 0..5 {
@@ -279,35 +359,45 @@ proptest! {
     /// caching gives every request exactly its solo output.
     #[test]
     fn output_matches_solo_runs(
-        reqs in prop::collection::vec((0usize..4, 1usize..36, 1usize..10, 0u32..2), 1..12),
+        reqs in prop::collection::vec((0usize..4, 1usize..36, 1usize..10, 0u32..2, any::<bool>()), 1..12),
         num_blocks in 12usize..48,
         budget in 1usize..24,
         max_seqs in 1usize..6,
         caching in any::<bool>(),
+        rows in 1usize..12,
     ) {
-        let mut sim = Sim::new(num_blocks, max_seqs, budget, caching);
+        let mut sim = Sim::with_rows(num_blocks, max_seqs, budget, caching, rows);
         // Family-shared prefixes give the cache something to find.
         let make = |len: usize, fam: u32, id: u32| {
             let mut p = prompt(len.min(20), fam);
             p.extend(prompt(len.saturating_sub(20), 50 + id));
             p
         };
-        let mut pending: Vec<(usize, SeqId, Vec<u32>, usize)> = reqs
+        let mut pending: Vec<(usize, SeqId, Vec<u32>, usize, bool)> = reqs
             .iter()
             .enumerate()
-            .map(|(i, &(at, len, max, fam))| (at, i as SeqId, make(len, fam, i as u32), max))
+            .map(|(i, &(at, len, max, fam, scored))| (at, i as SeqId, make(len, fam, i as u32), max, scored))
             .collect();
         pending.sort_by_key(|r| (r.0, r.1));
         let expected: HashMap<SeqId, Vec<u32>> =
-            pending.iter().map(|(_, id, p, m)| (*id, solo(p, *m))).collect();
+            pending.iter().map(|(_, id, p, m, _)| (*id, solo(p, *m))).collect();
+        let expected_scores: HashMap<SeqId, Vec<(usize, u32)>> = pending
+            .iter()
+            .filter(|r| r.4)
+            .map(|(_, id, p, _, _)| (*id, solo_scores(p)))
+            .collect();
         // A sequence (prompt + output) must fit the pool on its own.
-        prop_assume!(pending.iter().all(|(_, _, p, m)| p.len() + m <= num_blocks * BS));
+        prop_assume!(pending.iter().all(|(_, _, p, m, _)| p.len() + m <= num_blocks * BS));
         let mut t = 0;
         let mut steps = 0;
         while !pending.is_empty() || sim.s.has_work() {
             while pending.first().is_some_and(|r| r.0 <= t) {
-                let (_, id, p, m) = pending.remove(0);
-                sim.add(id, p, m);
+                let (_, id, p, m, scored) = pending.remove(0);
+                if scored {
+                    sim.add_scored(id, p, m);
+                } else {
+                    sim.add(id, p, m);
+                }
             }
             if sim.s.has_work() {
                 sim.step();
@@ -317,6 +407,8 @@ proptest! {
             prop_assert!(steps < 5000, "no progress");
         }
         prop_assert_eq!(&sim.done, &expected);
+        // Every scored position exactly once, in order, from the right context.
+        prop_assert_eq!(&sim.scores, &expected_scores);
         prop_assert_eq!(sim.s.blocks().num_free_blocks(), num_blocks);
     }
 }

@@ -98,6 +98,55 @@ struct StepState<B: Backend> {
     no_graph: HashSet<(usize, u64)>,
     /// Logit row count of the last step (the buffer `Logits` points at).
     current: usize,
+    /// Last use (a step counter) of each scratch size and logits size.
+    tick: u64,
+    used_scratch: HashMap<usize, u64>,
+    used_logits: HashMap<usize, u64>,
+}
+
+/// Most scratch sets kept (one per token count); older ones are dropped.
+const MAX_SCRATCH_SIZES: usize = 48;
+/// Most logits elements kept over all row counts (1 GiB of f32): a decode
+/// step of n sequences needs n full vocabulary rows, and the engine's batch
+/// size wanders, so unbounded per-size buffers would grow without end.
+const MAX_LOGIT_ELEMS: usize = 256 << 20;
+
+impl<B: Backend> StepState<B> {
+    /// Before a step of `n` tokens and `m` logit rows: marks both sizes as
+    /// used and drops the least recently used other sizes (with the graphs
+    /// recorded on their buffers) beyond the caps, so that device memory
+    /// stays bounded however batch sizes vary.
+    fn evict_for(&mut self, n: usize, m: usize, vocab: usize) {
+        self.tick += 1;
+        self.used_scratch.insert(n, self.tick);
+        self.used_logits.insert(m, self.tick);
+        while self.scratch.len() >= MAX_SCRATCH_SIZES && !self.scratch.contains_key(&n) {
+            let Some(old) = lru(&self.used_scratch, self.scratch.keys(), n) else {
+                break;
+            };
+            self.scratch.remove(&old);
+            self.graphs.retain(|k, _| k.0 != old);
+        }
+        let total = |l: &HashMap<usize, LogitBufs<B>>| l.keys().map(|r| r * vocab).sum::<usize>();
+        while !self.logits.contains_key(&m)
+            && !self.logits.is_empty()
+            && total(&self.logits) + m * vocab > MAX_LOGIT_ELEMS
+        {
+            let Some(old) = lru(&self.used_logits, self.logits.keys(), m) else {
+                break;
+            };
+            self.logits.remove(&old);
+            // Decode graphs write logits of n = m rows.
+            self.graphs.retain(|k, _| k.0 != old);
+        }
+    }
+}
+
+/// The least recently used key of `keys` other than `keep`.
+fn lru<'a>(used: &HashMap<usize, u64>, keys: impl Iterator<Item = &'a usize>, keep: usize) -> Option<usize> {
+    keys.filter(|&&k| k != keep)
+        .min_by_key(|&&k| used.get(&k).copied().unwrap_or(0))
+        .copied()
 }
 
 impl<B: Backend> Default for StepState<B> {
@@ -108,6 +157,9 @@ impl<B: Backend> Default for StepState<B> {
             graphs: HashMap::new(),
             no_graph: HashSet::new(),
             current: 0,
+            tick: 0,
+            used_scratch: HashMap::new(),
+            used_logits: HashMap::new(),
         }
     }
 }
@@ -300,6 +352,15 @@ impl<B: Backend> Model<B> {
         }
     }
 
+    /// How many token-count scratch sets and logit-row buffers the model
+    /// holds now (bounded: see `MAX_SCRATCH_SIZES`, `MAX_LOGIT_ELEMS`).
+    pub fn step_buffer_counts(&self) -> (usize, usize) {
+        self.state
+            .lock()
+            .map(|st| (st.scratch.len(), st.logits.len()))
+            .unwrap_or((0, 0))
+    }
+
     pub fn file(&self) -> &ModelFile {
         &self.file
     }
@@ -405,6 +466,7 @@ impl<B: Backend> Model<B> {
             be.reserve_batch(n.max(4096), layout.seqs.len().max(256), blocks.max(1024))?;
         }
         let batch = be.prepare_batch(layout)?;
+        st.evict_for(n, m, c.vocab_size);
         if let Entry::Vacant(e) = st.scratch.entry(n) {
             e.insert(self.scratch(n)?);
         }

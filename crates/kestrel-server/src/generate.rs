@@ -15,14 +15,16 @@ use std::time::{Duration, Instant};
 
 use axum::response::sse::Event as SseEvent;
 use futures_util::stream::{self, BoxStream, SelectAll, Stream, StreamExt};
-use kestrel_engine::{Event, EventReceiver, FinishReason, SamplingParams, Usage};
+use kestrel_engine::{
+    Event, EventReceiver, FinishReason, PromptLogprob, RequestOptions, SamplingParams, Usage,
+};
 use serde_json::{json, Value};
 
 use crate::admission::Admission;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::params::for_choice;
-use crate::render::{self, Endpoint, Header, TokenOut};
+use crate::render::{self, EchoedPrompt, Endpoint, Header, TokenOut};
 use crate::AppState;
 
 /// One choice's engine request.
@@ -39,15 +41,19 @@ pub struct Launch {
     pub prompt_lens: Vec<usize>,
     pub admission: Admission,
     pub started: Instant,
+    /// Only the prompt is wanted (completions' `echo` with `max_tokens: 0`):
+    /// the one token each engine request must generate is dropped.
+    pub score_only: bool,
 }
 
 /// Admits the request (503 when the bounded queue is full) and starts `n`
-/// engine requests per prompt. If one fails, those already started are
-/// dropped, which aborts them.
+/// engine requests per prompt, each with `opts`. If one fails, those
+/// already started are dropped, which aborts them.
 pub fn launch(
     state: &AppState,
     prompts: Vec<(Vec<u32>, SamplingParams)>,
     n: usize,
+    opts: RequestOptions,
     started: Instant,
 ) -> Result<Launch, ApiError> {
     let slots = prompts.len().saturating_mul(n);
@@ -63,7 +69,9 @@ pub fn launch(
     for (p, (prompt, params)) in prompts.into_iter().enumerate() {
         prompt_lens.push(prompt.len());
         for j in 0..n {
-            let (_, rx) = state.engine.add_request(prompt.clone(), for_choice(&params, j))?;
+            let (_, rx) = state
+                .engine
+                .add_request_with(prompt.clone(), for_choice(&params, j), opts)?;
             seqs.push(Seq {
                 index: p * n + j,
                 prompt_index: p,
@@ -81,6 +89,7 @@ pub fn launch(
         prompt_lens,
         admission,
         started,
+        score_only: false,
     })
 }
 
@@ -105,22 +114,39 @@ impl Timing {
     }
 }
 
+/// Appends the prompt scores of one `PromptLogprobs` event (scores of
+/// prompt indices `first..`) to `scores`, which holds those of indices
+/// `1..=scores.len()`: the engine sends each index once, in order.
+fn add_prompt_scores(scores: &mut Vec<PromptLogprob>, first: usize, entries: Vec<PromptLogprob>) {
+    if first == scores.len() + 1 {
+        scores.extend(entries);
+    } else {
+        tracing::error!(
+            "prompt scores from index {first} arrived after {} of them; dropped",
+            scores.len()
+        );
+    }
+}
+
 /// Everything one choice produced.
 pub struct ChoiceResult {
     pub index: usize,
     pub prompt_index: usize,
     pub text: String,
+    /// Scores of prompt tokens 1.. (when asked for).
+    pub prompt_scores: Vec<PromptLogprob>,
     pub tokens: Vec<TokenOut>,
     pub finish: Option<FinishReason>,
     pub usage: Usage,
     pub error: Option<String>,
 }
 
-async fn collect_one(seq: Seq, metrics: &Metrics, started: Instant) -> ChoiceResult {
+async fn collect_one(seq: Seq, metrics: &Metrics, started: Instant, score_only: bool) -> ChoiceResult {
     let mut r = ChoiceResult {
         index: seq.index,
         prompt_index: seq.prompt_index,
         text: String::new(),
+        prompt_scores: Vec::new(),
         tokens: Vec::new(),
         finish: None,
         usage: Usage::default(),
@@ -129,6 +155,10 @@ async fn collect_one(seq: Seq, metrics: &Metrics, started: Instant) -> ChoiceRes
     let mut timing = Timing::default();
     while let Some(ev) = seq.rx.next().await {
         match ev {
+            Event::PromptLogprobs { first, entries } => {
+                add_prompt_scores(&mut r.prompt_scores, first, entries)
+            }
+            Event::Token { .. } if score_only => {}
             Event::Token {
                 id,
                 text,
@@ -145,7 +175,11 @@ async fn collect_one(seq: Seq, metrics: &Metrics, started: Instant) -> ChoiceRes
             }
             Event::Finished { reason, usage } => {
                 timing.finish(metrics, started);
-                r.finish = Some(reason);
+                // Scoring a prompt ends where the completion would start.
+                r.finish = Some(match reason {
+                    FinishReason::Stop if score_only => FinishReason::Length,
+                    other => other,
+                });
                 r.usage = usage;
             }
             Event::Error { message } => r.error = Some(message),
@@ -162,10 +196,14 @@ pub async fn collect(state: &AppState, launch: Launch) -> Result<(Vec<ChoiceResu
         prompt_lens,
         admission,
         started,
+        score_only,
     } = launch;
     let metrics = &state.metrics;
-    let mut results =
-        futures_util::future::join_all(seqs.into_iter().map(|s| collect_one(s, metrics, started))).await;
+    let mut results = futures_util::future::join_all(
+        seqs.into_iter()
+            .map(|s| collect_one(s, metrics, started, score_only)),
+    )
+    .await;
     drop(admission);
     results.sort_by_key(|r| r.index);
     for r in &results {
@@ -184,14 +222,22 @@ pub async fn collect(state: &AppState, launch: Launch) -> Result<(Vec<ChoiceResu
     Ok((results, prompt_lens))
 }
 
+/// A prompt echoed by a completion (`echo`): its text and its tokens.
+#[derive(Clone, Debug)]
+pub struct Echo {
+    pub text: String,
+    pub ids: Vec<u32>,
+}
+
 /// How a stream's chunks look.
 pub struct StreamSpec {
     pub endpoint: Endpoint,
     pub header: Header,
     pub include_usage: bool,
     pub logprobs: bool,
-    /// Completions with `echo`: each prompt's text, sent first.
-    pub echo: Vec<String>,
+    /// Completions with `echo`: each prompt, sent first (with its scores
+    /// when `logprobs` is set, so then only once they have arrived).
+    pub echo: Vec<Echo>,
 }
 
 struct Track {
@@ -202,6 +248,10 @@ struct Track {
     usage: Usage,
     /// Characters sent so far (completion logprobs' `text_offset`).
     offset: usize,
+    /// Scores of prompt tokens 1.. received so far.
+    prompt_scores: Vec<PromptLogprob>,
+    /// The echo waits for the prompt's scores.
+    echo_pending: bool,
 }
 
 struct StreamState {
@@ -213,6 +263,7 @@ struct StreamState {
     pending: VecDeque<SseEvent>,
     done: bool,
     started: Instant,
+    score_only: bool,
     /// Held for the stream's life: dropping the stream gives the slots back.
     _admission: Admission,
 }
@@ -255,19 +306,45 @@ impl StreamState {
                     "finish_reason": null,
                 })),
                 Endpoint::Completion => {
-                    let Some(text) = self.spec.echo.get(prompt_index).cloned() else {
+                    if prompt_index >= self.spec.echo.len() {
                         continue;
-                    };
-                    self.tracks[t].offset += text.chars().count();
-                    self.chunk(json!({
-                        "index": index,
-                        "text": text,
-                        "logprobs": null,
-                        "finish_reason": null,
-                    }));
+                    }
+                    if self.spec.logprobs {
+                        self.tracks[t].echo_pending = true;
+                    } else {
+                        self.send_echo(t);
+                    }
                 }
             }
         }
+    }
+
+    /// The chunk of a completion's echoed prompt, with its scores when
+    /// logprobs are asked for.
+    fn send_echo(&mut self, t: usize) {
+        self.tracks[t].echo_pending = false;
+        let track = &self.tracks[t];
+        let Some(echo) = self.spec.echo.get(track.prompt_index) else {
+            return;
+        };
+        let logprobs = if self.spec.logprobs {
+            let prompt = EchoedPrompt {
+                text: &echo.text,
+                ids: &echo.ids,
+                scores: &track.prompt_scores,
+            };
+            render::completion_logprobs(&self.state.tokenizer, Some(prompt), &[], track.offset)
+        } else {
+            Value::Null
+        };
+        let choice = json!({
+            "index": track.index,
+            "text": echo.text,
+            "logprobs": logprobs,
+            "finish_reason": null,
+        });
+        self.tracks[t].offset += echo.text.chars().count();
+        self.chunk(choice);
     }
 
     fn text_chunk(&mut self, t: usize, text: String, token: Option<TokenOut>, finish: Option<FinishReason>) {
@@ -277,7 +354,7 @@ impl StreamState {
         let logprobs = match (&token, self.spec.endpoint) {
             (Some(tk), Endpoint::Chat) => render::chat_logprobs(tok, std::slice::from_ref(tk)),
             (Some(tk), Endpoint::Completion) => {
-                render::completion_logprobs(tok, std::slice::from_ref(tk), track.offset)
+                render::completion_logprobs(tok, None, std::slice::from_ref(tk), track.offset)
             }
             (None, _) => Value::Null,
         };
@@ -300,7 +377,15 @@ impl StreamState {
     }
 
     fn on_event(&mut self, t: usize, ev: Event) {
+        if self.tracks[t].echo_pending && !matches!(ev, Event::PromptLogprobs { .. }) {
+            // The prompt's scores are all in once anything else arrives.
+            self.send_echo(t);
+        }
         match ev {
+            Event::PromptLogprobs { first, entries } => {
+                add_prompt_scores(&mut self.tracks[t].prompt_scores, first, entries);
+            }
+            Event::Token { .. } if self.score_only => {}
             Event::Token {
                 id,
                 text,
@@ -321,10 +406,21 @@ impl StreamState {
                     self.text_chunk(t, text, None, None);
                 }
             }
+            // Aborted by the engine (shutting down): `closing` reports it.
+            Event::Finished {
+                reason: FinishReason::Abort,
+                ..
+            } => {}
             Event::Finished { reason, usage } => {
                 self.tracks[t].timing.finish(&self.state.metrics, self.started);
                 self.tracks[t].finished = true;
                 self.tracks[t].usage = usage;
+                // Scoring a prompt ends where the completion would start.
+                let reason = if self.score_only {
+                    FinishReason::Length
+                } else {
+                    reason
+                };
                 self.text_chunk(t, String::new(), None, Some(reason));
             }
             Event::Error { message } => {
@@ -374,6 +470,7 @@ pub fn sse_stream(
         prompt_lens,
         admission,
         started,
+        score_only,
     } = launch;
     let mut tracks = Vec::with_capacity(seqs.len());
     let mut sources = Vec::with_capacity(seqs.len());
@@ -386,6 +483,8 @@ pub fn sse_stream(
             finished: false,
             usage: Usage::default(),
             offset: 0,
+            prompt_scores: Vec::new(),
+            echo_pending: false,
         });
     }
     let mut st = StreamState {
@@ -397,6 +496,7 @@ pub fn sse_stream(
         pending: VecDeque::new(),
         done: false,
         started,
+        score_only,
         _admission: admission,
     };
     st.opening();

@@ -9,6 +9,15 @@
 //! over SSE or not), GET /v1/models, GET /health, GET /metrics (Prometheus),
 //! GET /v1/cache/stats, DELETE /v1/cache, POST /tokenize, POST /detokenize.
 //!
+//! Completions with `echo` and `logprobs` score the prompt as OpenAI's
+//! legacy API does (the first token `null`, then each token given those
+//! before it, with `top_logprobs` and `text_offset`); `max_tokens: 0` with
+//! `echo` scores the prompt alone. Without `max_tokens`, a completion stops
+//! at 16 tokens (OpenAI's default) and a chat completion fills the context.
+//!
+//! [`serve_with_shutdown`] bounds the drain on shutdown: after the stop
+//! signal the requests in flight finish, unless a second one aborts them.
+//!
 //! Errors are OpenAI-shaped JSON, `{"error": {"message", "type", "param",
 //! "code"}}`:
 //!
@@ -113,9 +122,53 @@ pub async fn serve(
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    // Streams are many small writes: without TCP_NODELAY, Nagle's algorithm
+    // holds a chunk back until the client's delayed ACK (up to ~40 ms),
+    // which shows up directly in TTFT and inter-token latency.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!("could not set TCP_NODELAY: {e}");
+        }
+    });
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// Like [`serve`], with a bound on the drain: once `stop` resolves, no new
+/// connection is accepted and requests in flight go on; if `force` then
+/// resolves too (a second signal, a grace period), the engine is shut
+/// down, which ends every remaining stream with an error event and
+/// `[DONE]` (and fails every waiting plain request with a 503), so the
+/// server returns soon after. `force` is not polled before `stop` resolves.
+pub async fn serve_with_shutdown(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    stop: impl Future<Output = ()> + Send + 'static,
+    force: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
+    let graceful = async move {
+        stop.await;
+        tracing::info!("shutting down: no new connections, finishing the requests in flight");
+        let _ = stopped_tx.send(());
+    };
+    let engine = state.engine.clone();
+    let forcer = tokio::spawn(async move {
+        if stopped_rx.await.is_err() {
+            return; // the server ended without a stop
+        }
+        force.await;
+        tracing::warn!("shutting down now: aborting the requests still in flight");
+        // `shutdown` joins the engine thread: keep it off the async workers.
+        if let Err(e) = tokio::task::spawn_blocking(move || engine.shutdown()).await {
+            tracing::error!("stopping the engine failed: {e}");
+        }
+    });
+    let served = serve(listener, state, graceful).await;
+    forcer.abort();
+    served
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.

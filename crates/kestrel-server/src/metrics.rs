@@ -141,7 +141,13 @@ impl Metrics {
         } else {
             hits as f64 / lookups as f64
         };
-        let gauges: [(&str, &str, f64); 7] = [
+        counter(
+            &mut out,
+            "kestrel_prefix_cache_tokens_saved_total",
+            "Prompt tokens served from the prefix cache since start.",
+            engine.prefix_cache.tokens_saved,
+        );
+        let gauges: [(&str, &str, f64); 6] = [
             (
                 "kestrel_num_requests_running",
                 "Sequences the engine is running.",
@@ -171,11 +177,6 @@ impl Metrics {
                 "kestrel_prefix_cache_hit_rate",
                 "Prefix-cache block hits over lookups since start.",
                 hit_rate,
-            ),
-            (
-                "kestrel_prefix_cache_tokens_saved",
-                "Prompt tokens served from the prefix cache since start.",
-                engine.prefix_cache.tokens_saved as f64,
             ),
         ];
         for (name, help, value) in gauges {

@@ -17,8 +17,11 @@ const DEFAULT_TEMPERATURE: f32 = 1.0;
 #[derive(Clone, Debug)]
 pub struct Request {
     pub params: SamplingParams,
-    /// `max_tokens` as given; `None` fills the context.
+    /// `max_tokens` as given; `None` means `default_max_tokens`.
     pub max_tokens: Option<usize>,
+    /// Used when `max_tokens` is not given, shrunk to what the context has
+    /// room for; `None` fills the context (chat's default).
+    pub default_max_tokens: Option<usize>,
     pub n: usize,
     pub stream: bool,
     pub include_usage: bool,
@@ -99,6 +102,7 @@ pub fn parse(
     Ok(Request {
         params,
         max_tokens,
+        default_max_tokens: None,
         n,
         stream: c.stream.unwrap_or(false),
         include_usage: c
@@ -142,7 +146,7 @@ pub fn fit(req: &Request, prompt_len: usize, max_model_len: usize) -> Result<Sam
                 ),
             ))
         }
-        None => room,
+        None => req.default_max_tokens.map_or(room, |d| d.min(room)),
     };
     Ok(SamplingParams {
         max_tokens,
@@ -199,6 +203,14 @@ mod tests {
         let open = parse(&CommonParams::default(), None, None).expect("valid");
         assert_eq!(fit(&open, 20, 120).expect("fits").max_tokens, 100);
         assert!(fit(&open, 120, 120).is_err());
+        // A default (completions' 16) is a cap that shrinks to the room left.
+        let capped = Request {
+            default_max_tokens: Some(16),
+            ..open
+        };
+        assert_eq!(fit(&capped, 20, 120).expect("fits").max_tokens, 16);
+        assert_eq!(fit(&capped, 110, 120).expect("fits").max_tokens, 10);
+        assert!(fit(&capped, 120, 120).is_err());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Response bodies and stream chunks in OpenAI's JSON shapes.
 
-use kestrel_engine::{FinishReason, Usage};
+use kestrel_engine::{FinishReason, PromptLogprob, Usage};
 use kestrel_tokenizer::Tokenizer;
 use serde_json::{json, Value};
 
@@ -97,31 +97,98 @@ pub fn chat_logprobs(tok: &Tokenizer, tokens: &[TokenOut]) -> Value {
     json!({ "content": content })
 }
 
-/// `logprobs` of a completion choice (the legacy parallel-lists shape);
-/// `offset` is where the first token's text starts in the choice's text.
-pub fn completion_logprobs(tok: &Tokenizer, tokens: &[TokenOut], mut offset: usize) -> Value {
-    let mut texts = Vec::with_capacity(tokens.len());
-    let mut lps = Vec::with_capacity(tokens.len());
-    let mut tops = Vec::with_capacity(tokens.len());
-    let mut offsets = Vec::with_capacity(tokens.len());
+/// Characters `id` adds to decoded text: none for control tokens (BOS,
+/// EOS, ...), and a byte token that starts a multi-byte character counts
+/// for the whole character while its continuation bytes count for none.
+fn printed_chars(tok: &Tokenizer, id: u32) -> usize {
+    if tok.is_control(id) {
+        return 0;
+    }
+    let bytes = tok.token_bytes(id).unwrap_or_default();
+    // UTF-8 continuation bytes are 0b10xx_xxxx; every other byte starts a character.
+    bytes.iter().filter(|&&b| b & 0xC0 != 0x80).count()
+}
+
+/// The echoed prompt of a completion choice with its scores: `scores[i]`
+/// is the score of `ids[i + 1]` (the first token has none).
+#[derive(Clone, Copy, Debug)]
+pub struct EchoedPrompt<'a> {
+    /// The text echoed at the start of the choice's text.
+    pub text: &'a str,
+    pub ids: &'a [u32],
+    pub scores: &'a [PromptLogprob],
+}
+
+/// The legacy parallel lists, filled token by token.
+struct LegacyLists {
+    tokens: Vec<String>,
+    token_logprobs: Vec<Value>,
+    top_logprobs: Vec<Value>,
+    text_offset: Vec<usize>,
+    offset: usize,
+}
+
+impl LegacyLists {
+    fn push(&mut self, tok: &Tokenizer, id: u32, scored: Option<(f32, &[(u32, f32)])>) {
+        self.tokens.push(token_string(tok, id));
+        self.text_offset.push(self.offset);
+        self.offset += printed_chars(tok, id);
+        match scored {
+            Some((lp, top)) => {
+                self.token_logprobs.push(json!(finite(lp)));
+                let top: serde_json::Map<String, Value> = top
+                    .iter()
+                    .map(|&(id, lp)| (token_string(tok, id), json!(finite(lp))))
+                    .collect();
+                self.top_logprobs.push(Value::Object(top));
+            }
+            None => {
+                self.token_logprobs.push(Value::Null);
+                self.top_logprobs.push(Value::Null);
+            }
+        }
+    }
+}
+
+/// `logprobs` of a completion choice (the legacy parallel-lists shape):
+/// the echoed prompt's tokens first when there is one (the first with
+/// `null` log-probability and alternatives, as OpenAI's API gives it),
+/// then the generated `tokens`. `offset` is where the first listed token's
+/// text starts in the choice's text; each `text_offset` counts the
+/// characters the tokens before it add to the text.
+pub fn completion_logprobs(
+    tok: &Tokenizer,
+    echo: Option<EchoedPrompt<'_>>,
+    tokens: &[TokenOut],
+    offset: usize,
+) -> Value {
+    let n = echo.map_or(0, |e| e.ids.len()) + tokens.len();
+    let mut l = LegacyLists {
+        tokens: Vec::with_capacity(n),
+        token_logprobs: Vec::with_capacity(n),
+        top_logprobs: Vec::with_capacity(n),
+        text_offset: Vec::with_capacity(n),
+        offset,
+    };
+    if let Some(e) = echo {
+        for (i, &id) in e.ids.iter().enumerate() {
+            let scored = i
+                .checked_sub(1)
+                .and_then(|j| e.scores.get(j))
+                .map(|s| (s.logprob, s.top_logprobs.as_slice()));
+            l.push(tok, id, scored);
+        }
+        // The generated text starts right after the echoed text.
+        l.offset = offset + e.text.chars().count();
+    }
     for t in tokens {
-        let text = token_string(tok, t.id);
-        offsets.push(offset);
-        offset += text.chars().count();
-        texts.push(text);
-        lps.push(finite(t.logprob.unwrap_or(0.0)));
-        let top: serde_json::Map<String, Value> = t
-            .top
-            .iter()
-            .map(|&(id, lp)| (token_string(tok, id), json!(finite(lp))))
-            .collect();
-        tops.push(Value::Object(top));
+        l.push(tok, t.id, Some((t.logprob.unwrap_or(0.0), t.top.as_slice())));
     }
     json!({
-        "tokens": texts,
-        "token_logprobs": lps,
-        "top_logprobs": tops,
-        "text_offset": offsets,
+        "tokens": l.tokens,
+        "token_logprobs": l.token_logprobs,
+        "top_logprobs": l.top_logprobs,
+        "text_offset": l.text_offset,
     })
 }
 

@@ -13,21 +13,25 @@ use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
+use kestrel_engine::RequestOptions;
 use kestrel_tokenizer::ChatMessage;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
-use crate::generate::{self, StreamSpec};
+use crate::generate::{self, Echo, StreamSpec};
 use crate::params::{self, check_model};
 use crate::protocol::{
     ChatRequest, CompletionRequest, Content, DetokenizeRequest, MessageIn, PromptField, TokenizeRequest,
 };
-use crate::render::{self, Endpoint, Header};
+use crate::render::{self, EchoedPrompt, Endpoint, Header};
 use crate::{unix_now, AppState};
 
 type Shared = State<Arc<AppState>>;
+
+/// `max_tokens` of a completion that gives none (OpenAI's legacy default).
+const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
 
 /// The application: every route, auth on the API routes, the body limit,
 /// and per-status request counting around everything.
@@ -219,7 +223,7 @@ async fn chat_inner(state: Arc<AppState>, body: Result<Bytes, BytesRejection>) -
     )?;
     let ids = chat_prompt(&state, &req.messages, true)?;
     let p = params::fit(&r, ids.len(), state.engine.max_model_len())?;
-    let launch = generate::launch(&state, vec![(ids, p)], r.n, started)?;
+    let launch = generate::launch(&state, vec![(ids, p)], r.n, RequestOptions::default(), started)?;
     let header = header(&state, "chatcmpl");
     if r.stream {
         let spec = StreamSpec {
@@ -288,14 +292,23 @@ async fn completions_inner(
         .logprobs
         .map(|v| non_negative("logprobs", v, "an integer in [0, 20]"))
         .transpose()?;
-    if echo && logprobs.is_some() {
+    // `max_tokens: 0` asks for no completion, which only makes sense as a
+    // way to score the prompt (`echo`, usually with `logprobs`).
+    let score_only = req.common.max_tokens == Some(0);
+    if score_only && !echo {
         return Err(ApiError::invalid_param(
-            "echo",
-            "`echo` with `logprobs` needs the prompt's log-probabilities, which this server does not \
-             compute; drop one of the two",
+            "max_tokens",
+            "`max_tokens` is 0, expected an integer >= 1 (0 is allowed only with `echo: true`, to score the prompt)",
         ));
     }
-    let r = params::parse(&req.common, req.common.max_tokens, logprobs)?;
+    // The engine generates at least one token; a scoring request drops it.
+    let max_tokens = if score_only {
+        Some(1)
+    } else {
+        req.common.max_tokens
+    };
+    let mut r = params::parse(&req.common, max_tokens, logprobs)?;
+    r.default_max_tokens = Some(COMPLETIONS_DEFAULT_MAX_TOKENS);
     let tok = &state.tokenizer;
     let encode = |text: &str| {
         tok.encode(text, tok.add_bos_default())
@@ -317,7 +330,7 @@ async fn completions_inner(
         return Err(ApiError::invalid_param("prompt", "`prompt` is an empty list"));
     }
     let max_len = state.engine.max_model_len();
-    let mut echo_texts = Vec::new();
+    let mut echoes = Vec::new();
     let mut inputs = Vec::with_capacity(prompts.len());
     for (ids, text) in prompts {
         let p = params::fit(&r, ids.len(), max_len)?;
@@ -328,11 +341,19 @@ async fn completions_inner(
                     ApiError::invalid_param("prompt", format!("could not decode the prompt: {e}"))
                 })?,
             };
-            echo_texts.push(text);
+            echoes.push(Echo {
+                text,
+                ids: ids.clone(),
+            });
         }
         inputs.push((ids, p));
     }
-    let launch = generate::launch(&state, inputs, r.n, started)?;
+    // Echoed prompts with logprobs carry the prompt's own scores.
+    let opts = RequestOptions {
+        prompt_logprobs: logprobs.filter(|_| echo),
+    };
+    let mut launch = generate::launch(&state, inputs, r.n, opts, started)?;
+    launch.score_only = score_only;
     let header = header(&state, "cmpl");
     if r.stream {
         let spec = StreamSpec {
@@ -340,7 +361,7 @@ async fn completions_inner(
             header,
             include_usage: r.include_usage,
             logprobs: logprobs.is_some(),
-            echo: echo_texts,
+            echo: echoes,
         };
         return Ok(sse(state, launch, spec));
     }
@@ -352,15 +373,22 @@ async fn completions_inner(
     let choices: Vec<Value> = results
         .iter()
         .map(|c| {
-            let prefix = echo_texts.get(c.prompt_index).map(String::as_str).unwrap_or("");
+            let echoed = echoes.get(c.prompt_index);
+            let prefix = echoed.map_or("", |e| e.text.as_str());
+            let logprobs = if logprobs.is_some() {
+                let prompt = echoed.map(|e| EchoedPrompt {
+                    text: &e.text,
+                    ids: &e.ids,
+                    scores: &c.prompt_scores,
+                });
+                render::completion_logprobs(tok, prompt, &c.tokens, 0)
+            } else {
+                Value::Null
+            };
             json!({
                 "index": c.index,
                 "text": format!("{prefix}{}", c.text),
-                "logprobs": if logprobs.is_some() {
-                    render::completion_logprobs(tok, &c.tokens, 0)
-                } else {
-                    Value::Null
-                },
+                "logprobs": logprobs,
                 "finish_reason": c.finish.map(render::finish_reason),
             })
         })

@@ -4,17 +4,27 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use kestrel_engine::{SamplingParams, Session};
 use kestrel_tokenizer::ChatMessage;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 const PROMPT: &str = "The capital of France is";
 
 /// What `kestrel run --temperature 0` produces: the single-sequence Session.
 fn session_greedy(ids: &[u32], max_tokens: usize) -> (String, usize) {
+    let (text, tokens) = session_greedy_tokens(ids, max_tokens);
+    (text, tokens.len())
+}
+
+fn session_greedy_tokens(ids: &[u32], max_tokens: usize) -> (String, Vec<u32>) {
     let f = fixture();
     let params = SamplingParams {
         max_tokens,
@@ -22,7 +32,7 @@ fn session_greedy(ids: &[u32], max_tokens: usize) -> (String, usize) {
     };
     let mut s = Session::new(&f.model, ids.len() + max_tokens + 1).expect("session");
     let g = s.generate(&f.tok, ids, &params, |_| {}).expect("generate");
-    (g.text, g.tokens.len())
+    (g.text, g.tokens)
 }
 
 fn raw_ids(text: &str) -> Vec<u32> {
@@ -123,6 +133,39 @@ async fn greedy_output_matches_the_session_streaming_or_not() {
     let prompt = second["usage"]["prompt_tokens"].as_u64().expect("prompt");
     assert!(cached >= 16 && cached < prompt, "cached {cached} of {prompt}");
     wait_idle(srv.addr).await;
+
+    // Every metric the issue lists, with the values these requests imply.
+    let m = get(srv.addr, "/metrics").await.text();
+    for needle in [
+        "# TYPE kestrel_time_to_first_token_seconds histogram",
+        "kestrel_time_to_first_token_seconds_count 6",
+        "# TYPE kestrel_time_per_output_token_seconds histogram",
+        "# TYPE kestrel_e2e_request_latency_seconds histogram",
+        "kestrel_e2e_request_latency_seconds_count 6",
+        "kestrel_num_requests_running 0",
+        "kestrel_num_requests_waiting 0",
+        "kestrel_kv_blocks_used 0",
+        "kestrel_kv_blocks_total 128",
+        "# TYPE kestrel_prefix_cache_tokens_saved_total counter",
+    ] {
+        assert!(m.contains(needle), "metrics lack {needle:?}:\n{m}");
+    }
+    let value = |name: &str| -> f64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{m}"))
+    };
+    let prompt_tokens = 2 * ids.len() + 2 * cids.len() + 2 * prompt as usize;
+    assert_eq!(value("kestrel_prompt_tokens_total"), prompt_tokens as f64);
+    // Six completions, and at least one poll of /v1/cache/stats.
+    assert!(value("kestrel_requests_total{status=\"200\"}") >= 7.0);
+    assert!(value("kestrel_generation_tokens_total") >= 6.0);
+    assert!(value("kestrel_time_per_output_token_seconds_count") >= 1.0);
+    let hit_rate = value("kestrel_prefix_cache_hit_rate");
+    assert!(hit_rate > 0.0 && hit_rate < 1.0, "hit rate {hit_rate}");
+    // The long prompt's hit at least (the repeated chat prompt may hit too).
+    assert!(value("kestrel_prefix_cache_tokens_saved_total") >= cached as f64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -371,10 +414,17 @@ async fn malformed_requests_get_their_documented_errors() {
         ),
         (
             cmpl,
-            json!({"prompt": "x", "echo": true, "logprobs": 1}).to_string(),
+            json!({"prompt": "x", "max_tokens": 0}).to_string(),
             400,
             "invalid_request_error",
-            Some("echo"),
+            Some("max_tokens"),
+        ),
+        (
+            cmpl,
+            json!({"prompt": "x", "echo": true, "logprobs": -1}).to_string(),
+            400,
+            "invalid_request_error",
+            Some("logprobs"),
         ),
         (
             cmpl,
@@ -489,6 +539,26 @@ async fn api_key_body_limit_and_info_routes() {
     let r = request(a, "POST", "/v1/completions", &auth, big.as_bytes()).await;
     assert_eq!(r.status, 413, "{}", r.text());
     assert_eq!(r.json()["error"]["code"], "request_too_large");
+    // Also when the body comes in chunks with no length announced.
+    let mut s = TcpStream::connect(a).await.expect("connect");
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: {a}\r\nConnection: close\r\nAuthorization: Bearer s3cret\r\n\
+         Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.expect("head");
+    for piece in big.as_bytes().chunks(500) {
+        let chunk = [format!("{:x}\r\n", piece.len()).as_bytes(), piece, b"\r\n"].concat();
+        // The server may answer and close before the last chunk.
+        if s.write_all(&chunk).await.is_err() {
+            break;
+        }
+    }
+    let _ = s.write_all(b"0\r\n\r\n").await;
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply).await;
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+    assert!(reply.contains("request_too_large"), "{reply}");
 
     let r = request(a, "GET", "/v1/models", &auth, b"").await.json();
     assert_eq!(r["data"][0]["id"], MODEL_NAME);
@@ -549,7 +619,7 @@ async fn api_key_body_limit_and_info_routes() {
     for needle in [
         "kestrel_requests_total{status=\"200\"}",
         "kestrel_requests_total{status=\"401\"} 3",
-        "kestrel_requests_total{status=\"413\"} 1",
+        "kestrel_requests_total{status=\"413\"} 2",
         "kestrel_time_to_first_token_seconds_count 1",
         "kestrel_e2e_request_latency_seconds_count 1",
         "kestrel_generation_tokens_total 1",
@@ -611,46 +681,389 @@ async fn a_plain_request_is_cancelled_when_its_client_hangs_up() {
     assert!(t0.elapsed() < Duration::from_secs(10));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn load_64_streams_with_a_quarter_cancelled() {
-    const STREAMS: usize = 64;
-    const MAX_TOKENS: usize = 8;
-    let srv = start(engine_config(256, 64), |_| {}).await;
-    let total = get(srv.addr, "/v1/cache/stats").await.json()["kv_blocks_total"].clone();
-    // A fixed pseudo-random quarter to cancel.
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut order: Vec<usize> = (0..STREAMS).collect();
-    for i in (1..STREAMS).rev() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        order.swap(i, (x % (i as u64 + 1)) as usize);
+/// The legacy logprobs lists of a completion choice (or of several stream
+/// chunks, concatenated).
+#[derive(Debug, Default, PartialEq)]
+struct Legacy {
+    tokens: Vec<String>,
+    token_logprobs: Vec<Option<f64>>,
+    top: Vec<Option<Vec<(String, f64)>>>,
+    text_offset: Vec<u64>,
+}
+
+impl Legacy {
+    fn extend(&mut self, lp: &Value) {
+        let list = |k: &str| {
+            lp[k]
+                .as_array()
+                .unwrap_or_else(|| panic!("logprobs.{k} is a list: {lp}"))
+                .clone()
+        };
+        for t in list("tokens") {
+            self.tokens.push(t.as_str().expect("token text").to_string());
+        }
+        for l in list("token_logprobs") {
+            self.token_logprobs.push(l.as_f64());
+        }
+        for t in list("top_logprobs") {
+            self.top.push(t.as_object().map(|m| {
+                let mut v: Vec<(String, f64)> = m
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.as_f64().expect("top logprob")))
+                    .collect();
+                v.sort_by(|a, b| b.1.total_cmp(&a.1));
+                v
+            }));
+        }
+        for o in list("text_offset") {
+            self.text_offset.push(o.as_u64().expect("text offset"));
+        }
+        assert_eq!(self.tokens.len(), self.token_logprobs.len());
+        assert_eq!(self.tokens.len(), self.top.len());
+        assert_eq!(self.tokens.len(), self.text_offset.len());
     }
-    let cancel: Vec<bool> = (0..STREAMS).map(|i| order[..STREAMS / 4].contains(&i)).collect();
+
+    fn close_to(&self, other: &Legacy, tol: f64) -> bool {
+        let near = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) => (a - b).abs() <= tol,
+            (a, b) => a == b,
+        };
+        self.tokens == other.tokens
+            && self.text_offset == other.text_offset
+            && self.token_logprobs.len() == other.token_logprobs.len()
+            && self
+                .token_logprobs
+                .iter()
+                .zip(&other.token_logprobs)
+                .all(|(&a, &b)| near(a, b))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_with_logprobs_scores_the_prompt() {
+    let srv = start(engine_config(128, 8), |_| {}).await;
+    let tok = &fixture().tok;
+    let ids = raw_ids(PROMPT);
+    let gen = 3;
+    let body = json!({"prompt": PROMPT, "max_tokens": gen, "temperature": 0, "logprobs": 2,
+                      "echo": true, "ignore_eos": true});
+    let v = post(srv.addr, "/v1/completions", &body).await.json();
+    let c = &v["choices"][0];
+    let text = c["text"].as_str().expect("text").to_string();
+    assert!(text.starts_with(PROMPT), "{text:?}");
+    let mut lp = Legacy::default();
+    lp.extend(&c["logprobs"]);
+    assert_eq!(
+        lp.tokens.len(),
+        ids.len() + gen,
+        "prompt and generated tokens: {lp:?}"
+    );
+    // The first prompt token has nothing to be scored against.
+    assert_eq!((lp.token_logprobs[0], &lp.top[0]), (None, &None));
+    let chars: Vec<char> = text.chars().collect();
+    for i in 1..lp.tokens.len() {
+        let l = lp.token_logprobs[i].unwrap_or_else(|| panic!("token {i} unscored"));
+        let top = lp.top[i].as_ref().expect("top_logprobs");
+        assert!(l <= 0.0 && top.len() == 2, "token {i}: {l} {top:?}");
+        assert!(
+            top[0].1 >= l - 1e-6,
+            "token {i}: the best alternative is at least as likely"
+        );
+        if i < ids.len() {
+            assert_eq!(
+                Some(lp.tokens[i].clone()),
+                tok.token_text(ids[i]),
+                "prompt token {i}"
+            );
+        }
+        // Each token's text sits at its offset in the choice's text.
+        let at: String = chars[lp.text_offset[i] as usize..].iter().collect();
+        assert!(
+            at.starts_with(&lp.tokens[i]),
+            "token {i} {:?} not at {}: {at:?}",
+            lp.tokens[i],
+            lp.text_offset[i]
+        );
+    }
+    assert_eq!(lp.text_offset[0], 0);
+    assert_eq!(lp.text_offset[ids.len()] as usize, PROMPT.chars().count());
+    // A scored prompt is recomputed: no cached tokens, even the second time.
+    assert_eq!(v["usage"]["prompt_tokens"], ids.len());
+    assert_eq!(v["usage"]["completion_tokens"], gen);
+    let again = post(srv.addr, "/v1/completions", &body).await.json();
+    assert_eq!(again["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let mut lp2 = Legacy::default();
+    lp2.extend(&again["choices"][0]["logprobs"]);
+    assert!(
+        lp2.close_to(&lp, 1e-5),
+        "a repeat scores differently:\n{lp2:?}\n{lp:?}"
+    );
+
+    // Without echo, the same generated tokens and logprobs.
+    let mut plain = body.clone();
+    plain["echo"] = json!(false);
+    let p = post(srv.addr, "/v1/completions", &plain).await.json();
+    let mut tail = Legacy::default();
+    tail.extend(&p["choices"][0]["logprobs"]);
+    assert_eq!(tail.tokens, lp.tokens[ids.len()..]);
+    for (a, b) in tail.token_logprobs.iter().zip(&lp.token_logprobs[ids.len()..]) {
+        assert!((a.expect("lp") - b.expect("lp")).abs() < 1e-5);
+    }
+
+    // Streamed: the echo chunk carries the prompt's scores, then one chunk
+    // per token; together they are the plain response's lists.
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    let (events, done) = stream(srv.addr, "/v1/completions", &sbody).await;
+    assert!(done);
+    assert_eq!(events[0]["choices"][0]["text"], PROMPT);
+    let mut streamed = Legacy::default();
+    let mut stext = String::new();
+    for e in &events {
+        let ch = &e["choices"][0];
+        stext.push_str(ch["text"].as_str().unwrap_or(""));
+        if !ch["logprobs"].is_null() {
+            streamed.extend(&ch["logprobs"]);
+        }
+    }
+    assert_eq!(stext, text);
+    assert!(
+        streamed.close_to(&lp, 1e-5),
+        "stream differs:\n{streamed:?}\n{lp:?}"
+    );
+
+    // `max_tokens: 0` scores the prompt alone, streaming or not.
+    let mut score = body.clone();
+    score["max_tokens"] = json!(0);
+    let s0 = post(srv.addr, "/v1/completions", &score).await.json();
+    assert_eq!(s0["choices"][0]["text"], PROMPT);
+    assert_eq!(s0["choices"][0]["finish_reason"], "length");
+    assert_eq!(s0["usage"]["completion_tokens"], 0);
+    let mut only = Legacy::default();
+    only.extend(&s0["choices"][0]["logprobs"]);
+    assert_eq!(only.tokens, lp.tokens[..ids.len()]);
+    for (a, b) in only.token_logprobs.iter().zip(&lp.token_logprobs) {
+        assert!(a.zip(*b).is_none_or(|(a, b)| (a - b).abs() < 1e-5) && a.is_some() == b.is_some());
+    }
+    score["stream"] = json!(true);
+    let (events, done) = stream(srv.addr, "/v1/completions", &score).await;
+    assert!(done);
+    let (stext, finishes) = stream_text(&events, false);
+    assert_eq!((stext.as_str(), finishes), (PROMPT, vec!["length".to_string()]));
+
+    // The score of a prompt token equals the logprob of that same token when
+    // generated: the prompt plus its greedy continuation's first token.
+    let (_, greedy) = session_greedy_tokens(&ids, 1);
+    let mut extended: Vec<u32> = ids.clone();
+    extended.push(greedy[0]);
+    let v = post(
+        srv.addr,
+        "/v1/completions",
+        &json!({"prompt": extended, "max_tokens": 0, "echo": true, "logprobs": 0}),
+    )
+    .await
+    .json();
+    let mut ext = Legacy::default();
+    ext.extend(&v["choices"][0]["logprobs"]);
+    let scored = ext.token_logprobs[ids.len()].expect("scored");
+    let generated = lp.token_logprobs[ids.len()].expect("generated");
+    assert!(
+        (scored - generated).abs() < 1e-4,
+        "prompt score {scored} vs generated {generated}"
+    );
+    wait_idle(srv.addr).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampling_parameters_take_effect() {
+    let srv = start(engine_config(128, 8), |_| {}).await;
+    let base = json!({"prompt": PROMPT, "max_tokens": 6, "ignore_eos": true});
+    let text = |v: &Value| v["choices"][0]["text"].as_str().expect("text").to_string();
+    let mut greedy = base.clone();
+    greedy["temperature"] = json!(0);
+    let want = text(&post(srv.addr, "/v1/completions", &greedy).await.json());
+    // Truncations that keep only the best token make sampling greedy.
+    for (k, v) in [("top_k", json!(1)), ("min_p", json!(1.0)), ("top_p", json!(1e-6))] {
+        let mut b = base.clone();
+        b["temperature"] = json!(1.5);
+        b["seed"] = json!(11);
+        b[k] = v;
+        let r = post(srv.addr, "/v1/completions", &b).await;
+        assert_eq!(r.status, 200, "{k}: {}", r.text());
+        assert_eq!(text(&r.json()), want, "{k}");
+    }
+    // Penalties on a prompt that invites repetition: reported logprobs are
+    // those of the penalised distribution, so even where the greedy tokens
+    // stay the same, the repeated ones become less likely.
+    let rep = json!({"prompt": "1 1 1 1 1 1 1 1 1 1 1 1", "max_tokens": 8, "temperature": 0,
+                     "ignore_eos": true, "logprobs": 0});
+    let scored = |v: Value| {
+        let mut l = Legacy::default();
+        l.extend(&v["choices"][0]["logprobs"]);
+        (text(&v), l.token_logprobs)
+    };
+    let (plain_text, plain_lps) = scored(post(srv.addr, "/v1/completions", &rep).await.json());
+    for (k, v) in [
+        ("repetition_penalty", 1.8),
+        ("presence_penalty", 2.0),
+        ("frequency_penalty", 2.0),
+    ] {
+        let mut b = rep.clone();
+        b[k] = json!(v);
+        let (got_text, got_lps) = scored(post(srv.addr, "/v1/completions", &b).await.json());
+        let less_likely = got_text == plain_text
+            && got_lps
+                .iter()
+                .zip(&plain_lps)
+                .skip(1)
+                .any(|(g, p)| g.zip(*p).is_some_and(|(g, p)| g < p - 0.1));
+        assert!(
+            got_text != plain_text || less_likely,
+            "{k} had no effect on {plain_text:?} ({got_lps:?} vs {plain_lps:?})"
+        );
+    }
+    // Chat: `max_completion_tokens` wins over `max_tokens`; `stop_token_ids`
+    // ends the output at the listed token.
+    let chat = json!({"messages": [{"role": "user", "content": "Count to ten."}], "temperature": 0,
+                      "ignore_eos": true, "max_tokens": 6, "max_completion_tokens": 2});
+    let v = post(srv.addr, "/v1/chat/completions", &chat).await.json();
+    assert_eq!(v["usage"]["completion_tokens"], 2, "{v}");
+    let (_, tokens) = session_greedy_tokens(&raw_ids(PROMPT), 6);
+    let mut b = greedy.clone();
+    b["stop_token_ids"] = json!([tokens[2]]);
+    let v = post(srv.addr, "/v1/completions", &b).await.json();
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(v["usage"]["completion_tokens"], 3, "{v}");
+    // Completions without `max_tokens` stop at OpenAI's default of 16.
+    let v = post(
+        srv.addr,
+        "/v1/completions",
+        &json!({"prompt": PROMPT, "temperature": 0, "ignore_eos": true}),
+    )
+    .await
+    .json();
+    assert_eq!(v["usage"]["completion_tokens"], 16, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    wait_idle(srv.addr).await;
+}
+
+/// Reads a stream to its end: its events and whether `[DONE]` closed it.
+async fn drain(c: &mut Conn) -> (Vec<Value>, bool) {
+    let mut events = Vec::new();
+    while let Some(data) = c.next_event().await {
+        if data == "[DONE]" {
+            return (events, true);
+        }
+        events.push(serde_json::from_str(&data).unwrap_or_else(|e| panic!("event {data:?}: {e}")));
+    }
+    (events, false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_requests_in_flight_then_aborts_the_rest_when_forced() {
+    let mut srv = start(engine_config(64, 4), |_| {}).await;
+    let body = |max: usize| {
+        json!({"prompt": PROMPT, "max_tokens": max, "temperature": 0, "ignore_eos": true, "stream": true})
+            .to_string()
+    };
+    let mut short = Conn::open(srv.addr, "POST", "/v1/completions", &[], body(6).as_bytes()).await;
+    let mut long = Conn::open(srv.addr, "POST", "/v1/completions", &[], body(400).as_bytes()).await;
+    assert!(short.next_event().await.is_some() && long.next_event().await.is_some());
+
+    // SIGINT: no new connection, but the streams go on.
+    srv.stop();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(srv.addr).await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "still accepting connections after the stop"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (events, done) = drain(&mut short).await;
+    assert!(done, "the short stream must complete");
+    assert_eq!(stream_text(&events, false).1, vec!["length".to_string()]);
+    assert!(long.next_event().await.is_some(), "the long stream goes on");
+
+    // A second signal: the long stream ends at once, with an error and [DONE].
+    let t0 = Instant::now();
+    srv.force();
+    let (events, done) = drain(&mut long).await;
+    assert!(done, "an aborted stream still ends with [DONE]");
+    let last = events.last().expect("events");
+    assert_eq!(last["error"]["type"], "overloaded_error", "{last}");
+    assert!(
+        events.iter().all(|e| e["choices"][0]["finish_reason"].is_null()),
+        "an aborted stream has no finish reason"
+    );
+    tokio::time::timeout(Duration::from_secs(10), srv.join())
+        .await
+        .expect("the server returns once its streams end")
+        .expect("served");
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    assert!(srv
+        .state
+        .engine
+        .add_request(raw_ids(PROMPT), SamplingParams::default())
+        .is_err());
+}
+
+/// `streams` concurrent streaming completions (`ignore_eos`, so each has
+/// exactly `max_tokens` tokens); a seeded random quarter hang up after
+/// `cancel_after` chunks. Every other stream must complete with the right
+/// number of tokens and `[DONE]`, the cancelled ones must stop early in the
+/// engine too, and the KV pool must come back to full. Returns the time
+/// the streams took.
+async fn load_with_cancellations(
+    streams: usize,
+    max_tokens: usize,
+    cancel_after: usize,
+    seed: u64,
+) -> Duration {
+    let blocks = streams * 3;
+    let srv = start(
+        kestrel_engine::EngineConfig {
+            num_kv_blocks: blocks,
+            max_num_seqs: streams,
+            max_num_batched_tokens: 4096,
+            ..kestrel_engine::EngineConfig::default()
+        },
+        |o| o.max_waiting = streams,
+    )
+    .await;
+    let total = get(srv.addr, "/v1/cache/stats").await.json()["kv_blocks_total"].clone();
+    assert_eq!(total, blocks);
+    let mut order: Vec<usize> = (0..streams).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+    let cancel: Vec<bool> = (0..streams).map(|i| order[..streams / 4].contains(&i)).collect();
+    let t0 = Instant::now();
     let mut tasks = Vec::new();
     for (i, &cancel_me) in cancel.iter().enumerate() {
         let addr = srv.addr;
         tasks.push(tokio::spawn(async move {
             let body = json!({"prompt": format!("Story number {i}: once upon a time"),
-                              "max_tokens": MAX_TOKENS, "temperature": 0.7, "seed": i,
+                              "max_tokens": max_tokens, "temperature": 0,
                               "ignore_eos": true, "stream": true,
                               "stream_options": {"include_usage": true}});
             let mut c = Conn::open(addr, "POST", "/v1/completions", &[], body.to_string().as_bytes()).await;
-            assert_eq!(c.status, 200);
-            let mut tokens = 0;
+            assert_eq!(c.status, 200, "stream {i}");
+            let (mut chunks, mut finishes) = (0, Vec::new());
             let mut usage = Value::Null;
             while let Some(data) = c.next_event().await {
                 if data == "[DONE]" {
-                    return Some((tokens, usage));
+                    assert!(!cancel_me, "stream {i} ended before it could be cancelled");
+                    assert!(c.next_event().await.is_none(), "stream {i}: data after [DONE]");
+                    return Some((chunks, finishes, usage));
                 }
                 let v: Value = serde_json::from_str(&data).expect("chunk");
-                if v["choices"].as_array().is_some_and(|c| !c.is_empty())
-                    && v["choices"][0]["finish_reason"].is_null()
-                {
-                    tokens += 1;
-                    if cancel_me {
-                        // Midway: after the first token, hang up.
-                        return None;
+                assert!(v.get("error").is_none(), "stream {i}: {v}");
+                if let Some(choice) = v["choices"].as_array().and_then(|c| c.first()) {
+                    match choice["finish_reason"].as_str() {
+                        Some(f) => finishes.push(f.to_string()),
+                        None => chunks += 1,
+                    }
+                    if cancel_me && chunks == cancel_after {
+                        return None; // hang up midway
                     }
                 }
                 if !v["usage"].is_null() {
@@ -660,25 +1073,44 @@ async fn load_64_streams_with_a_quarter_cancelled() {
             panic!("stream {i} ended without [DONE]");
         }));
     }
-    let results = tokio::time::timeout(Duration::from_secs(120), futures_util::future::join_all(tasks))
+    let results = tokio::time::timeout(Duration::from_secs(300), futures_util::future::join_all(tasks))
         .await
-        .expect("the load test took over 2 minutes");
+        .expect("the load test took over 5 minutes");
+    let elapsed = t0.elapsed();
     let mut completed = 0;
     for (i, r) in results.into_iter().enumerate() {
-        let r = r.expect("stream task");
+        let r = r.unwrap_or_else(|e| panic!("stream task {i}: {e}"));
         if cancel[i] {
-            assert!(r.is_none());
+            assert!(r.is_none(), "stream {i}");
             continue;
         }
-        let (tokens, usage) = r.unwrap_or_else(|| panic!("stream {i} was not meant to be cancelled"));
+        let (chunks, finishes, usage) =
+            r.unwrap_or_else(|| panic!("stream {i} was not meant to be cancelled"));
         assert!(
-            (1..=MAX_TOKENS).contains(&tokens),
-            "stream {i}: {tokens} text chunks"
+            (1..=max_tokens).contains(&chunks),
+            "stream {i}: {chunks} text chunks"
         );
-        assert_eq!(usage["completion_tokens"], MAX_TOKENS, "stream {i}");
+        assert_eq!(finishes, vec!["length".to_string()], "stream {i}");
+        assert_eq!(usage["completion_tokens"], max_tokens, "stream {i}");
         completed += 1;
     }
-    assert_eq!(completed, STREAMS - STREAMS / 4);
+    assert_eq!(completed, streams - streams / 4);
     let s = wait_idle(srv.addr).await;
     assert_eq!(s["kv_blocks_free"], total, "pool back to full: {s}");
+    // The cancelled ones stopped in the engine, not only on the wire.
+    let generated = srv.state.engine.stats().tokens_generated;
+    assert!(
+        generated < (streams * max_tokens) as u64,
+        "{generated} tokens generated: cancelled streams ran to the end"
+    );
+    elapsed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_256_streams_with_a_random_quarter_cancelled() {
+    let took = load_with_cancellations(256, 8, 3, 0x6b65_7374).await;
+    eprintln!(
+        "256 streams of 8 tokens, 64 cancelled: {:.1} s",
+        took.as_secs_f64()
+    );
 }

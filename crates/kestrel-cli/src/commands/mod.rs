@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_detok;
+pub mod bench_engine;
 pub mod bench_serve;
 pub mod chat;
 pub mod inspect;

@@ -1,8 +1,13 @@
 //! `kestrel serve`: the OpenAI-compatible HTTP server (kestrel-server) over
 //! the batching engine.
+//!
+//! SIGINT or SIGTERM stops it gracefully: no new connection is accepted and
+//! the requests in flight finish; a second signal, or `--shutdown-grace`
+//! seconds, aborts those still running, and the server exits.
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -43,6 +48,10 @@ pub struct ServeArgs {
     /// Largest request body in bytes (more gets 413).
     #[arg(long, default_value_t = DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
+    /// Seconds the requests in flight get to finish after SIGINT/SIGTERM
+    /// before they are aborted (a second signal aborts them at once).
+    #[arg(long, default_value_t = 30.0)]
+    pub shutdown_grace: f64,
     #[arg(long, default_value = "auto")]
     pub device: Device,
     /// CUDA kernel set: fused (fast) or reference (plain kernels, for comparison).
@@ -51,6 +60,12 @@ pub struct ServeArgs {
 }
 
 pub fn main(args: ServeArgs) -> Result<()> {
+    if !(args.shutdown_grace.is_finite() && args.shutdown_grace >= 0.0) {
+        anyhow::bail!(
+            "--shutdown-grace is {}, expected a number of seconds >= 0",
+            args.shutdown_grace
+        );
+    }
     let path = model_path::resolve(args.model.clone())?;
     dispatch_with(args.device, args.kernels, ServeTask { args, path })
 }
@@ -105,12 +120,27 @@ impl BackendTask for ServeTask {
                 self.path.display(),
                 if a.api_key.is_some() { " | API key required" } else { "" }
             );
-            kestrel_server::serve(listener, state, kestrel_server::shutdown_signal())
+            let grace = Duration::from_secs_f64(a.shutdown_grace);
+            let stop = async move {
+                kestrel_server::shutdown_signal().await;
+                eprintln!(
+                    "kestrel serve: shutting down (requests in flight get {:.0} s; signal again to abort them)",
+                    grace.as_secs_f64()
+                );
+            };
+            // Polled only after `stop`, so it waits for a second signal.
+            let force = async move {
+                tokio::select! {
+                    _ = kestrel_server::shutdown_signal() => {},
+                    _ = tokio::time::sleep(grace) => {},
+                }
+            };
+            kestrel_server::serve_with_shutdown(listener, state, stop, force)
                 .await
                 .context("serving HTTP")
         });
-        eprintln!("kestrel serve: shutting down");
         engine.shutdown();
+        eprintln!("kestrel serve: stopped");
         served
     }
 }

@@ -5,48 +5,20 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use kestrel_backend::cpu::CpuBackend;
 use kestrel_engine::{Engine, EngineConfig};
-use kestrel_formats::ModelFile;
-use kestrel_model::Model;
 use kestrel_server::{AppState, ServerOptions, DEFAULT_MAX_BODY_BYTES};
-use kestrel_tokenizer::Tokenizer;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use kestrel_engine::test_util::default_model as fixture;
 
 pub const MODEL_NAME: &str = "test-model";
-
-pub struct Fixture {
-    pub model: Arc<Model<CpuBackend>>,
-    pub tok: Arc<Tokenizer>,
-}
-
-pub fn fixture() -> &'static Fixture {
-    static F: OnceLock<Fixture> = OnceLock::new();
-    F.get_or_init(|| {
-        let path = kestrel_formats::default_model_path();
-        assert!(
-            path.exists(),
-            "default model not found at {}: run scripts/fetch-model.sh (or set KESTREL_MODEL)",
-            path.display()
-        );
-        let model = Model::load(&path, Arc::new(CpuBackend::new()))
-            .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()));
-        let tok = match model.file() {
-            ModelFile::Gguf(g) => Tokenizer::from_gguf(g).expect("tokenizer from the GGUF"),
-            _ => panic!("{} is not a GGUF file", path.display()),
-        };
-        Fixture {
-            model: Arc::new(model),
-            tok: Arc::new(tok),
-        }
-    })
-}
 
 pub fn engine_config(num_kv_blocks: usize, max_num_seqs: usize) -> EngineConfig {
     EngineConfig {
@@ -61,13 +33,38 @@ pub struct TestServer {
     pub addr: SocketAddr,
     pub state: Arc<AppState>,
     stop: Option<oneshot::Sender<()>>,
+    force: Option<oneshot::Sender<()>>,
+    served: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl TestServer {
+    /// What SIGINT does: stop accepting, let requests in flight finish.
+    pub fn stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+
+    /// What a second signal does: abort what is still in flight.
+    pub fn force(&mut self) {
+        if let Some(s) = self.force.take() {
+            let _ = s.send(());
+        }
+    }
+
+    /// Waits for the server to return (after `stop`).
+    pub async fn join(&mut self) -> std::io::Result<()> {
+        match self.served.take() {
+            Some(h) => h.await.expect("the server task panicked"),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Drop for TestServer {
     fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
+        self.stop();
+        self.force();
         self.state.engine.shutdown();
     }
 }
@@ -90,20 +87,27 @@ pub async fn start(cfg: EngineConfig, edit: impl FnOnce(&mut ServerOptions)) -> 
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local addr");
     let state = AppState::new(engine, f.tok.clone(), options);
-    let (tx, rx) = oneshot::channel::<()>();
-    let serve_state = state.clone();
-    tokio::spawn(async move {
-        let stopped = async {
-            let _ = rx.await;
-        };
-        if let Err(e) = kestrel_server::serve(listener, serve_state, stopped).await {
-            panic!("server failed: {e}");
-        }
-    });
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let (force_tx, force_rx) = oneshot::channel::<()>();
+    // A dropped sender (the test ended) counts as the signal.
+    let stop = async {
+        let _ = stop_rx.await;
+    };
+    let force = async {
+        let _ = force_rx.await;
+    };
+    let served = tokio::spawn(kestrel_server::serve_with_shutdown(
+        listener,
+        state.clone(),
+        stop,
+        force,
+    ));
     TestServer {
         addr,
         state,
-        stop: Some(tx),
+        stop: Some(stop_tx),
+        force: Some(force_tx),
+        served: Some(served),
     }
 }
 
