@@ -81,6 +81,7 @@ fn config(url: &str, endpoint: Endpoint, num_prompts: usize) -> LoadConfig {
         output_len: 8,
         prompts_file: None,
         ignore_eos: true,
+        temperature: Some(0.0),
         endpoint,
         warmup: 1,
         seed: 1,

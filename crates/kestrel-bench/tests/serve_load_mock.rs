@@ -71,6 +71,7 @@ fn measured_latencies_match_the_mock_and_errors_are_counted() {
         assert_eq!(b["stream_options"]["include_usage"], true);
         assert_eq!(b["max_tokens"], 16);
         assert_eq!(b["ignore_eos"], true);
+        assert_eq!(b["temperature"], 0.0, "greedy by default");
         assert_eq!(b["prompt"].as_str().map(|p| p.split(' ').count()), Some(12));
     }
 

@@ -410,10 +410,28 @@ impl<B: Backend> Engine<B> {
                 let (sampling, prompt) = logits.split_at_mut(ids.len() * vocab);
                 // Prompt scores first: they precede the request's first token.
                 self.send_prompt_logprobs(&plan.prompt_rows, plan.num_samplers(), prompt);
-                for (row, id) in sampling.chunks_exact_mut(vocab).zip(ids) {
+                if ids.len() == 1 {
                     report.num_sampled += 1;
-                    if self.sample_one(id, row)? {
+                    if self.sample_one(ids[0], sampling)? {
                         report.num_finished += 1;
+                    }
+                } else {
+                    // Each row's sampler is independent and a row costs a
+                    // pass over the whole vocabulary (262k logits for
+                    // Gemma): draw them on all cores, then emit in order.
+                    for (id, sampled) in self.sample_rows(&ids, sampling, vocab) {
+                        report.num_sampled += 1;
+                        let ended = match sampled {
+                            Some(Ok(s)) => self.emit(id, s)?,
+                            Some(Err(e)) => {
+                                self.fail(id, &e.to_string());
+                                true
+                            }
+                            None => false,
+                        };
+                        if ended {
+                            report.num_finished += 1;
+                        }
                     }
                 }
             }
@@ -484,6 +502,37 @@ impl<B: Backend> Engine<B> {
             )));
         }
         Ok(picked)
+    }
+
+    /// Samples the rows of `ids` (one logits row each, used as scratch) in
+    /// parallel; `None` for a request that is gone.
+    fn sample_rows(
+        &mut self,
+        ids: &[RequestId],
+        rows: &mut [f32],
+        vocab: usize,
+    ) -> Vec<(RequestId, Option<Result<Sampled, crate::sampling::SamplingError>>)> {
+        use rayon::prelude::*;
+        let sched = &self.sched;
+        let mut samplers: HashMap<RequestId, &mut crate::sampling::Sampler> = self
+            .outputs
+            .iter_mut()
+            .map(|(&id, o)| (id, &mut o.sampler))
+            .collect();
+        let jobs: Vec<_> = rows
+            .chunks_exact_mut(vocab)
+            .zip(ids)
+            .map(|(row, &id)| (id, row, samplers.remove(&id)))
+            .collect();
+        jobs.into_par_iter()
+            .map(|(id, row, sampler)| {
+                let r = match (sampler, sched.seq(id)) {
+                    (Some(s), Some(seq)) => Some(s.sample(row, seq.prompt(), seq.generated())),
+                    _ => None,
+                };
+                (id, r)
+            })
+            .collect()
     }
 
     /// Samples one sequence's next token from its logits row (used as

@@ -102,6 +102,7 @@ pub fn request_body(
     prompt: &str,
     max_tokens: usize,
     ignore_eos: bool,
+    temperature: Option<f32>,
 ) -> Bytes {
     let mut body = match endpoint {
         Endpoint::Completions => json!({ "model": model, "prompt": prompt }),
@@ -115,6 +116,9 @@ pub fn request_body(
     body["stream_options"] = json!({ "include_usage": true });
     if ignore_eos {
         body["ignore_eos"] = json!(true);
+    }
+    if let Some(t) = temperature {
+        body["temperature"] = json!(t);
     }
     Bytes::from(body.to_string())
 }

@@ -76,6 +76,9 @@ pub struct LoadConfig {
     /// JSONL prompts (`{"prompt": ...}` per line) instead of synthetic ones.
     pub prompts_file: Option<PathBuf>,
     pub ignore_eos: bool,
+    /// `temperature` sent with every request (`None`: the server's default,
+    /// which is 1.0 in OpenAI's API, i.e. sampling rather than greedy).
+    pub temperature: Option<f32>,
     pub endpoint: Endpoint,
     /// Unmeasured requests sent to each server first.
     pub warmup: usize,

@@ -428,6 +428,7 @@ impl Report {
                 "output_len": cfg.output_len,
                 "prompts_file": cfg.prompts_file.as_ref().map(|p| p.display().to_string()),
                 "ignore_eos": cfg.ignore_eos,
+                "temperature": cfg.temperature,
                 "warmup": cfg.warmup,
                 "seed": cfg.seed,
                 "rounds": cfg.rounds,

@@ -108,7 +108,16 @@ fn bodies(cfg: &LoadConfig, model: &str, prompts: &[String]) -> Arc<Vec<Bytes>> 
     Arc::new(
         prompts
             .iter()
-            .map(|p| request_body(cfg.endpoint, model, p, cfg.output_len, cfg.ignore_eos))
+            .map(|p| {
+                request_body(
+                    cfg.endpoint,
+                    model,
+                    p,
+                    cfg.output_len,
+                    cfg.ignore_eos,
+                    cfg.temperature,
+                )
+            })
             .collect(),
     )
 }

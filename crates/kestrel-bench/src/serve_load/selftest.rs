@@ -232,6 +232,7 @@ pub fn self_test(cfg: SelfTestConfig) -> Result<SelfTestResult> {
         "self test",
         cfg.tokens_per_request,
         true,
+        None,
     );
     let bodies = Arc::new(vec![body; cfg.requests]);
     let client = Client::new();

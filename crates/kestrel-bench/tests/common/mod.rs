@@ -139,6 +139,7 @@ pub fn config(url: &str, level: Level, num_prompts: usize) -> LoadConfig {
         output_len: 16,
         prompts_file: None,
         ignore_eos: true,
+        temperature: Some(0.0),
         endpoint: Endpoint::Completions,
         warmup: 0,
         seed: 0,

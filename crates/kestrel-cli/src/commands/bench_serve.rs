@@ -52,6 +52,11 @@ pub struct Args {
     /// Send ignore_eos: true so that every request generates exactly --output-len tokens.
     #[arg(long)]
     pub ignore_eos: bool,
+    /// Sampling temperature sent with every request: 0 (default) is greedy,
+    /// as the anchors were measured; a negative value sends none (the
+    /// server's default, 1.0 in OpenAI's API).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub temperature: f32,
     /// Unmeasured requests sent to each server first.
     #[arg(long, default_value_t = 4)]
     pub warmup: usize,
@@ -159,6 +164,7 @@ fn config(a: &Args) -> Result<LoadConfig> {
         output_len: a.output_len,
         prompts_file: a.prompts.clone(),
         ignore_eos: a.ignore_eos,
+        temperature: (a.temperature >= 0.0).then_some(a.temperature),
         endpoint: match a.endpoint {
             EndpointArg::Completions => Endpoint::Completions,
             EndpointArg::Chat => Endpoint::Chat,
