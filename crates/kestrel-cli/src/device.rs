@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use kestrel_backend::cpu::CpuBackend;
-use kestrel_backend::Backend;
+use kestrel_backend::{Backend, KvDType};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Device {
@@ -37,6 +37,28 @@ pub enum Kernels {
     #[default]
     Fused,
     Reference,
+}
+
+/// `--kv auto|f32|f16`: the KV cache element type.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum KvArg {
+    /// f16 on a GPU (half the memory and bandwidth of attention, llama.cpp's
+    /// default too), f32 on the CPU (whose f16 cache path is slower).
+    #[default]
+    Auto,
+    F32,
+    F16,
+}
+
+impl KvArg {
+    pub fn dtype<B: Backend>(self, backend: &B) -> KvDType {
+        match self {
+            KvArg::F32 => KvDType::F32,
+            KvArg::F16 => KvDType::F16,
+            KvArg::Auto if backend.device_memory().is_some() => KvDType::F16,
+            KvArg::Auto => KvDType::F32,
+        }
+    }
 }
 
 /// A command that can run on any backend.

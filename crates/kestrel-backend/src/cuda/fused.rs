@@ -254,6 +254,7 @@ impl CudaBackend {
                 format!("norm weights do not have {} elements", x.cols),
             ));
         }
+        let out16 = self.f16_side_output(out)?;
         self.run(
             "residual_norm",
             (x.rows as u32, 1, 1),
@@ -267,8 +268,11 @@ impl CudaBackend {
                 Arg::F32(eps),
                 i32_of(x.cols, "cols")?,
                 Arg::Ptr(out.ptr()),
+                Arg::Ptr(out16),
             ],
-        )
+        )?;
+        self.mark_f16_side_output(out, out16);
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]

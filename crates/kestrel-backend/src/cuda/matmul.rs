@@ -123,6 +123,41 @@ impl CudaBackend {
         self.run(&name, (blocks, 1, 1), 256, 0, &args)
     }
 
+    /// Where a producer kernel (residual norm, gated activation) should also
+    /// write `out` as f16 for the GEMM that consumes it next: the activation
+    /// scratch when `out` has more rows than the GEMV path takes (0 = none).
+    /// Never allocates while capturing (then the GEMM converts as usual).
+    pub(crate) fn f16_side_output(&self, out: &CudaAct) -> Result<u64, BackendError> {
+        if out.rows <= GEMV_MAX_ROWS {
+            return Ok(0);
+        }
+        let mut st = self.lock()?;
+        let need = out.rows * out.cols * 2;
+        if st.x16.as_ref().is_none_or(|b| b.bytes < need) {
+            if st.capturing {
+                return Ok(0);
+            }
+            st.x16 = Some(DevBuf::alloc(&self.dev.stream, need, "f16 activation scratch")?);
+        }
+        Ok(st.x16.as_ref().map_or(0, |b| b.ptr))
+    }
+
+    /// Records that the launch just made left `out` in f16 in the activation
+    /// scratch. Any later launch clears the record (`run`), so a GEMM trusts
+    /// the scratch only when its operand's producer ran immediately before.
+    pub(crate) fn mark_f16_side_output(&self, out: &CudaAct, out16: u64) {
+        if out16 != 0 {
+            self.x16_src
+                .store(out.ptr(), std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the activation scratch already holds `x` in f16 (see
+    /// `mark_f16_side_output`).
+    fn x16_holds(&self, x: &CudaAct) -> bool {
+        self.x16_src.load(std::sync::atomic::Ordering::Relaxed) == x.ptr()
+    }
+
     /// An f16 copy of `w` when the dense budget has room for it (the fused
     /// set only; the reference set keeps to its plain kernel).
     pub(crate) fn dense_mirror(&self, w: &CudaWeight) -> Result<Option<DevBuf>, BackendError> {
@@ -205,13 +240,15 @@ impl CudaBackend {
         };
         drop(st);
         let nx = x.rows * x.cols;
-        self.run(
-            "f32_to_f16",
-            (super::launch::grid_for(nx), 1, 1),
-            256,
-            0,
-            &[Arg::Ptr(x.ptr()), Arg::I64(nx as i64), Arg::Ptr(x16)],
-        )?;
+        if !(self.x16_holds(x) && !x_small) {
+            self.run(
+                "f32_to_f16",
+                (super::launch::grid_for(nx), 1, 1),
+                256,
+                0,
+                &[Arg::Ptr(x.ptr()), Arg::I64(nx as i64), Arg::Ptr(x16)],
+            )?;
+        }
         for (w, out) in ws.iter().zip(outs.iter_mut()) {
             let dense = match &w.dense {
                 Some(d) => d.ptr,
@@ -264,13 +301,15 @@ impl CudaBackend {
             None => return Err(BackendError::Cuda("activation scratch missing".into())),
         };
         let nx = t * k;
-        self.run(
-            "f32_to_f16",
-            (super::launch::grid_for(nx), 1, 1),
-            256,
-            0,
-            &[Arg::Ptr(x.ptr()), Arg::I64(nx as i64), Arg::Ptr(x16)],
-        )?;
+        if !(self.x16_holds(x) && !x_small) {
+            self.run(
+                "f32_to_f16",
+                (super::launch::grid_for(nx), 1, 1),
+                256,
+                0,
+                &[Arg::Ptr(x.ptr()), Arg::I64(nx as i64), Arg::Ptr(x16)],
+            )?;
+        }
         let wa = Self::weight_args(w)?;
         let mut r0 = 0;
         while r0 < m_all {

@@ -104,6 +104,9 @@ pub struct CudaBackend {
     /// `CudaWeight::dense`); set from `KESTREL_DENSE_WEIGHTS` (MiB, 0 = off),
     /// by default an eighth of the device's memory.
     dense_budget: std::sync::atomic::AtomicUsize,
+    /// Address of the activation whose f16 copy the producer launched last
+    /// left in the activation scratch (0: none); see `mark_f16_side_output`.
+    x16_src: std::sync::atomic::AtomicU64,
 }
 
 fn shape_err(op: &str, msg: String) -> BackendError {
@@ -165,6 +168,7 @@ impl CudaBackend {
         };
         Ok(CudaBackend {
             dense_budget: std::sync::atomic::AtomicUsize::new(dense_budget),
+            x16_src: std::sync::atomic::AtomicU64::new(0),
             fx_counter,
             fx: std::sync::atomic::AtomicU8::new(fx),
             dev,
@@ -222,6 +226,9 @@ impl CudaBackend {
             .ctx
             .bind_to_thread()
             .map_err(|e| BackendError::Cuda(format!("binding the context: {e}")))?;
+        // Whatever this launch writes, the f16 scratch no longer matches a
+        // producer's output unless that producer marks it again afterwards.
+        self.x16_src.store(0, std::sync::atomic::Ordering::Relaxed);
         self.k.launch(&self.dev.stream, name, grid, block, smem, args)
     }
 
@@ -265,6 +272,9 @@ impl CudaBackend {
     /// allocator may still be in use by earlier work of any stream until
     /// this stream reaches it, which a legacy synchronous copy ignores.
     fn htod<T>(&self, dst: u64, src: &[T], what: &str) -> Result<()> {
+        // A host write may land on an activation whose address a producer
+        // marked (see `mark_f16_side_output`): forget the mark.
+        self.x16_src.store(0, std::sync::atomic::Ordering::Relaxed);
         self.dev
             .ctx
             .bind_to_thread()
@@ -478,6 +488,8 @@ impl Backend for CudaBackend {
 
     fn alloc_act(&self, rows: usize, cols: usize) -> Result<CudaAct> {
         self.refuse_in_capture("alloc_act")?;
+        // A new activation may reuse a marked address (`mark_f16_side_output`).
+        self.x16_src.store(0, std::sync::atomic::Ordering::Relaxed);
         let bytes = rows
             .checked_mul(cols)
             .and_then(|n| n.checked_mul(4))
@@ -918,6 +930,11 @@ impl Backend for CudaBackend {
             Activation::Silu => 0,
             Activation::GeluTanh => 1,
         };
+        let out16 = if self.kernels == KernelSet::Fused {
+            self.f16_side_output(out)?
+        } else {
+            0
+        };
         self.elementwise(
             "gated_act",
             n,
@@ -927,8 +944,11 @@ impl Backend for CudaBackend {
                 Arg::I32(a),
                 Arg::I64(n as i64),
                 Arg::Ptr(out.ptr()),
+                Arg::Ptr(out16),
             ],
-        )
+        )?;
+        self.mark_f16_side_output(out, out16);
+        Ok(())
     }
 
     fn gather_rows(&self, x: &CudaAct, rows: &[u32], out: &mut CudaAct) -> Result<()> {

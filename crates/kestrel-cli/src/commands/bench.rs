@@ -18,7 +18,7 @@ use kestrel_backend::{Backend, BatchLayout, KvDType};
 use kestrel_model::Model;
 use serde_json::json;
 
-use crate::device::{dispatch_with, BackendTask, Device, Kernels};
+use crate::device::{dispatch_with, BackendTask, Device, Kernels, KvArg};
 use crate::{loading, model_path};
 use kestrel_bench::{capsule, Better, Row};
 
@@ -43,8 +43,8 @@ pub struct BenchArgs {
     /// CUDA kernel set: fused (fast) or reference (plain kernels, for comparison).
     #[arg(long, value_enum, default_value = "fused")]
     pub kernels: Kernels,
-    /// KV cache element type.
-    #[arg(long, value_enum, default_value = "f32")]
+    /// KV cache element type (auto: f16 on a GPU, as llama.cpp; f32 on the CPU).
+    #[arg(long, value_enum, default_value = "auto")]
     pub kv: KvArg,
     /// Engine benchmark: decode throughput with this many sequences at once
     /// (comma-separated list, e.g. 1,8,32,64,128,256).
@@ -79,22 +79,6 @@ pub struct BenchArgs {
     /// Print the result as one JSON document on stdout.
     #[arg(long)]
     pub json: bool,
-}
-
-/// `--kv`: KV cache element type.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum KvArg {
-    F32,
-    F16,
-}
-
-impl KvArg {
-    pub fn dtype(self) -> KvDType {
-        match self {
-            KvArg::F32 => KvDType::F32,
-            KvArg::F16 => KvDType::F16,
-        }
-    }
 }
 
 pub fn main(args: BenchArgs) -> Result<()> {
@@ -151,7 +135,7 @@ impl BackendTask for BenchTask {
         let a = &self.args;
         let device = backend.describe();
         let (model, tok) = loading::load(&self.path, backend.clone())?;
-        let kvt = a.kv.dtype();
+        let kvt = a.kv.dtype(backend.as_ref());
         let mut rows = Vec::new();
         let mut tests = Vec::new();
         let engine_mode = !a.batch.is_empty() || a.shared_prefix.is_some() || a.interference.is_some();
@@ -247,7 +231,7 @@ impl BackendTask for BenchTask {
         let result = json!({
             "kind": "bench",
             "device": device,
-            "kv": format!("{:?}", a.kv).to_lowercase(),
+            "kv": format!("{kvt:?}").to_lowercase(),
             "tests": tests,
             "engine": engine,
             "memory": mem,

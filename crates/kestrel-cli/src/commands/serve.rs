@@ -15,7 +15,7 @@ use kestrel_backend::Backend;
 use kestrel_engine::{Engine, EngineConfig};
 use kestrel_server::{AppState, ServerOptions, DEFAULT_MAX_BODY_BYTES};
 
-use crate::device::{dispatch_with, BackendTask, Device, Kernels};
+use crate::device::{dispatch_with, BackendTask, Device, Kernels, KvArg};
 use crate::{loading, model_path};
 
 #[derive(Args, Clone, Debug)]
@@ -42,6 +42,9 @@ pub struct ServeArgs {
     /// Blocks of 16 tokens in the paged KV pool.
     #[arg(long, default_value_t = 1024)]
     pub num_kv_blocks: usize,
+    /// KV cache element type (auto: f16 on a GPU, f32 on the CPU).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub kv: KvArg,
     /// Sequences admitted beyond --max-num-seqs (queued); more get 503.
     #[arg(long, default_value_t = 1024)]
     pub max_waiting: usize,
@@ -80,8 +83,10 @@ impl BackendTask for ServeTask {
     fn run<B: Backend + 'static>(self, backend: Arc<B>) -> Result<()> {
         let a = &self.args;
         let device = backend.describe();
+        let kv_dtype = a.kv.dtype(backend.as_ref());
         let (model, tok) = loading::load(&self.path, backend)?;
         let config = EngineConfig {
+            kv_dtype,
             num_kv_blocks: a.num_kv_blocks,
             max_num_seqs: a.max_num_seqs,
             max_num_batched_tokens: a.max_num_batched_tokens,

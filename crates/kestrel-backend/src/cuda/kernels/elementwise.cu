@@ -46,11 +46,16 @@ extern "C" __global__ void softcap(float* x, float cap, long long n) { pdl_entry
 }
 
 // act: 0 = SiLU, 1 = GELU (tanh).
-extern "C" __global__ void gated_act(const float* gate, const float* up, int act, long long n, float* out) { pdl_entry();
+// out16 (may be null): the same values as f16, the operand of the GEMM that
+// follows on batched steps (saves its separate conversion launch).
+extern "C" __global__ void gated_act(const float* gate, const float* up, int act, long long n, float* out,
+                                     u16* out16) { pdl_entry();
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
         float g = gate[i];
-        out[i] = (act == 0 ? silu(g) : gelu_tanh(g)) * up[i];
+        float v = (act == 0 ? silu(g) : gelu_tanh(g)) * up[i];
+        out[i] = v;
+        if (out16) out16[i] = f2h(v);
     }
 }
 
@@ -189,8 +194,9 @@ extern "C" __global__ void write_kv(void* pool, long long layer_off, long long v
 // Residual step of a block, one block per row: delta' = post_w ? rms_norm(delta) * post_w : delta;
 // x += delta'; out = rms_norm(x) * w. Replaces rms_norm + add_rms_norm (two launches, two
 // passes over x) with one; the arithmetic per element is the same as theirs.
+// out16 (may be null): `out` again as f16, for the GEMMs of batched steps.
 extern "C" __global__ void residual_norm(float* x, const float* delta, const float* post_w, const float* w,
-                                         float eps, int cols, float* out) { pdl_entry();
+                                         float eps, int cols, float* out, u16* out16) { pdl_entry();
     __shared__ float scratch[32];
     float* xr = x + (long long)blockIdx.x * cols;
     const float* dr = delta + (long long)blockIdx.x * cols;
@@ -211,7 +217,11 @@ extern "C" __global__ void residual_norm(float* x, const float* delta, const flo
     }
     ss = block_sum(ss, scratch);
     float inv = rsqrtf(ss / (float)cols + eps);
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) o[c] = xr[c] * inv * w[c];
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        float v = xr[c] * inv * w[c];
+        o[c] = v;
+        if (out16) out16[(long long)blockIdx.x * cols + c] = f2h(v);
+    }
 }
 
 // q/k per-head RMSNorm + RoPE and the K/V store of one layer in a single
