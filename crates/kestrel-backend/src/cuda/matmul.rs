@@ -240,7 +240,7 @@ impl CudaBackend {
         };
         drop(st);
         let nx = x.rows * x.cols;
-        if !(self.x16_holds(x) && !x_small) {
+        if x_small || !self.x16_holds(x) {
             self.run(
                 "f32_to_f16",
                 (super::launch::grid_for(nx), 1, 1),
@@ -301,7 +301,7 @@ impl CudaBackend {
             None => return Err(BackendError::Cuda("activation scratch missing".into())),
         };
         let nx = t * k;
-        if !(self.x16_holds(x) && !x_small) {
+        if x_small || !self.x16_holds(x) {
             self.run(
                 "f32_to_f16",
                 (super::launch::grid_for(nx), 1, 1),
