@@ -654,3 +654,42 @@ fn prompt_logprobs_recompute_what_the_prefix_cache_holds() {
     }
     assert_eq!(e.stats().kv_blocks_used, 0);
 }
+
+/// 64 requests at once (the batch size): every one produces the same
+/// greedy tokens and text as alone. The prompts are the ten above cut to
+/// different lengths, so many share prefixes and take them from the cache
+/// (filled by a first batch of the ten).
+#[test]
+fn batch_of_64_matches_each_request_alone() {
+    let base = prompts(&references());
+    let batch: Vec<Vec<u32>> = (0..64)
+        .map(|i| {
+            let p = &base[i % base.len()];
+            let cut = (i / base.len()).min(p.len() - 2);
+            p[..p.len() - cut].to_vec()
+        })
+        .collect();
+    let gen = 6;
+    let solo = run_solo(&batch, gen);
+    let mut e = engine(EngineConfig {
+        num_kv_blocks: 512,
+        max_num_seqs: 64,
+        ..EngineConfig::default()
+    });
+    // The ten full prompts first, so that the 64 find their prefixes cached
+    // (requests admitted in the same step do not share blocks still being
+    // computed: each computes its own).
+    run_batch(&mut e, &base, gen);
+    let together = run_batch(&mut e, &batch, gen);
+    let stats = e.stats();
+    assert!(
+        stats.prefix_cache.hits > 0,
+        "shared prefixes should hit the cache: {stats:?}"
+    );
+    for (i, (b, s)) in together.iter().zip(&solo).enumerate() {
+        assert_eq!(b.tokens.len(), gen, "request {i}");
+        assert_eq!(b.tokens, s.tokens, "request {i}: batch of 64 differs from alone");
+        assert_eq!(b.text, s.text, "request {i}");
+    }
+    assert_eq!(stats.kv_blocks_used, 0);
+}

@@ -154,7 +154,7 @@ fn matmul_every_dtype() {
                 // (the weights' f16 mirrors). Types without a device kernel
                 // are stored as f16 (rounded).
                 let host_fallback = matches!(dtype, DType::Q4_1 | DType::Q3_K);
-                let tol = if ks == KernelSet::Fused && t > super::matmul::GEMV_MAX_ROWS {
+                let tol = if ks == KernelSet::Fused && t > super::matmul::gemv_direct_rows() {
                     5e-3
                 } else if host_fallback {
                     2e-3
@@ -781,7 +781,7 @@ fn check_residual(
     let got_delta = be.read_act(delta).expect("read delta");
     let err = rel_err(&got_delta, want_delta);
     // More than 8 rows: one GEMM with f16 operands (the weight's mirror).
-    let tol = if delta.rows() > super::matmul::GEMV_MAX_ROWS {
+    let tol = if delta.rows() > super::matmul::gemv_direct_rows() {
         5e-3
     } else {
         2e-5

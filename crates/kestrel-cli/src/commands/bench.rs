@@ -29,12 +29,12 @@ use crate::memory;
 pub struct BenchArgs {
     /// Model: a .gguf file or a Hugging Face directory (default: the default model).
     pub model: Option<PathBuf>,
-    /// Prompt length of the prefill test (0 skips it).
-    #[arg(long, default_value_t = 512)]
-    pub pp: usize,
-    /// Number of generated tokens of the decode test (0 skips it).
-    #[arg(long, default_value_t = 128)]
-    pub tg: usize,
+    /// Prompt lengths of the prefill tests, comma-separated (0 skips).
+    #[arg(long, value_delimiter = ',', default_value = "512")]
+    pub pp: Vec<usize>,
+    /// Generated tokens of the decode tests, comma-separated (0 skips).
+    #[arg(long, value_delimiter = ',', default_value = "128")]
+    pub tg: Vec<usize>,
     /// Timed runs of each test (after one warmup run).
     #[arg(long, short = 'r', default_value_t = 3)]
     pub runs: usize,
@@ -163,13 +163,20 @@ impl BackendTask for BenchTask {
             }
         } else {
             let bos = tok.bos_id().unwrap_or(0);
-            for (name, n, is_pp) in [
-                (format!("pp{}", a.pp), a.pp, true),
-                (format!("tg{}", a.tg), a.tg, false),
-            ] {
-                if n == 0 {
-                    continue;
-                }
+            let tests_to_run: Vec<(String, usize, bool)> =
+                a.pp.iter()
+                    .map(|&n| (format!("pp{n}"), n, true))
+                    .chain(a.tg.iter().map(|&n| (format!("tg{n}"), n, false)))
+                    .filter(|t| t.1 > 0)
+                    .collect();
+            let runs = a.runs.max(1);
+            let bar = indicatif::ProgressBar::new((tests_to_run.len() * (runs + 1)) as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{prefix:>7} [{bar:30}] {pos}/{len} runs")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            for (name, n, is_pp) in tests_to_run {
+                bar.set_prefix(name.clone());
                 let once = |m: &Model<B>| {
                     if is_pp {
                         run_pp(m, n, kvt)
@@ -178,9 +185,11 @@ impl BackendTask for BenchTask {
                     }
                 };
                 once(&model).with_context(|| format!("warmup of {name}"))?;
+                bar.inc(1);
                 let mut secs = Vec::new();
-                for _ in 0..a.runs.max(1) {
+                for _ in 0..runs {
                     secs.push(once(&model)?);
+                    bar.inc(1);
                 }
                 let tps: Vec<f64> = secs.iter().map(|s| n as f64 / s).collect();
                 let st = capsule::Stats::of(&tps);
@@ -208,6 +217,7 @@ impl BackendTask for BenchTask {
                 rows.push(Row::new(&name, lat, "ms", Better::Lower, lat_raw));
                 tests.push(json!({"test": name, "tokens": n, "seconds": secs, "tok_s": tps, "summary": st}));
             }
+            bar.finish_and_clear();
         }
         let device_mem = backend.device_memory();
         let mem = memory::report(device_mem, model_bytes_hint(&self.path));

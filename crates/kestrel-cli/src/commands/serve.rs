@@ -9,10 +9,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
-use kestrel_backend::Backend;
+use kestrel_backend::{Backend, KvDType};
 use kestrel_engine::{Engine, EngineConfig};
+use kestrel_model::Model;
 use kestrel_server::{AppState, ServerOptions, DEFAULT_MAX_BODY_BYTES};
 
 use crate::device::{dispatch_with, BackendTask, Device, Kernels, KvArg};
@@ -39,9 +40,14 @@ pub struct ServeArgs {
     /// Token budget of one engine step.
     #[arg(long, default_value_t = 2048)]
     pub max_num_batched_tokens: usize,
-    /// Blocks of 16 tokens in the paged KV pool.
-    #[arg(long, default_value_t = 1024)]
-    pub num_kv_blocks: usize,
+    /// Blocks of 16 tokens in the paged KV pool (default: sized from free
+    /// device memory on a GPU, see --gpu-memory-utilization; 1024 on the CPU).
+    #[arg(long)]
+    pub num_kv_blocks: Option<usize>,
+    /// Fraction of the GPU's memory kestrel may use in all; the KV pool gets
+    /// what the weights and a 4 GiB working reserve leave of it.
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_utilization: f64,
     /// KV cache element type (auto: f16 on a GPU, f32 on the CPU).
     #[arg(long, value_enum, default_value = "auto")]
     pub kv: KvArg,
@@ -84,10 +90,14 @@ impl BackendTask for ServeTask {
         let a = &self.args;
         let device = backend.describe();
         let kv_dtype = a.kv.dtype(backend.as_ref());
-        let (model, tok) = loading::load(&self.path, backend)?;
+        let (model, tok) = loading::load(&self.path, backend.clone())?;
+        let num_kv_blocks = match a.num_kv_blocks {
+            Some(n) => n,
+            None => pool_blocks(&model, backend.as_ref(), kv_dtype, a)?,
+        };
         let config = EngineConfig {
             kv_dtype,
-            num_kv_blocks: a.num_kv_blocks,
+            num_kv_blocks,
             max_num_seqs: a.max_num_seqs,
             max_num_batched_tokens: a.max_num_batched_tokens,
             ..EngineConfig::default()
@@ -148,4 +158,46 @@ impl BackendTask for ServeTask {
         eprintln!("kestrel serve: stopped");
         served
     }
+}
+
+/// Working memory kept out of the KV pool: activations, logits, graphs, cuBLAS.
+const RESERVE_BYTES: u64 = 4 << 30;
+/// Tokens per KV block (the engine's default).
+const BLOCK_TOKENS: usize = 16;
+
+/// KV blocks that fit in `--gpu-memory-utilization` of the device after what
+/// is in use now (weights, their f16 mirrors, the CUDA context) and a working
+/// reserve; at most enough for every sequence to fill the context. 1024 on a
+/// backend without device memory (the CPU).
+fn pool_blocks<B: Backend>(model: &Model<B>, be: &B, kv: KvDType, a: &ServeArgs) -> Result<usize> {
+    if !(a.gpu_memory_utilization > 0.0 && a.gpu_memory_utilization <= 1.0) {
+        bail!(
+            "--gpu-memory-utilization {}: expected a fraction in (0, 1]",
+            a.gpu_memory_utilization
+        );
+    }
+    let Some((free, total)) = be.device_memory() else {
+        return Ok(1024);
+    };
+    let per_block = model.kv_spec(1, BLOCK_TOKENS, kv).bytes() as u64;
+    let allowed = (total as f64 * a.gpu_memory_utilization) as u64;
+    let used = total.saturating_sub(free);
+    let budget = allowed.saturating_sub(used).saturating_sub(RESERVE_BYTES);
+    let most = a.max_num_seqs * model.config.context_len.div_ceil(BLOCK_TOKENS);
+    let blocks = ((budget / per_block.max(1)) as usize).min(most);
+    if blocks == 0 {
+        bail!(
+            "no room for a KV pool: {:.1} GiB in use of {:.1} GiB, --gpu-memory-utilization {} (raise it or pass --num-kv-blocks)",
+            used as f64 / (1u64 << 30) as f64,
+            total as f64 / (1u64 << 30) as f64,
+            a.gpu_memory_utilization
+        );
+    }
+    eprintln!(
+        "KV pool: {blocks} blocks of {BLOCK_TOKENS} tokens ({} tokens, {:.1} GiB, {kv:?}) from --gpu-memory-utilization {}",
+        blocks * BLOCK_TOKENS,
+        (blocks as u64 * per_block) as f64 / (1u64 << 30) as f64,
+        a.gpu_memory_utilization
+    );
+    Ok(blocks)
 }
