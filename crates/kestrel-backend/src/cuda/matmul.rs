@@ -12,6 +12,8 @@ use crate::error::BackendError;
 
 /// At most this many activation rows go through the GEMV kernels in one launch.
 pub(crate) const GEMV_MAX_ROWS: usize = 8;
+/// Default of `gemv_direct_rows`.
+const GEMV_DEFAULT_ROWS: usize = 4;
 /// Up to this many rows, repeated GEMV launches beat dequantize + GEMM.
 pub(crate) const GEMV_REPEAT_ROWS: usize = 32;
 /// f16 scratch for dequantized weight chunks (elements).
@@ -29,16 +31,17 @@ pub(crate) fn gemv_takes(t: usize, ws: &[&CudaWeight]) -> bool {
 }
 
 /// Most activation rows that take the GEMV kernels when the weights have f16
-/// mirrors (1..=8; default 8). A tuning knob, `KESTREL_GEMV_ROWS`, read once
-/// per process: at 8 rows the GEMVs measured 1.68 ms per step on an H200
-/// against 1.12 ms for 16 rows through GEMMs.
+/// mirrors (1..=8; default 4). A tuning knob, `KESTREL_GEMV_ROWS`, read once
+/// per process. H200, engine decode of the default model: 8 sequences took
+/// 1.71 ms per step through the 8-row GEMVs and 1.03 ms through GEMMs; at 1,
+/// 2 and 4 sequences the GEMVs are as fast or faster (runs with 8, 4 and 2).
 pub(crate) fn gemv_direct_rows() -> usize {
     static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *ROWS.get_or_init(|| {
         std::env::var("KESTREL_GEMV_ROWS")
             .ok()
             .and_then(|v| v.trim().parse::<usize>().ok())
-            .map_or(GEMV_MAX_ROWS, |n| n.clamp(1, GEMV_MAX_ROWS))
+            .map_or(GEMV_DEFAULT_ROWS, |n| n.clamp(1, GEMV_MAX_ROWS))
     })
 }
 
