@@ -1,21 +1,13 @@
 //! `kestrel bench-detok` end to end: the streaming decoder agrees with a full
 //! decode on every sequence, and the timings are real positive numbers.
 
+mod common;
+
+use common::{kestrel, text};
+
 use std::path::PathBuf;
-use std::process::{Command, Output};
 
 use serde_json::Value;
-
-fn kestrel(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kestrel"))
-        .args(args)
-        .output()
-        .expect("kestrel runs")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("kestrel-bench-detok-{}-{name}", std::process::id()));

@@ -2,22 +2,15 @@
 //! Bad input must give a clear error naming the file and the problem, a
 //! non-zero exit, and never a panic.
 
+mod common;
+
+use common::{kestrel, text};
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use kestrel_formats::GgufWriter;
 use serde_json::Value;
-
-fn kestrel(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kestrel"))
-        .args(args)
-        .output()
-        .expect("kestrel runs")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")

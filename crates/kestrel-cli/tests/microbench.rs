@@ -2,8 +2,12 @@
 //! with its reference on the CPU, the JSON and the capsule carry a row per
 //! op, and bad names are clear errors.
 
+mod common;
+
+use common::text;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use serde_json::Value;
 
@@ -11,16 +15,11 @@ const ALL_OPS: &str = "rms_norm,add_rms_norm,residual_norm,geglu,swiglu,rope,qk_
 qk_norm_rope_store,gemv,qkv,gated_ffn,matmul_residual_norm,gated_ffn_residual_norm,attention,\
 argmax,softmax,top_k";
 
+/// `kestrel microbench ARGS...`.
 fn kestrel(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kestrel"))
-        .arg("microbench")
-        .args(args)
-        .output()
-        .expect("kestrel runs")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+    let mut all = vec!["microbench"];
+    all.extend_from_slice(args);
+    common::kestrel(&all)
 }
 
 fn scratch(name: &str) -> PathBuf {

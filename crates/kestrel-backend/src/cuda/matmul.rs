@@ -175,6 +175,22 @@ impl CudaBackend {
         self.x16_src.load(std::sync::atomic::Ordering::Relaxed) == x.ptr()
     }
 
+    /// Converts `x` to f16 into the scratch at `x16`, unless its producer
+    /// already left it there (and the scratch was not just reallocated).
+    fn ensure_f16_operand(&self, x: &CudaAct, x16: u64, reallocated: bool) -> Result<(), BackendError> {
+        if !reallocated && self.x16_holds(x) {
+            return Ok(());
+        }
+        let n = x.rows * x.cols;
+        self.run(
+            "f32_to_f16",
+            (super::launch::grid_for(n), 1, 1),
+            256,
+            0,
+            &[Arg::Ptr(x.ptr()), Arg::I64(n as i64), Arg::Ptr(x16)],
+        )
+    }
+
     /// An f16 copy of `w` when the dense budget has room for it (the fused
     /// set only; the reference set keeps to its plain kernel).
     pub(crate) fn dense_mirror(&self, w: &CudaWeight) -> Result<Option<DevBuf>, BackendError> {
@@ -256,16 +272,7 @@ impl CudaBackend {
             None => return Err(BackendError::Cuda("activation scratch missing".into())),
         };
         drop(st);
-        let nx = x.rows * x.cols;
-        if x_small || !self.x16_holds(x) {
-            self.run(
-                "f32_to_f16",
-                (super::launch::grid_for(nx), 1, 1),
-                256,
-                0,
-                &[Arg::Ptr(x.ptr()), Arg::I64(nx as i64), Arg::Ptr(x16)],
-            )?;
-        }
+        self.ensure_f16_operand(x, x16, x_small)?;
         for (w, out) in ws.iter().zip(outs.iter_mut()) {
             let dense = match &w.dense {
                 Some(d) => d.ptr,
@@ -317,16 +324,7 @@ impl CudaBackend {
             Some(a) => a.ptr,
             None => return Err(BackendError::Cuda("activation scratch missing".into())),
         };
-        let nx = t * k;
-        if x_small || !self.x16_holds(x) {
-            self.run(
-                "f32_to_f16",
-                (super::launch::grid_for(nx), 1, 1),
-                256,
-                0,
-                &[Arg::Ptr(x.ptr()), Arg::I64(nx as i64), Arg::Ptr(x16)],
-            )?;
-        }
+        self.ensure_f16_operand(x, x16, x_small)?;
         let wa = Self::weight_args(w)?;
         let mut r0 = 0;
         while r0 < m_all {
