@@ -344,6 +344,7 @@ impl Scheduler {
 
         // Admit waiting sequences in arrival order.
         if preempted.is_empty() {
+            let mut pending = self.pending_block_hashes();
             while budget.tokens > 0 && self.running.len() < self.cfg.max_num_seqs {
                 let Some(&id) = self.waiting.front() else { break };
                 let Some(s) = self.seqs.get(&id) else {
@@ -351,6 +352,16 @@ impl Scheduler {
                     continue;
                 };
                 let cached = self.blocks.cached_prefix(s.cacheable());
+                // Its next block is being computed for a running sequence:
+                // wait a step and take it from the cache instead of
+                // computing the same prefix twice (requests arriving
+                // together with one system prompt compute it once).
+                if self
+                    .block_hash_at(s.cacheable(), cached / self.blocks.block_size())
+                    .is_some_and(|h| pending.contains(&h))
+                {
+                    break;
+                }
                 let remaining = s.tokens.len() - cached;
                 let n = s.chunk_within_rows(cached, remaining.min(budget.tokens), budget.prompt_rows);
                 if n == 0 {
@@ -366,6 +377,7 @@ impl Scheduler {
                 s.cached_prompt_tokens.get_or_insert(cached.min(s.prompt_len));
                 let at = self.running.partition_point(|&r| r < id);
                 self.running.insert(at, id);
+                pending.extend(self.uncomputed_block_hashes(id));
                 scheduled.push(Scheduled {
                     id,
                     num_tokens: n,
@@ -385,6 +397,54 @@ impl Scheduler {
             prompt_rows,
             preempted,
         }
+    }
+
+    /// Chain hash of full block `index` of `tokens` (None when `tokens` has
+    /// no such full block or prefix caching is off).
+    fn block_hash_at(&self, tokens: &[u32], index: usize) -> Option<u64> {
+        let bs = self.blocks.block_size();
+        if !self.blocks.prefix_caching() || tokens.len() < (index + 1) * bs {
+            return None;
+        }
+        let mut parent = None;
+        for chunk in tokens[..(index + 1) * bs].chunks(bs) {
+            parent = Some(self.blocks.chain_hash(parent, chunk));
+        }
+        parent
+    }
+
+    /// Hashes of the full cacheable prompt blocks of running sequence `id`
+    /// that are not computed yet (they enter the cache once computed).
+    /// Only sequences still prefilling have any: a decoding sequence's
+    /// prompt is computed, and its generated blocks are not worth waiting for.
+    fn uncomputed_block_hashes(&self, id: SeqId) -> Vec<u64> {
+        let Some(s) = self.seqs.get(&id) else {
+            return Vec::new();
+        };
+        let bs = self.blocks.block_size();
+        let tokens = &s.cacheable()[..s.cacheable().len().min(s.prompt_len)];
+        let first_open = s.num_computed / bs;
+        if !self.blocks.prefix_caching() || (first_open + 1) * bs > tokens.len() {
+            return Vec::new();
+        }
+        let mut parent = None;
+        let mut out = Vec::new();
+        for (i, chunk) in tokens.chunks_exact(bs).enumerate() {
+            let h = self.blocks.chain_hash(parent, chunk);
+            if (i + 1) * bs > s.num_computed {
+                out.push(h);
+            }
+            parent = Some(h);
+        }
+        out
+    }
+
+    /// Hashes of blocks that running sequences are still computing.
+    fn pending_block_hashes(&self) -> std::collections::HashSet<u64> {
+        self.running
+            .iter()
+            .flat_map(|&id| self.uncomputed_block_hashes(id))
+            .collect()
     }
 
     /// Grows `id`'s blocks to `slots`, preempting the newest running

@@ -693,3 +693,45 @@ fn batch_of_64_matches_each_request_alone() {
     }
     assert_eq!(stats.kv_blocks_used, 0);
 }
+
+/// Requests that arrive together with one long shared prefix compute it
+/// once: the first computes it, the others wait for its blocks and take
+/// them from the cache.
+#[test]
+fn shared_prefix_arriving_together_is_computed_once() {
+    let tok = &fixture().tok;
+    let shared = tok
+        .encode(
+            "You are a helpful assistant. Answer briefly and precisely, cite no sources, and \
+             never invent facts that you are not sure about. Keep every answer short.",
+            true,
+        )
+        .expect("encode");
+    let bs = 16;
+    let full = shared.len() / bs * bs;
+    assert!(
+        full >= 2 * bs,
+        "the shared prefix should span blocks ({} tokens)",
+        shared.len()
+    );
+    let prompts: Vec<Vec<u32>> = (0..8u32)
+        .map(|i| {
+            let mut p = shared[..full].to_vec();
+            p.extend([1000 + i, 2000 + i, 3000 + i]);
+            p
+        })
+        .collect();
+    let mut e = engine(EngineConfig {
+        num_kv_blocks: 128,
+        ..EngineConfig::default()
+    });
+    let out = run_batch(&mut e, &prompts, 2);
+    assert!(out.iter().all(|o| o.tokens.len() == 2));
+    let stats = e.stats();
+    let others = (prompts.len() - 1) as u64;
+    assert_eq!(
+        stats.prefix_cache.tokens_saved,
+        others * full as u64,
+        "every request after the first takes the shared blocks from the cache: {stats:?}"
+    );
+}
