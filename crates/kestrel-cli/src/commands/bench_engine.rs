@@ -173,7 +173,8 @@ pub fn batch_curve<B: Backend>(
 }
 
 /// `requests` requests sharing a `prefix_len`-token prefix (each with its
-/// own 16-token question), with the prefix cache on and then off.
+/// own 16-token question): with the prefix cache, arriving together and
+/// with the first alone; then without the cache.
 pub fn shared_prefix<B: Backend>(
     model: &Arc<Model<B>>,
     tok: &Arc<Tokenizer>,
@@ -186,17 +187,21 @@ pub fn shared_prefix<B: Backend>(
     let shared = prompt(usize::MAX / 2, prefix_len, vocab);
     let gen = 16;
     let mut out = serde_json::Map::new();
-    for cache in [true, false] {
+    // With the cache: all requests arriving at once, and the first alone
+    // (a system prompt's first user) before the others; without the cache.
+    for (cache, first_alone, label) in [
+        (true, false, "prefix_cache_on"),
+        (true, true, "prefix_cache_on_first_alone"),
+        (false, false, "prefix_cache_off"),
+    ] {
         let mut e = engine(model, tok, o, requests, prefix_len + 16 + gen, cache)?;
         let mut rxs = Vec::new();
         let t0 = Instant::now();
-        // The first request arrives alone (a system prompt's first user);
-        // the others arrive together once it is being answered.
         for s in 0..requests {
             let mut p = shared.clone();
             p.extend(prompt(s, 16, vocab));
             rxs.push(e.add_request(p, greedy(gen))?.1);
-            if s == 0 {
+            if s == 0 && first_alone {
                 while e.stats().tokens_generated == 0 {
                     e.step().context("engine step")?;
                 }
@@ -207,11 +212,6 @@ pub fn shared_prefix<B: Backend>(
         let secs = t0.elapsed().as_secs_f64();
         count_tokens(&rxs)?;
         let st = e.stats();
-        let label = if cache {
-            "prefix_cache_on"
-        } else {
-            "prefix_cache_off"
-        };
         eprintln!(
             "shared prefix {prefix_len} x {requests} requests, {label}: {:.3} s, {} tokens computed, {} prompt tokens from the cache (hits {}, misses {})",
             secs, st.tokens_computed, st.prefix_cache.tokens_saved, st.prefix_cache.hits, st.prefix_cache.misses
