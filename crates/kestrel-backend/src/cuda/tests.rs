@@ -992,7 +992,13 @@ fn fused_gated_ffn_matches_f64() {
                 .collect();
             let want = gemv_ref(&ddeq, 77, ffn, &a);
             let err = rel_err(&be.read_act(&out).expect("read"), &want);
-            assert!(err < 2e-5, "{ks:?} fx={bits} gated_ffn rows={t}: rel err {err:e}");
+            // Above the GEMV row limit the fused set runs GEMMs with f16 operands.
+            let tol = if ks == KernelSet::Fused && t > super::matmul::gemv_direct_rows() {
+                5e-3
+            } else {
+                2e-5
+            };
+            assert!(err < tol, "{ks:?} fx={bits} gated_ffn rows={t}: rel err {err:e}");
         }
     }
 }
