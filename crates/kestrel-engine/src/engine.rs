@@ -619,6 +619,9 @@ enum Command {
 }
 
 struct HandleShared {
+    /// Set by `shutdown`: new requests are refused from then on, even in
+    /// the moment before the engine thread has stopped.
+    stopping: std::sync::atomic::AtomicBool,
     limits: Limits,
     next_id: Arc<AtomicU64>,
     stats: Mutex<EngineStats>,
@@ -639,6 +642,7 @@ impl<B: Backend + 'static> Engine<B> {
     pub fn spawn(self) -> Result<EngineHandle, EngineError> {
         let (tx, rx) = mpsc::channel();
         let shared = Arc::new(HandleShared {
+            stopping: std::sync::atomic::AtomicBool::new(false),
             limits: self.limits,
             next_id: self.next_id.clone(),
             stats: Mutex::new(self.stats()),
@@ -744,6 +748,9 @@ impl EngineHandle {
         params: SamplingParams,
         opts: RequestOptions,
     ) -> Result<(RequestId, EventReceiver), EngineError> {
+        if self.shared.stopping.load(Ordering::Acquire) {
+            return Err(EngineError::Stopped);
+        }
         self.shared.limits.check(&prompt, &params, &opts)?;
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let (sink, rx) = channel();
@@ -787,6 +794,7 @@ impl EngineHandle {
 
     /// Aborts everything and waits for the engine thread to end.
     pub fn shutdown(&self) {
+        self.shared.stopping.store(true, Ordering::Release);
         let _ = self.tx.send(Command::Shutdown);
         let thread = self
             .shared
