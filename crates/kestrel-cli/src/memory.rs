@@ -16,17 +16,32 @@ pub struct MemoryReport {
     pub model_file_mib: f64,
 }
 
-/// VmHWM of /proc/self/status in MiB (0 where /proc is unavailable).
-pub fn peak_host_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
+/// Peak resident set size (`VmHWM` of /proc/self/status) in KiB; None where
+/// /proc is not available.
+pub fn host_peak_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    parse_vm_hwm(&status)
+}
+
+fn parse_vm_hwm(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.trim_start_matches("VmHWM:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Resets the peak to the current RSS (writing 5 to clear_refs, Linux 4.0+),
+/// so that each measured pass has its own peak; false when that is refused.
+pub fn reset_host_peak() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// VmHWM in MiB (0 where /proc is unavailable).
+pub fn peak_host_mib() -> f64 {
+    host_peak_kib().map_or(0.0, |kb| kb as f64 / 1024.0)
 }
 
 pub fn report(device: Option<(u64, u64)>, model_file_bytes: u64) -> MemoryReport {
@@ -50,6 +65,13 @@ pub fn describe(m: &MemoryReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vm_hwm_is_read_from_status_text() {
+        let s = "Name:\tkestrel\nVmPeak:\t  999 kB\nVmHWM:\t   123456 kB\nVmRSS:\t 1 kB\n";
+        assert_eq!(parse_vm_hwm(s), Some(123_456));
+        assert_eq!(parse_vm_hwm("Name: x\n"), None);
+    }
 
     #[test]
     fn peak_host_memory_is_read_from_proc() {

@@ -6,7 +6,6 @@
 //! gate on it. See docs/validate.md.
 
 mod fidelity;
-mod memory;
 mod profile;
 mod prompts;
 mod report;

@@ -16,11 +16,10 @@ use kestrel_backend::Backend;
 use kestrel_engine::{Engine, EngineConfig, Event, EventReceiver, SamplingParams};
 use serde::Serialize;
 
-use super::memory;
 use super::profile::Profile;
 use super::prompts::Prompt;
 use crate::device::BackendTask;
-use crate::loading;
+use crate::{loading, memory};
 
 /// Repetitions and length of the decoding.
 #[derive(Clone, Copy, Debug)]
