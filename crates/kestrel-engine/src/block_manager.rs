@@ -201,6 +201,17 @@ impl BlockManager {
         h.finish()
     }
 
+    /// Chain hashes of the full blocks of `tokens`, in order: the identity
+    /// under which each block is (or will be) cached.
+    pub fn block_hashes<'a>(&'a self, tokens: &'a [u32]) -> impl Iterator<Item = u64> + 'a {
+        let mut parent = None;
+        tokens.chunks_exact(self.block_size).map(move |chunk| {
+            let h = self.chain_hash(parent, chunk);
+            parent = Some(h);
+            h
+        })
+    }
+
     /// Cached blocks of the longest cached prefix of `tokens` and their
     /// hashes. At least one token is always left to compute, because the
     /// last one must run through the model to produce logits.

@@ -344,7 +344,12 @@ impl Scheduler {
 
         // Admit waiting sequences in arrival order.
         if preempted.is_empty() {
-            let mut pending = self.pending_block_hashes();
+            // Only worth computing when someone waits.
+            let mut pending = if self.waiting.is_empty() {
+                Default::default()
+            } else {
+                self.pending_block_hashes()
+            };
             while budget.tokens > 0 && self.running.len() < self.cfg.max_num_seqs {
                 let Some(&id) = self.waiting.front() else { break };
                 let Some(s) = self.seqs.get(&id) else {
@@ -402,15 +407,10 @@ impl Scheduler {
     /// Chain hash of full block `index` of `tokens` (None when `tokens` has
     /// no such full block or prefix caching is off).
     fn block_hash_at(&self, tokens: &[u32], index: usize) -> Option<u64> {
-        let bs = self.blocks.block_size();
-        if !self.blocks.prefix_caching() || tokens.len() < (index + 1) * bs {
+        if !self.blocks.prefix_caching() {
             return None;
         }
-        let mut parent = None;
-        for chunk in tokens[..(index + 1) * bs].chunks(bs) {
-            parent = Some(self.blocks.chain_hash(parent, chunk));
-        }
-        parent
+        self.blocks.block_hashes(tokens).nth(index)
     }
 
     /// Hashes of the full cacheable prompt blocks of running sequence `id`
@@ -427,16 +427,8 @@ impl Scheduler {
         if !self.blocks.prefix_caching() || (first_open + 1) * bs > tokens.len() {
             return Vec::new();
         }
-        let mut parent = None;
-        let mut out = Vec::new();
-        for (i, chunk) in tokens.chunks_exact(bs).enumerate() {
-            let h = self.blocks.chain_hash(parent, chunk);
-            if (i + 1) * bs > s.num_computed {
-                out.push(h);
-            }
-            parent = Some(h);
-        }
-        out
+        // Blocks from the one holding the first uncomputed token on.
+        self.blocks.block_hashes(tokens).skip(first_open).collect()
     }
 
     /// Hashes of blocks that running sequences are still computing.
