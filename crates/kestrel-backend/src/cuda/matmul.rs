@@ -149,14 +149,24 @@ impl CudaBackend {
             return Ok(0);
         }
         let mut st = self.lock()?;
-        let need = out.rows * out.cols * 2;
-        if st.x16.as_ref().is_none_or(|b| b.bytes < need) {
+        Ok(self
+            .x16_scratch(&mut st, out.rows * out.cols * 2)?
+            .map_or(0, |(ptr, _)| ptr))
+    }
+
+    /// The f16 activation scratch, grown to at least `bytes`: its address and
+    /// whether it was allocated just now (then it holds nothing yet). None
+    /// when it is too small while a graph is being captured (a capture must
+    /// not allocate).
+    fn x16_scratch(&self, st: &mut super::State, bytes: usize) -> Result<Option<(u64, bool)>, BackendError> {
+        let small = st.x16.as_ref().is_none_or(|b| b.bytes < bytes);
+        if small {
             if st.capturing {
-                return Ok(0);
+                return Ok(None);
             }
-            st.x16 = Some(DevBuf::alloc(&self.dev.stream, need, "f16 activation scratch")?);
+            st.x16 = Some(DevBuf::alloc(&self.dev.stream, bytes, "f16 activation scratch")?);
         }
-        Ok(st.x16.as_ref().map_or(0, |b| b.ptr))
+        Ok(st.x16.as_ref().map(|b| (b.ptr, small)))
     }
 
     /// Records that the launch just made left `out` in f16 in the activation
@@ -255,24 +265,15 @@ impl CudaBackend {
         outs: &mut [&mut CudaAct],
     ) -> Result<(), BackendError> {
         let mut st = self.lock()?;
-        let need_x = x.rows * x.cols * 2;
-        let x_small = st.x16.as_ref().is_none_or(|b| b.bytes < need_x);
-        if st.capturing && x_small {
+        let Some((x16, fresh)) = self.x16_scratch(&mut st, x.rows * x.cols * 2)? else {
             return Err(BackendError::Unsupported(
                 "GEMM inside a graph capture needs its scratch sized: run the step once before capturing"
                     .into(),
             ));
-        }
-        if x_small {
-            st.x16 = Some(DevBuf::alloc(&self.dev.stream, need_x, "f16 activation scratch")?);
-        }
-        let handle = self.blas_handle(&mut st)?;
-        let x16 = match &st.x16 {
-            Some(a) => a.ptr,
-            None => return Err(BackendError::Cuda("activation scratch missing".into())),
         };
+        let handle = self.blas_handle(&mut st)?;
         drop(st);
-        self.ensure_f16_operand(x, x16, x_small)?;
+        self.ensure_f16_operand(x, x16, fresh)?;
         for (w, out) in ws.iter().zip(outs.iter_mut()) {
             let dense = match &w.dense {
                 Some(d) => d.ptr,
@@ -303,28 +304,25 @@ impl CudaBackend {
             Some(_) => m_all,
             None => (W16_CHUNK_ELEMS / k).clamp(1, m_all),
         };
-        let need_x = t * k * 2;
         let need_w = if w.dense.is_some() { 0 } else { chunk_rows * k * 2 };
-        let x_small = st.x16.as_ref().is_none_or(|b| b.bytes < need_x);
         let w_small = need_w > 0 && st.w16.as_ref().is_none_or(|b| b.bytes < need_w);
-        if st.capturing && (w.dense.is_none() || x_small) {
-            return Err(BackendError::Unsupported(format!(
+        let not_ready = || {
+            BackendError::Unsupported(format!(
                 "matmul of {t} rows by '{}' inside a graph capture needs its f16 mirror and scratch ready: run the step once before capturing",
                 w.name
-            )));
+            ))
+        };
+        if st.capturing && w.dense.is_none() {
+            return Err(not_ready());
         }
-        if x_small {
-            st.x16 = Some(DevBuf::alloc(&self.dev.stream, need_x, "f16 activation scratch")?);
-        }
+        let Some((x16, fresh)) = self.x16_scratch(&mut st, t * k * 2)? else {
+            return Err(not_ready());
+        };
         if w_small {
             st.w16 = Some(DevBuf::alloc(&self.dev.stream, need_w, "f16 weight scratch")?);
         }
         let handle = self.blas_handle(&mut st)?;
-        let x16 = match &st.x16 {
-            Some(a) => a.ptr,
-            None => return Err(BackendError::Cuda("activation scratch missing".into())),
-        };
-        self.ensure_f16_operand(x, x16, x_small)?;
+        self.ensure_f16_operand(x, x16, fresh)?;
         let wa = Self::weight_args(w)?;
         let mut r0 = 0;
         while r0 < m_all {

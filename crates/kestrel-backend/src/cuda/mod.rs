@@ -208,6 +208,34 @@ impl CudaBackend {
         self.dev.sm_count
     }
 
+    /// `gate = h · W_gateᵀ`, `up = h · W_upᵀ` on the fused set: one
+    /// two-weight GEMV launch for decode-sized batches, one conversion and
+    /// two GEMMs on the f16 mirrors above that; plain matmuls otherwise.
+    fn gate_up(
+        &self,
+        op: &str,
+        h: &CudaAct,
+        w: [&CudaWeight; 2],
+        gate: &mut CudaAct,
+        up: &mut CudaAct,
+    ) -> Result<()> {
+        let fused = self.kernels == KernelSet::Fused;
+        if fused && Self::multi_gemv_fits(h.rows, &w) {
+            if gate.rows != h.rows || up.rows != h.rows {
+                return Err(shape_err(
+                    op,
+                    format!("gate/up do not have the {} rows of h", h.rows),
+                ));
+            }
+            return self.multi_gemv(h, &w, &[gate.ptr(), up.ptr()], &[gate.cols, up.cols]);
+        }
+        if fused && Self::multi_gemm_fits(&w) {
+            return self.multi_gemm(h, &w, &mut [gate, up]);
+        }
+        self.matmul(h, w[0], gate)?;
+        self.matmul(h, w[1], up)
+    }
+
     pub(crate) fn lock(&self) -> Result<MutexGuard<'_, State>> {
         self.state
             .lock()
@@ -1105,23 +1133,7 @@ impl Backend for CudaBackend {
         act_out: &mut CudaAct,
         out: &mut CudaAct,
     ) -> Result<()> {
-        if self.kernels == KernelSet::Fused
-            && !Self::multi_gemv_fits(h.rows, &w[..2])
-            && Self::multi_gemm_fits(&w[..2])
-        {
-            self.multi_gemm(h, &w[..2], &mut [&mut *gate, &mut *up])?;
-        } else if self.kernels == KernelSet::Fused && Self::multi_gemv_fits(h.rows, &w[..2]) {
-            if gate.rows != h.rows || up.rows != h.rows {
-                return Err(shape_err(
-                    "gated_ffn",
-                    format!("gate/up do not have the {} rows of h", h.rows),
-                ));
-            }
-            self.multi_gemv(h, &w[..2], &[gate.ptr(), up.ptr()], &[gate.cols, up.cols])?;
-        } else {
-            self.matmul(h, w[0], gate)?;
-            self.matmul(h, w[1], up)?;
-        }
+        self.gate_up("gated_ffn", h, [w[0], w[1]], gate, up)?;
         if self.kernels == KernelSet::Fused && self.fx_bits() & 1 != 0 && Self::gemv_fx_fits(w[2], h.rows) {
             return self.gemv_fx(gate, Some((&*up, act)), w[2], out, None);
         }
@@ -1166,13 +1178,7 @@ impl Backend for CudaBackend {
             self.gated_ffn(h, w, act, gate, up, act_out, out)?;
             return residual_norm_unfused_into(self, out, r);
         }
-        if gate.rows != h.rows || up.rows != h.rows {
-            return Err(shape_err(
-                "gated_ffn_residual_norm",
-                format!("gate/up do not have the {} rows of h", h.rows),
-            ));
-        }
-        self.multi_gemv(h, &w[..2], &[gate.ptr(), up.ptr()], &[gate.cols, up.cols])?;
+        self.gate_up("gated_ffn_residual_norm", h, [w[0], w[1]], gate, up)?;
         let res = fused::FxResidual {
             x: r.x,
             post: r.post_norm,
