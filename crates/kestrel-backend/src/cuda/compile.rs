@@ -12,12 +12,13 @@ use super::device::guarded;
 use crate::error::BackendError;
 
 /// All kernels form one translation unit: the helpers come first.
-const SOURCES: [(&str, &str); 5] = [
+const SOURCES: [(&str, &str); 6] = [
     ("common.cu", include_str!("kernels/common.cu")),
     ("dequant.cu", include_str!("kernels/dequant.cu")),
     ("elementwise.cu", include_str!("kernels/elementwise.cu")),
     ("attention.cu", include_str!("kernels/attention.cu")),
     ("gemv.cu", include_str!("kernels/gemv.cu")),
+    ("megakernel.cu", include_str!("kernels/megakernel.cu")),
 ];
 
 pub(crate) fn full_source() -> String {
@@ -120,6 +121,7 @@ mod tests {
                     "qk_norm_rope",
                     "argmax_rows",
                     "dequant_f16",
+                    "decode_program",
                 ] {
                     assert!(
                         ptx.contains(&format!(".entry {k}(")),

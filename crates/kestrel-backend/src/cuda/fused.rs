@@ -16,22 +16,23 @@ use crate::layout::RopeStyle;
 
 type Result<T> = std::result::Result<T, BackendError>;
 
-/// Family code of `gemv_any` in gemv.cu.
-fn kind_code(family: &str) -> i32 {
-    match family {
-        "gemv_f32" => 0,
-        "gemv_f16" => 1,
-        "gemv_bf16" => 2,
-        "gemv_q8_0" => 3,
-        "gemv_q8_0r4" => 4,
-        "gemv_q4_0" => 5,
-        "gemv_q5_0" => 6,
-        "gemv_q4_0r2" => 7,
-        "gemv_q5_0r2" => 8,
-        "gemv_q4_k" => 9,
-        "gemv_q5_k" => 10,
-        _ => 11,
-    }
+/// Family code of `gemv_any` in gemv.cu, for a GEMV kernel family name.
+pub(crate) fn gemv_kind(family: &str) -> Option<i32> {
+    const FAMILIES: [&str; 12] = [
+        "gemv_f32",
+        "gemv_f16",
+        "gemv_bf16",
+        "gemv_q8_0",
+        "gemv_q8_0r4",
+        "gemv_q4_0",
+        "gemv_q5_0",
+        "gemv_q4_0r2",
+        "gemv_q5_0r2",
+        "gemv_q4_k",
+        "gemv_q5_k",
+        "gemv_q6_k",
+    ];
+    FAMILIES.iter().position(|&f| f == family).map(|i| i as i32)
 }
 
 /// Family code of `gemv_fx_*` in gemv.cu (K-quants only).
@@ -205,7 +206,7 @@ impl CudaBackend {
                         let nb = w.rows.div_ceil(8 * rpw) as u32;
                         total += nb;
                         args.extend([
-                            Arg::I32(kind_code(family)),
+                            Arg::I32(gemv_kind(family).unwrap_or(11)),
                             Arg::Ptr(p0),
                             Arg::Ptr(p1),
                             Arg::Ptr(p2),
@@ -311,7 +312,8 @@ impl CudaBackend {
                 ),
             ));
         }
-        if 2 * rope.n_pairs > head_dim || head_dim * 4 > 48 * 1024 {
+        // rope_store_item: at most ROPE_PER (4) elements per thread of 128.
+        if 2 * rope.n_pairs > head_dim || head_dim > 4 * 128 {
             return Err(shape_err(
                 "qk_norm_rope_store",
                 format!("{} RoPE pairs for head_dim {head_dim}", rope.n_pairs),

@@ -18,14 +18,18 @@
 
 use cudarc::driver::{sys, CudaGraph};
 
+use super::megakernel::{MegaProgram, Recorder};
 use super::CudaBackend;
 use crate::backend::Result;
 use crate::error::BackendError;
 
-/// A captured, instantiated graph and the metadata epoch it was captured in.
+/// A captured, instantiated graph and the metadata epoch it was captured
+/// in; for single-row steps also the same step as a megakernel program,
+/// which replays run instead of the graph.
 pub struct DecodeGraph {
     graph: CudaGraph,
     epoch: u64,
+    program: Option<MegaProgram>,
 }
 
 // SAFETY: the graph is only launched through `CudaBackend::replay`, which
@@ -50,6 +54,11 @@ impl CudaBackend {
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(|e| BackendError::Cuda(format!("begin_capture: {e}")))?;
         st.capturing = true;
+        if self.kernels == super::KernelSet::Fused && self.megakernel_on() {
+            if let Ok(mut r) = self.recorder.lock() {
+                *r = Some(Recorder::default());
+            }
+        }
         Ok(())
     }
 
@@ -60,15 +69,20 @@ impl CudaBackend {
             return Err(BackendError::Other("end_capture without begin_capture".into()));
         }
         st.capturing = false;
+        let rec = self.recorder.lock().ok().and_then(|mut r| r.take());
         let g = self
             .dev
             .stream
             .end_capture(sys::CUgraphInstantiate_flags(0))
             .map_err(|e| BackendError::Cuda(format!("end_capture: {e}")))?;
         let graph = g.ok_or_else(|| BackendError::Cuda("end_capture: nothing was captured".into()))?;
+        let epoch = st.meta.epoch;
+        drop(st);
+        let program = rec.and_then(|r| self.build_program(r));
         Ok(DecodeGraph {
             graph,
-            epoch: st.meta.epoch,
+            epoch,
+            program,
         })
     }
 
@@ -91,8 +105,16 @@ impl CudaBackend {
             .ctx
             .bind_to_thread()
             .map_err(|e| BackendError::Cuda(format!("binding the context: {e}")))?;
+        if let Some(p) = &g.program {
+            return self.launch_program(p);
+        }
         g.graph
             .launch()
             .map_err(|e| BackendError::Cuda(format!("graph launch: {e}")))
+    }
+
+    /// Whether a graph replays as a megakernel program.
+    pub fn graph_uses_megakernel(g: &DecodeGraph) -> bool {
+        g.program.is_some()
     }
 }

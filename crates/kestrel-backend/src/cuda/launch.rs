@@ -45,7 +45,9 @@ pub(crate) struct Kernels {
     pdl: bool,
 }
 
-const PLAIN: [&str; 21] = [
+const PLAIN: [&str; 23] = [
+    "decode_program",
+    "decode_program_x2",
     "residual_norm",
     "qk_norm_rope_store",
     "copy_f32",
@@ -107,6 +109,66 @@ impl Kernels {
         Ok(Kernels { funcs, pdl })
     }
 
+    fn func(&self, name: &str) -> Result<&CudaFunction, BackendError> {
+        self.funcs
+            .get(name)
+            .ok_or_else(|| BackendError::Cuda(format!("unknown kernel '{name}'")))
+    }
+
+    /// Allows `name` up to `bytes` of dynamic shared memory (above the
+    /// default 48 KiB needs this opt-in).
+    pub fn set_max_dynamic_smem(&self, name: &str, bytes: u32) -> Result<(), BackendError> {
+        use cudarc::driver::sys;
+        let f = self.func(name)?;
+        // SAFETY: a plain attribute set on a loaded function.
+        let r = unsafe {
+            sys::cuFuncSetAttribute(
+                f.cu_function(),
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )
+        };
+        r.result()
+            .map_err(|e| BackendError::Unsupported(format!("'{name}' with {bytes} B of shared memory: {e}")))
+    }
+
+    /// Registers and local-memory bytes per thread of `name`.
+    pub fn resources(&self, name: &str) -> Result<(i32, i32), BackendError> {
+        use cudarc::driver::sys;
+        let f = self.func(name)?;
+        let get = |a: sys::CUfunction_attribute| {
+            let mut v = 0i32;
+            // SAFETY: `v` outlives the call; the function is loaded.
+            let r = unsafe { sys::cuFuncGetAttribute(&mut v, a, f.cu_function()) };
+            r.result()
+                .map(|_| v)
+                .map_err(|e| BackendError::Cuda(format!("attributes of '{name}': {e}")))
+        };
+        Ok((
+            get(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NUM_REGS)?,
+            get(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES)?,
+        ))
+    }
+
+    /// Blocks of `name` that fit on one multiprocessor at once.
+    pub fn occupancy(&self, name: &str, block: u32, smem: u32) -> Result<u32, BackendError> {
+        use cudarc::driver::sys;
+        let f = self.func(name)?;
+        let mut n = 0i32;
+        // SAFETY: `n` outlives the call; the function is loaded.
+        let r = unsafe {
+            sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(
+                &mut n,
+                f.cu_function(),
+                block as i32,
+                smem as usize,
+            )
+        };
+        r.result()
+            .map_err(|e| BackendError::Cuda(format!("occupancy of '{name}': {e}")))?;
+        Ok(n.max(0) as u32)
+    }
+
     /// Whether launches use programmatic dependent launch.
     pub fn pdl(&self) -> bool {
         self.pdl
@@ -124,10 +186,7 @@ impl Kernels {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(()); // nothing to do (empty batch)
         }
-        let f = self
-            .funcs
-            .get(name)
-            .ok_or_else(|| BackendError::Cuda(format!("unknown kernel '{name}'")))?;
+        let f = self.func(name)?;
         let mut vals: Vec<u64> = args.iter().map(|a| a.bits()).collect();
         let mut params: Vec<*mut c_void> = vals.iter_mut().map(|v| v as *mut u64 as *mut c_void).collect();
         let err =

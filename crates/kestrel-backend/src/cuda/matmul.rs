@@ -264,6 +264,7 @@ impl CudaBackend {
         ws: &[&CudaWeight],
         outs: &mut [&mut CudaAct],
     ) -> Result<(), BackendError> {
+        self.record_refused("a cuBLAS GEMM");
         let mut st = self.lock()?;
         let Some((x16, fresh)) = self.x16_scratch(&mut st, x.rows * x.cols * 2)? else {
             return Err(BackendError::Unsupported(
@@ -296,6 +297,7 @@ impl CudaBackend {
     }
 
     fn gemm_cublas(&self, x: &CudaAct, w: &CudaWeight, out: &mut CudaAct) -> Result<(), BackendError> {
+        self.record_refused("a cuBLAS GEMM");
         let (t, k, m_all) = (x.rows, w.cols, w.rows);
         let mut st = self.lock()?;
         // With an f16 mirror the whole product is one GEMM on resident

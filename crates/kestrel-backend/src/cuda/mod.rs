@@ -15,6 +15,7 @@ mod fused;
 mod graph;
 mod launch;
 mod matmul;
+mod megakernel;
 mod meta;
 mod timing;
 mod weights;
@@ -107,6 +108,13 @@ pub struct CudaBackend {
     /// Address of the activation whose f16 copy the producer launched last
     /// left in the activation scratch (0: none); see `mark_f16_side_output`.
     x16_src: std::sync::atomic::AtomicU64,
+    /// Whether captures also record a decode megakernel program
+    /// (megakernel.rs); `KESTREL_MEGAKERNEL=1` starts it on.
+    mega: std::sync::atomic::AtomicBool,
+    /// The launches of the step being captured (Some only while capturing).
+    recorder: Mutex<Option<megakernel::Recorder>>,
+    /// Decode steps run as megakernel programs so far.
+    mega_launches: std::sync::atomic::AtomicU64,
 }
 
 fn shape_err(op: &str, msg: String) -> BackendError {
@@ -169,6 +177,9 @@ impl CudaBackend {
         Ok(CudaBackend {
             dense_budget: std::sync::atomic::AtomicUsize::new(dense_budget),
             x16_src: std::sync::atomic::AtomicU64::new(0),
+            mega: std::sync::atomic::AtomicBool::new(megakernel::enabled_by_env()),
+            recorder: Mutex::new(None),
+            mega_launches: std::sync::atomic::AtomicU64::new(0),
             fx_counter,
             fx: std::sync::atomic::AtomicU8::new(fx),
             dev,
@@ -257,6 +268,7 @@ impl CudaBackend {
         // Whatever this launch writes, the f16 scratch no longer matches a
         // producer's output unless that producer marks it again afterwards.
         self.x16_src.store(0, std::sync::atomic::Ordering::Relaxed);
+        self.record(name, grid, block, smem, args);
         self.k.launch(&self.dev.stream, name, grid, block, smem, args)
     }
 
@@ -901,7 +913,8 @@ impl Backend for CudaBackend {
                 p.head_dim
             )));
         }
-        let smem = ((5 * p.head_dim + 8) * 4) as u32;
+        // att_smem_floats in attention.cu.
+        let smem = ((5 * p.head_dim + 8 + 34) * 4) as u32;
         // Split the keys over enough blocks to fill the GPU twice; the count
         // depends only on the launch shape, so captured graphs stay valid.
         let blocks = q.rows * p.n_heads;

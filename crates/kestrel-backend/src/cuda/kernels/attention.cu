@@ -19,7 +19,6 @@ __device__ __forceinline__ long long kv_slot(const u32* table, int block_size, i
 // (max, sum, unnormalised values) go to `part`, and the last split block of
 // a (row, head) to finish (counted in `counters`, which it resets to 0 for
 // the next launch or graph replay) merges them: no second launch.
-// Dynamic shared memory: (1 + ATT_WARPS) * head_dim + 2 * ATT_WARPS floats.
 // The KV element type is a template parameter so that every K/V load of a
 // key group is one plain load the compiler can issue back to back.
 // Eight consecutive pool elements from element index i (16-byte aligned).
@@ -44,31 +43,47 @@ __device__ __forceinline__ void kv_load8(const void* pool, long long i, float* d
 // VEC (head_dim % 8 == 0): lane owns dims lane*8 .. lane*8+7 and loads them
 // with one 16-byte (f16/bf16) or two (f32) loads; otherwise lane owns dims
 // lane + 32*j with scalar loads.
+//
+// One (row, head, split z) work item is run by ATT_THREADS threads (tid
+// 0..ATT_THREADS) that synchronise on named barrier `bar` only, so that the
+// decode megakernel (megakernel.cu) can run two items side by side in one
+// 256-thread block; `sm` holds att_smem_floats(head_dim) floats. q is read
+// through L2 (__ldcg): inside the megakernel it was written by other blocks
+// of the same launch, whose writes L1 does not see.
+#define ATT_THREADS (32 * ATT_WARPS)
+
+__device__ __forceinline__ int att_smem_floats(int head_dim) { return 5 * head_dim + 2 * ATT_WARPS + 34; }
+
+__device__ __forceinline__ void bar_sync(int bar, int nthr) {
+    asm volatile("bar.sync %0, %1;" ::"r"(bar), "r"(nthr) : "memory");
+}
+
 template <int KVT, bool VEC>
-__device__ __forceinline__ void attention_impl(const float* q, const void* pool, long long layer_off,
+__device__ __forceinline__ void attention_impl(int row, int h, int z, int tid, int bar, float* sm,
+                                     const float* q, const void* pool, long long layer_off,
                                      long long v_off, const u32* positions,
                                      const u32* token_seq, const u32* block_tables, int bt_stride,
                                      int block_size, int n_heads, int n_kv_heads, int head_dim,
                                      float scale, int window, float cap, float* out, int splits,
                                      float* part, u32* counters) {
-    extern __shared__ float sm[];
     float* qs = sm;
     float* accs = sm + head_dim;
     float* ms = accs + ATT_WARPS * head_dim;
     float* ls = ms + ATT_WARPS;
-    int row = blockIdx.x, h = blockIdx.y;
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    float* wz = ls + ATT_WARPS;
+    float* misc = wz + 32; // [0] 1 / total weight, [1] this item merges (as int bits)
+    int lane = tid & 31, warp = tid >> 5;
     int kvh = h / (n_heads / n_kv_heads);
     int kv_dim = n_kv_heads * head_dim;
     const float* qr = q + ((long long)row * n_heads + h) * head_dim;
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) qs[d] = qr[d] * scale;
-    __syncthreads();
+    for (int d = tid; d < head_dim; d += ATT_THREADS) qs[d] = __ldcg(qr + d) * scale;
+    bar_sync(bar, ATT_THREADS);
     int pos = (int)positions[row];
     const u32* table = block_tables + (long long)token_seq[row] * bt_stride;
     int start = window > 0 ? max(0, pos - window + 1) : 0;
     int total = pos - start + 1;
     int chunk = (total + splits - 1) / splits;
-    int kbeg = start + (int)blockIdx.z * chunk;
+    int kbeg = start + z * chunk;
     int kend = min(pos, kbeg + chunk - 1);
 
     float m = -__int_as_float(0x7f800000), l = 0.0f;
@@ -132,36 +147,33 @@ __device__ __forceinline__ void attention_impl(const float* q, const void* pool,
         if (d < head_dim) accs[warp * head_dim + d] = acc[j];
     }
     if (lane == 0) { ms[warp] = m; ls[warp] = l; }
-    __syncthreads();
+    bar_sync(bar, ATT_THREADS);
     float mt = -__int_as_float(0x7f800000);
     for (int w = 0; w < ATT_WARPS; w++) mt = fmaxf(mt, ms[w]);
     float lt = 0.0f;
     for (int w = 0; w < ATT_WARPS; w++) if (ls[w] > 0.0f) lt += ls[w] * expf(ms[w] - mt);
     if (splits == 1) {
         float* orow = out + ((long long)row * n_heads + h) * head_dim;
-        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        for (int d = tid; d < head_dim; d += ATT_THREADS) {
             float v = 0.0f;
             for (int w = 0; w < ATT_WARPS; w++) if (ls[w] > 0.0f) v += accs[w * head_dim + d] * expf(ms[w] - mt);
             orow[d] = lt > 0.0f ? v / lt : 0.0f;
         }
     } else {
         long long rh = (long long)row * n_heads + h;
-        float* prow = part + (rh * splits + blockIdx.z) * (head_dim + 2);
-        if (threadIdx.x == 0) { prow[0] = mt; prow[1] = lt; }
-        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float* prow = part + (rh * splits + z) * (head_dim + 2);
+        if (tid == 0) { prow[0] = mt; prow[1] = lt; }
+        for (int d = tid; d < head_dim; d += ATT_THREADS) {
             float v = 0.0f;
             for (int w = 0; w < ATT_WARPS; w++) if (ls[w] > 0.0f) v += accs[w * head_dim + d] * expf(ms[w] - mt);
             prow[2 + d] = v;
         }
-        __shared__ int s_last;
         __threadfence();
-        __syncthreads();
-        if (threadIdx.x == 0) s_last = atomicAdd(counters + rh, 1u) == (u32)(splits - 1);
-        __syncthreads();
-        if (!s_last) return;
+        bar_sync(bar, ATT_THREADS);
+        if (tid == 0) misc[1] = __int_as_float(atomicAdd(counters + rh, 1u) == (u32)(splits - 1));
+        bar_sync(bar, ATT_THREADS);
+        if (!__float_as_int(misc[1])) return;
         __threadfence();
-        __shared__ float wz[32];
-        __shared__ float inv_l;
         const float* p = part + rh * splits * (head_dim + 2);
         if (warp == 0) {
             int z = lane;
@@ -172,28 +184,30 @@ __device__ __forceinline__ void attention_impl(const float* q, const void* pool,
             float w = ok ? expf(m - mx) : 0.0f;
             float lsum = warp_sum(lz * w);
             wz[z] = w;
-            if (z == 0) inv_l = lsum > 0.0f ? 1.0f / lsum : 0.0f;
+            if (z == 0) misc[0] = lsum > 0.0f ? 1.0f / lsum : 0.0f;
         }
-        __syncthreads();
+        bar_sync(bar, ATT_THREADS);
+        float inv_l = misc[0];
         float* orow = out + rh * head_dim;
-        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        for (int d = tid; d < head_dim; d += ATT_THREADS) {
             float v = 0.0f;
             #pragma unroll 8
             for (int z = 0; z < splits; z++) v += wz[z] * __ldcg(p + z * (head_dim + 2) + 2 + d);
             orow[d] = v * inv_l;
         }
-        if (threadIdx.x == 0) counters[rh] = 0u;
+        if (tid == 0) counters[rh] = 0u;
     }
 }
 
-extern "C" __global__ void attention(const float* q, const void* pool, long long layer_off,
-                                     long long v_off, int kvt, const u32* positions,
-                                     const u32* token_seq, const u32* block_tables, int bt_stride,
-                                     int block_size, int n_heads, int n_kv_heads, int head_dim,
-                                     float scale, int window, float cap, float* out, int splits,
-                                     float* part, u32* counters) { pdl_entry();
-#define ATT_ARGS q, pool, layer_off, v_off, positions, token_seq, block_tables, bt_stride, block_size, \
-                 n_heads, n_kv_heads, head_dim, scale, window, cap, out, splits, part, counters
+// One (row, head, split) item of fused attention, dispatched on the KV type.
+__device__ __forceinline__ void attention_item(int row, int h, int z, int tid, int bar, float* sm, const float* q,
+                                               const void* pool, long long layer_off, long long v_off, int kvt,
+                                               const u32* positions, const u32* token_seq, const u32* block_tables,
+                                               int bt_stride, int block_size, int n_heads, int n_kv_heads,
+                                               int head_dim, float scale, int window, float cap, float* out,
+                                               int splits, float* part, u32* counters) {
+#define ATT_ARGS row, h, z, tid, bar, sm, q, pool, layer_off, v_off, positions, token_seq, block_tables, bt_stride, \
+                 block_size, n_heads, n_kv_heads, head_dim, scale, window, cap, out, splits, part, counters
     bool vec = head_dim % 8 == 0;
     if (kvt == KV_F32) {
         if (vec) attention_impl<KV_F32, true>(ATT_ARGS); else attention_impl<KV_F32, false>(ATT_ARGS);
@@ -203,6 +217,20 @@ extern "C" __global__ void attention(const float* q, const void* pool, long long
         if (vec) attention_impl<KV_BF16, true>(ATT_ARGS); else attention_impl<KV_BF16, false>(ATT_ARGS);
     }
 #undef ATT_ARGS
+}
+
+// grid = (rows, n_heads, splits), block = ATT_THREADS, dynamic shared
+// memory att_smem_floats(head_dim) floats.
+extern "C" __global__ void attention(const float* q, const void* pool, long long layer_off,
+                                     long long v_off, int kvt, const u32* positions,
+                                     const u32* token_seq, const u32* block_tables, int bt_stride,
+                                     int block_size, int n_heads, int n_kv_heads, int head_dim,
+                                     float scale, int window, float cap, float* out, int splits,
+                                     float* part, u32* counters) { pdl_entry();
+    extern __shared__ float sm[];
+    attention_item(blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x, 1, sm, q, pool, layer_off, v_off, kvt,
+                   positions, token_seq, block_tables, bt_stride, block_size, n_heads, n_kv_heads, head_dim,
+                   scale, window, cap, out, splits, part, counters);
 }
 
 // Reference: one thread per (row, head, dim); three plain passes (max, sum,

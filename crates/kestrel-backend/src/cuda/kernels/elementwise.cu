@@ -210,8 +210,10 @@ extern "C" __global__ void residual_norm(float* x, const float* delta, const flo
     }
     float ss = 0.0f;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        float d = post_w ? dr[c] * pinv * post_w[c] : dr[c];
-        float v = xr[c] + d;
+        // Explicit roundings (never fused into an FMA): the decode
+        // megakernel repeats this step and must get the same bits.
+        float d = post_w ? __fmul_rn(__fmul_rn(dr[c], pinv), post_w[c]) : dr[c];
+        float v = __fadd_rn(xr[c], d);
         xr[c] = v;
         ss += v * v;
     }
@@ -224,10 +226,105 @@ extern "C" __global__ void residual_norm(float* x, const float* delta, const flo
     }
 }
 
-// q/k per-head RMSNorm + RoPE and the K/V store of one layer in a single
-// launch. grid = (rows, n_heads + n_kv_heads): block y < n_heads handles
-// query head y in place; the others handle KV head y - n_heads: norm + RoPE
-// of K (in place), then K and V of that head go to the pool at the row's slot.
+// Sum over a block of `nthr` logical threads where logical thread t holds
+// the sum of f(c) for c = t, t + nthr, ... < n: grouped exactly as
+// block_sum groups it in a block of nthr threads (same warp trees, same
+// order), whatever the physical block size. The decode megakernel runs the
+// norms with 256 threads and gets the bits of the standalone kernels.
+// `scratch` holds 32 floats; every thread of the block must call it.
+template <typename F>
+__device__ float logical_block_sum(int n, int nthr, F f, float* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5, lwarps = nthr >> 5;
+    __syncthreads();
+    for (int lw = warp; lw < lwarps; lw += nw) {
+        int t = lw * 32 + lane;
+        float v = 0.0f;
+        for (int c = t; c < n; c += nthr) v += f(c);
+        v = warp_sum(v);
+        if (lane == 0) scratch[lw] = v;
+    }
+    __syncthreads();
+    float t = lane < lwarps ? scratch[lane] : 0.0f;
+    return warp_sum(t);
+}
+
+// q/k per-head RMSNorm + RoPE and the K/V store of one head (query head y,
+// or KV head y - n_heads: norm + RoPE of K in place, then K and V of that
+// head go to the pool at the row's slot). Loops stride over `nthr` logical
+// threads (extra physical threads idle but take part in the barriers);
+// hbuf holds head_dim floats. q, k, v are read through L2 (see attention.cu).
+#define ROPE_PER 4 // elements per logical thread: head_dim <= ROPE_PER * nthr
+
+__device__ void rope_store_item(int row, int y, int nthr, float* hbuf, float* scratch, float* q, float* k,
+                                const float* v, int n_heads, int n_kv_heads, int head_dim, const float* qw,
+                                const float* kw, float eps, const float* inv_freq, int n_pairs, int style,
+                                float mscale, const u32* positions, void* pool, long long layer_off,
+                                long long v_off, int kvt, const u32* slots) {
+    int tid = threadIdx.x;
+    bool live = tid < nthr;
+    bool is_q = y < n_heads;
+    int kvh = y - n_heads;
+    int kv_dim = n_kv_heads * head_dim;
+    float* h = is_q ? q + ((long long)row * n_heads + y) * head_dim
+                    : k + ((long long)row * n_kv_heads + kvh) * head_dim;
+    const float* w = is_q ? qw : kw;
+    const float* vr = v + (long long)row * kv_dim + (long long)kvh * head_dim;
+    // Every global load of the item first, then the work: in one loop with
+    // the stores, each load would wait for the store before it (the
+    // pointers may alias) and the item would cost several memory latencies.
+    float hv[ROPE_PER], wv[ROPE_PER], vv[ROPE_PER], fr[ROPE_PER];
+    #pragma unroll
+    for (int j = 0; j < ROPE_PER; j++) {
+        int d = tid + j * nthr;
+        bool in = live && d < head_dim;
+        hv[j] = in ? __ldcg(h + d) : 0.0f;
+        wv[j] = in && w ? w[d] : 0.0f;
+        vv[j] = in && !is_q ? __ldcg(vr + d) : 0.0f;
+        fr[j] = live && d < n_pairs ? inv_freq[d] : 0.0f;
+    }
+    u32 pos = positions[row];
+    long long slot = is_q ? 0 : (long long)slots[row];
+    #pragma unroll
+    for (int j = 0; j < ROPE_PER; j++) {
+        int d = tid + j * nthr;
+        if (live && d < head_dim) hbuf[d] = hv[j];
+    }
+    if (w) {
+        float ss = logical_block_sum(head_dim, nthr, [&](int d) { return hbuf[d] * hbuf[d]; }, scratch);
+        float inv = rsqrtf(ss / (float)head_dim + eps);
+        #pragma unroll
+        for (int j = 0; j < ROPE_PER; j++) {
+            int d = tid + j * nthr;
+            if (live && d < head_dim) hbuf[d] = hbuf[d] * inv * wv[j];
+        }
+    }
+    __syncthreads();
+    #pragma unroll
+    for (int j = 0; j < ROPE_PER; j++) {
+        int i = tid + j * nthr;
+        if (live && i < n_pairs) {
+            int ia = style == 0 ? 2 * i : i;
+            int ib = style == 0 ? 2 * i + 1 : i + n_pairs;
+            rope_pair(&hbuf[ia], &hbuf[ib], pos, fr[j], mscale);
+        }
+    }
+    __syncthreads();
+    if (!live) return;
+    long long base = layer_off + slot * kv_dim + (long long)kvh * head_dim;
+    #pragma unroll
+    for (int j = 0; j < ROPE_PER; j++) {
+        int d = tid + j * nthr;
+        if (d >= head_dim) continue;
+        h[d] = hbuf[d];
+        if (!is_q) {
+            kv_store(pool, base + d, kvt, hbuf[d]);
+            kv_store(pool, base + v_off + d, kvt, vv[j]);
+        }
+    }
+}
+
+// One layer's q/k norm + RoPE + K/V store in a single launch.
+// grid = (rows, n_heads + n_kv_heads); dynamic shared memory head_dim floats.
 extern "C" __global__ void qk_norm_rope_store(float* q, float* k, const float* v, int n_heads, int n_kv_heads,
                                               int head_dim, const float* qw, const float* kw, float eps,
                                               const float* inv_freq, int n_pairs, int style, float mscale,
@@ -235,37 +332,8 @@ extern "C" __global__ void qk_norm_rope_store(float* q, float* k, const float* v
                                               long long v_off, int kvt, const u32* slots) { pdl_entry();
     extern __shared__ float hbuf[];
     __shared__ float scratch[32];
-    int row = blockIdx.x, y = blockIdx.y;
-    bool is_q = y < n_heads;
-    int kvh = y - n_heads;
-    float* h = is_q ? q + ((long long)row * n_heads + y) * head_dim
-                    : k + ((long long)row * n_kv_heads + kvh) * head_dim;
-    const float* w = is_q ? qw : kw;
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) hbuf[d] = h[d];
-    if (w) {
-        float ss = 0.0f;
-        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) ss += hbuf[d] * hbuf[d];
-        ss = block_sum(ss, scratch);
-        float inv = rsqrtf(ss / (float)head_dim + eps);
-        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) hbuf[d] = hbuf[d] * inv * w[d];
-    }
-    __syncthreads();
-    u32 pos = positions[row];
-    for (int i = threadIdx.x; i < n_pairs; i += blockDim.x) {
-        int ia = style == 0 ? 2 * i : i;
-        int ib = style == 0 ? 2 * i + 1 : i + n_pairs;
-        rope_pair(&hbuf[ia], &hbuf[ib], pos, inv_freq[i], mscale);
-    }
-    __syncthreads();
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) h[d] = hbuf[d];
-    if (is_q) return;
-    int kv_dim = n_kv_heads * head_dim;
-    long long base = layer_off + (long long)slots[row] * kv_dim + (long long)kvh * head_dim;
-    const float* vr = v + (long long)row * kv_dim + (long long)kvh * head_dim;
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        kv_store(pool, base + d, kvt, hbuf[d]);
-        kv_store(pool, base + v_off + d, kvt, vr[d]);
-    }
+    rope_store_item(blockIdx.x, blockIdx.y, blockDim.x, hbuf, scratch, q, k, v, n_heads, n_kv_heads, head_dim, qw,
+                    kw, eps, inv_freq, n_pairs, style, mscale, positions, pool, layer_off, v_off, kvt, slots);
 }
 
 // dst = src (n floats); for copying an activation inside a captured graph.
