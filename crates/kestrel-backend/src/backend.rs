@@ -276,7 +276,8 @@ pub trait Backend: Send + Sync {
     fn replay(&self, _g: &Graph) -> Result<bool> {
         Err(BackendError::Unsupported("graph replay on this backend".into()))
     }
-    /// Identity of a KV pool (graphs are captured per pool).
+    /// Identity of a KV pool, never reused within the process (graphs are
+    /// captured per pool; a new pool may get a freed one's address).
     fn pool_id(&self, _pool: &Self::KvPool) -> u64 {
         0
     }

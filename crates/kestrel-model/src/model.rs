@@ -503,6 +503,11 @@ impl<B: Backend> Model<B> {
             let g = be.end_capture();
             match (r, g) {
                 (Ok(()), Ok(g)) => {
+                    // Graphs of pools other than this one are for pools
+                    // that are gone or idle: drop them (bounded memory when
+                    // callers create pools one after another).
+                    state.graphs.retain(|k, _| k.1 == key.1);
+                    state.no_graph.retain(|k| k.1 == key.1);
                     state.graphs.insert(key, g);
                 }
                 (r, g) => {

@@ -116,6 +116,10 @@ pub struct CudaRope {
 pub struct CudaKvPool {
     pub(crate) buf: DevBuf,
     pub(crate) spec: KvSpec,
+    /// Unique for the process's lifetime: decode graphs are cached per pool
+    /// (their kernels hold its address and layer offsets), and a new pool
+    /// may reuse a freed pool's address with a different shape.
+    pub(crate) id: u64,
 }
 
 impl CudaKvPool {

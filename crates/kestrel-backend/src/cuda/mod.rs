@@ -520,9 +520,11 @@ impl Backend for CudaBackend {
             )));
         }
         let buf = DevBuf::alloc(&self.dev.stream, spec.bytes(), "KV pool")?;
+        static NEXT_POOL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Ok(CudaKvPool {
             buf,
             spec: spec.clone(),
+            id: NEXT_POOL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
 
@@ -1242,7 +1244,7 @@ impl Backend for CudaBackend {
     }
 
     fn pool_id(&self, pool: &CudaKvPool) -> u64 {
-        pool.buf.ptr
+        pool.id
     }
 
     fn synchronize(&self) -> Result<()> {
