@@ -139,6 +139,18 @@ pub trait Backend: Send + Sync {
             .map(|r| crate::layout::argmax(&v[r * cols..(r + 1) * cols]) as u32)
             .collect())
     }
+    /// Whether `sample_rows` runs on this backend (the engine then keeps
+    /// logits on the device for non-greedy rows).
+    fn device_sampling(&self) -> bool {
+        false
+    }
+    /// One token per row of `x` by the sampler chain in `rows` (one entry
+    /// per row), computed where the logits are; `x` is used as scratch.
+    fn sample_rows(&self, _x: &Self::Act, _rows: &[crate::layout::DeviceSample]) -> Result<Vec<u32>> {
+        Err(BackendError::Unsupported(
+            "sampling on this backend's device".into(),
+        ))
+    }
     /// Wait for queued work (no-op on the CPU).
     fn synchronize(&self) -> Result<()> {
         Ok(())

@@ -138,3 +138,30 @@ pub fn argmax(v: &[f32]) -> usize {
     }
     best
 }
+
+/// One logits row's sampling decision, taken on the device
+/// (`Backend::sample_rows`): the engine's sampler chain with its parameters
+/// already normalised and its random draw made on the host, so the seeded
+/// RNG stays on the host and only token ids come back.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceSample {
+    /// Argmax after the penalties (temperature 0 or unusable).
+    pub greedy: bool,
+    /// 1 / temperature.
+    pub inv_t: f32,
+    /// Keep the `top_k` best; 0: off.
+    pub top_k: u32,
+    /// Keep the best-first prefix reaching this mass; >= 1: off.
+    pub top_p: f32,
+    /// Keep scaled logits >= this (ln min_p); -inf: off.
+    pub min_p_log: f32,
+    /// Repetition penalty applied to every listed token; 1: off.
+    pub repetition: f32,
+    /// Presence and frequency penalties, for listed tokens with a count.
+    pub presence: f32,
+    pub frequency: f32,
+    /// Uniform draw in [0, 1).
+    pub u: f64,
+    /// Distinct (token id, times generated) pairs the penalties apply to.
+    pub penalties: Vec<(u32, u32)>,
+}

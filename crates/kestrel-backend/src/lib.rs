@@ -10,4 +10,4 @@ pub mod layout;
 
 pub use backend::{Activation, Backend, Graph, QkvRows, ResidualNorm, Result};
 pub use error::BackendError;
-pub use layout::{AttnParams, BatchLayout, KvDType, KvSpec, RopeParams, RopeStyle, SeqLayout};
+pub use layout::{AttnParams, BatchLayout, DeviceSample, KvDType, KvSpec, RopeParams, RopeStyle, SeqLayout};

@@ -19,7 +19,7 @@ use std::sync::mpsc::{self, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use kestrel_backend::{Backend, KvDType};
+use kestrel_backend::{Backend, DeviceSample, KvDType};
 use kestrel_model::Model;
 use kestrel_tokenizer::Tokenizer;
 
@@ -485,8 +485,41 @@ impl<B: Backend> Engine<B> {
             && ids
                 .iter()
                 .all(|id| self.outputs.get(id).is_none_or(|o| o.params.is_plain_greedy()));
+        // Sampled rows whose decision needs nothing but the token (no
+        // logprobs) are decided where the logits are, when the backend can.
+        let on_device = !all_greedy
+            && plan.prompt_rows.is_empty()
+            && be.device_sampling()
+            && ids
+                .iter()
+                .all(|id| self.outputs.get(id).is_none_or(|o| o.params.logprobs.is_none()));
         let picked = if all_greedy {
             Picked::Tokens(be.argmax_rows(&act).map_err(|e| EngineError::Model(e.into()))?)
+        } else if on_device {
+            let vocab = self.model.config.vocab_size;
+            let rows: Vec<DeviceSample> = ids
+                .iter()
+                .map(|id| match (self.outputs.get_mut(id), self.sched.seq(*id)) {
+                    (Some(o), Some(seq)) => o.sampler.device_request(seq.prompt(), seq.generated(), vocab),
+                    // Gone: any token (it is dropped when emitted).
+                    _ => DeviceSample {
+                        greedy: true,
+                        inv_t: 1.0,
+                        top_k: 0,
+                        top_p: 2.0,
+                        min_p_log: f32::NEG_INFINITY,
+                        repetition: 1.0,
+                        presence: 0.0,
+                        frequency: 0.0,
+                        u: 0.0,
+                        penalties: Vec::new(),
+                    },
+                })
+                .collect();
+            Picked::Tokens(
+                be.sample_rows(&act, &rows)
+                    .map_err(|e| EngineError::Model(e.into()))?,
+            )
         } else {
             Picked::Logits(be.read_act(&act).map_err(|e| EngineError::Model(e.into()))?)
         };

@@ -35,6 +35,7 @@
 
 use std::collections::{BinaryHeap, HashMap};
 
+use kestrel_backend::DeviceSample;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -314,16 +315,24 @@ impl Sampler {
         })
     }
 
-    fn apply_penalties(&mut self, logits: &mut [f32], prompt: &[u32], generated: &[u32]) {
+    /// The penalties in effect: (repetition factor if used, presence,
+    /// frequency, whether the count penalties are used).
+    fn penalty_settings(&self) -> (Option<f32>, f32, f32, bool) {
         let rep = self.params.repetition_penalty;
         let use_rep = rep != 1.0 && rep > 0.0 && rep.is_finite();
         let presence = finite_or_zero(self.params.presence_penalty);
         let frequency = finite_or_zero(self.params.frequency_penalty);
-        let use_counts = presence != 0.0 || frequency != 0.0;
-        if !use_rep && !use_counts {
-            return;
-        }
+        (
+            use_rep.then_some(rep),
+            presence,
+            frequency,
+            presence != 0.0 || frequency != 0.0,
+        )
+    }
 
+    /// Brings the output counts (and, for the repetition penalty, the
+    /// distinct prompt tokens) up to date.
+    fn update_counts(&mut self, prompt: &[u32], generated: &[u32], use_rep: bool) {
         if generated.len() < self.counted {
             self.output_counts.clear();
             self.counted = 0;
@@ -333,15 +342,78 @@ impl Sampler {
             *count = count.saturating_add(1);
         }
         self.counted = generated.len();
+        if use_rep && self.prompt_len != Some(prompt.len()) {
+            self.prompt_set.clear();
+            self.prompt_set.extend_from_slice(prompt);
+            self.prompt_set.sort_unstable();
+            self.prompt_set.dedup();
+            self.prompt_len = Some(prompt.len());
+        }
+    }
+
+    /// This step's decision in the form a backend takes on the device
+    /// (`Backend::sample_rows`): the same penalties, filters and single
+    /// random draw as [`Sampler::sample`], which this replaces for the step.
+    /// (Only when every logit is -inf does the host skip the draw that this
+    /// makes; the device then returns token 0, as the host does.)
+    pub fn device_request(&mut self, prompt: &[u32], generated: &[u32], vocab: usize) -> DeviceSample {
+        let (rep, presence, frequency, use_counts) = self.penalty_settings();
+        let mut penalties = Vec::new();
+        if rep.is_some() || use_counts {
+            self.update_counts(prompt, generated, rep.is_some());
+            if rep.is_some() {
+                for &id in &self.prompt_set {
+                    penalties.push((id, self.output_counts.get(&id).copied().unwrap_or(0)));
+                }
+                for (&id, &count) in &self.output_counts {
+                    if self.prompt_set.binary_search(&id).is_err() {
+                        penalties.push((id, count));
+                    }
+                }
+            } else {
+                penalties.extend(self.output_counts.iter().map(|(&id, &c)| (id, c)));
+            }
+        }
+        let temperature = self.params.temperature;
+        let inv_t = 1.0 / temperature;
+        let greedy = !(temperature > 0.0 && inv_t.is_finite());
+        let min_p = self.params.min_p.min(1.0);
+        DeviceSample {
+            greedy,
+            inv_t: if greedy { 1.0 } else { inv_t },
+            top_k: match self.params.top_k {
+                k if k == 0 || k >= vocab => 0,
+                k => k as u32,
+            },
+            // `< 1.0` is false for NaN, which therefore means "off".
+            top_p: if self.params.top_p < 1.0 {
+                self.params.top_p.max(0.0)
+            } else {
+                2.0
+            },
+            min_p_log: if min_p > 0.0 {
+                min_p.ln()
+            } else {
+                f32::NEG_INFINITY
+            },
+            repetition: rep.unwrap_or(1.0),
+            presence: if use_counts { presence } else { 0.0 },
+            frequency: if use_counts { frequency } else { 0.0 },
+            u: if greedy { 0.0 } else { self.rng.random::<f64>() },
+            penalties,
+        }
+    }
+
+    fn apply_penalties(&mut self, logits: &mut [f32], prompt: &[u32], generated: &[u32]) {
+        let (rep, presence, frequency, use_counts) = self.penalty_settings();
+        let use_rep = rep.is_some();
+        let rep = rep.unwrap_or(1.0);
+        if !use_rep && !use_counts {
+            return;
+        }
+        self.update_counts(prompt, generated, use_rep);
 
         if use_rep {
-            if self.prompt_len != Some(prompt.len()) {
-                self.prompt_set.clear();
-                self.prompt_set.extend_from_slice(prompt);
-                self.prompt_set.sort_unstable();
-                self.prompt_set.dedup();
-                self.prompt_len = Some(prompt.len());
-            }
             // Each distinct token is penalised once, however often it occurs.
             for &id in &self.prompt_set {
                 repetition(logits, id, rep);
@@ -790,6 +862,46 @@ mod tests {
     fn pseudo_logits(n: usize, seed: u64) -> Vec<f32> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         (0..n).map(|_| rng.random_range(-8.0f32..8.0)).collect()
+    }
+
+    #[test]
+    fn device_request_draws_like_sample_and_lists_the_penalised_tokens() {
+        let p = params(|p| {
+            p.temperature = 0.8;
+            p.seed = Some(7);
+            p.repetition_penalty = 1.2;
+            p.presence_penalty = 0.5;
+            p.top_k = 40;
+            p.min_p = 0.1;
+        });
+        let (mut host, mut device) = (Sampler::new(&p), Sampler::new(&p));
+        let logits = pseudo_logits(100, 3);
+        let generated = [5u32, 5, 2, 9, 9, 9];
+        for step in 0..generated.len() {
+            host.sample(&mut logits.clone(), &[1, 2, 2], &generated[..step])
+                .unwrap();
+            device.device_request(&[1, 2, 2], &generated[..step], 100);
+        }
+        // One draw per step on both: the seeded streams stay in step.
+        assert_eq!(host.rng.random::<u64>(), device.rng.random::<u64>());
+        let r = device.device_request(&[1, 2, 2], &[5, 5, 2], 100);
+        let mut pens = r.penalties.clone();
+        pens.sort_unstable();
+        assert_eq!(pens, vec![(1, 0), (2, 1), (5, 2)]);
+        assert!(!r.greedy);
+        assert_eq!(
+            (r.inv_t, r.top_k, r.repetition, r.presence, r.frequency),
+            (1.25, 40, 1.2, 0.5, 0.0)
+        );
+        assert!(r.top_p >= 1.0 && (r.min_p_log - 0.1f32.ln()).abs() < 1e-6);
+        // Greedy requests draw nothing; top-k beyond the vocabulary is off.
+        let g = params(|p| {
+            p.top_k = 500;
+            p.frequency_penalty = 0.25;
+        });
+        let r = Sampler::new(&g).device_request(&[1], &[3, 3], 100);
+        assert!(r.greedy && r.top_k == 0 && r.u == 0.0);
+        assert_eq!((r.repetition, r.penalties), (1.0, vec![(3, 2)]));
     }
 
     #[test]

@@ -12,13 +12,14 @@ use super::device::guarded;
 use crate::error::BackendError;
 
 /// All kernels form one translation unit: the helpers come first.
-const SOURCES: [(&str, &str); 6] = [
+const SOURCES: [(&str, &str); 7] = [
     ("common.cu", include_str!("kernels/common.cu")),
     ("dequant.cu", include_str!("kernels/dequant.cu")),
     ("elementwise.cu", include_str!("kernels/elementwise.cu")),
     ("attention.cu", include_str!("kernels/attention.cu")),
     ("gemv.cu", include_str!("kernels/gemv.cu")),
     ("megakernel.cu", include_str!("kernels/megakernel.cu")),
+    ("sampling.cu", include_str!("kernels/sampling.cu")),
 ];
 
 pub(crate) fn full_source() -> String {
@@ -122,6 +123,7 @@ mod tests {
                     "argmax_rows",
                     "dequant_f16",
                     "decode_program",
+                    "sample_rows",
                 ] {
                     assert!(
                         ptx.contains(&format!(".entry {k}(")),

@@ -45,7 +45,8 @@ pub(crate) struct Kernels {
     pdl: bool,
 }
 
-const PLAIN: [&str; 23] = [
+const PLAIN: [&str; 24] = [
+    "sample_rows",
     "decode_program",
     "decode_program_x2",
     "residual_norm",

@@ -17,6 +17,7 @@ mod launch;
 mod matmul;
 mod megakernel;
 mod meta;
+mod sampling;
 mod timing;
 mod weights;
 
@@ -82,6 +83,10 @@ pub(crate) struct State {
     /// cuBLAS workspace set on the handle (so that captured GEMMs never
     /// allocate).
     blas_ws: Option<DevBuf>,
+    /// Device sampling: per-row parameters, penalty pairs, chosen ids.
+    sample_rows: Option<DevBuf>,
+    sample_pens: Option<DevBuf>,
+    sample_out: Option<DevBuf>,
 }
 
 pub struct CudaBackend {
@@ -1069,6 +1074,14 @@ impl Backend for CudaBackend {
         }
         self.launch_argmax(x)?;
         self.fetch_argmax(x.rows)
+    }
+
+    fn device_sampling(&self) -> bool {
+        self.kernels == KernelSet::Fused && sampling::enabled_by_env()
+    }
+
+    fn sample_rows(&self, x: &CudaAct, rows: &[crate::layout::DeviceSample]) -> Result<Vec<u32>> {
+        self.sample_rows_impl(x, rows)
     }
 
     fn act_rows(&self, x: &CudaAct) -> usize {
