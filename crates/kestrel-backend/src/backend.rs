@@ -139,9 +139,10 @@ pub trait Backend: Send + Sync {
             .map(|r| crate::layout::argmax(&v[r * cols..(r + 1) * cols]) as u32)
             .collect())
     }
-    /// Whether `sample_rows` runs on this backend (the engine then keeps
-    /// logits on the device for non-greedy rows).
-    fn device_sampling(&self) -> bool {
+    /// Whether `sample_rows` runs on this backend for rows of `vocab`
+    /// logits (the engine then keeps logits on the device for non-greedy
+    /// rows).
+    fn device_sampling(&self, _vocab: usize) -> bool {
         false
     }
     /// One token per row of `x` by the sampler chain in `rows` (one entry

@@ -489,7 +489,7 @@ impl<B: Backend> Engine<B> {
         // logprobs) are decided where the logits are, when the backend can.
         let on_device = !all_greedy
             && plan.prompt_rows.is_empty()
-            && be.device_sampling()
+            && be.device_sampling(self.model.config.vocab_size)
             && ids
                 .iter()
                 .all(|id| self.outputs.get(id).is_none_or(|o| o.params.logprobs.is_none()));

@@ -105,8 +105,10 @@ fn device_sampling_matches_the_sorted_reference_and_the_host_sampler() {
         (1000, 8.0, 1.3, 0, 1.0, 0.05),
         (1000, 8.0, 0.9, 50, 0.9, 0.02),
         (3000, 3.0, 1.0, 0, 0.95, 0.0),
-        // Ties: 40 equal best logits, top-k cuts inside them.
+        // Ties: 40 equal best logits, top-k (then top-p) cuts inside them.
         (1000, 0.0, 1.0, 7, 1.0, 0.0),
+        (1000, 0.0, 1.0, 0, 0.5, 0.0),
+        (1000, 0.0, 1.0, 30, 0.4, 0.0),
     ];
     for (c, &(vocab, spread, t, k, p, mp)) in cases.iter().enumerate() {
         let mut logits = pseudo_logits(vocab, c as u64 + 1, spread);

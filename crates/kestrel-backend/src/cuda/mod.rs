@@ -1076,8 +1076,8 @@ impl Backend for CudaBackend {
         self.fetch_argmax(x.rows)
     }
 
-    fn device_sampling(&self) -> bool {
-        self.kernels == KernelSet::Fused && sampling::enabled_by_env()
+    fn device_sampling(&self, vocab: usize) -> bool {
+        self.kernels == KernelSet::Fused && vocab <= sampling::MAX_VOCAB && sampling::enabled_by_env()
     }
 
     fn sample_rows(&self, x: &CudaAct, rows: &[crate::layout::DeviceSample]) -> Result<Vec<u32>> {

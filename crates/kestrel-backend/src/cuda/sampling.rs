@@ -32,6 +32,9 @@ fn sized(be: &CudaBackend, buf: &mut Option<DevBuf>, bytes: usize, what: &str) -
     Ok(buf.as_ref().map_or(0, |b| b.ptr))
 }
 
+/// Largest vocabulary the kernel takes (SAMPLE_MAXJ tokens per thread of 1024).
+pub(crate) const MAX_VOCAB: usize = 256 * 1024;
+
 /// Whether device sampling is on: the fused kernel set, unless
 /// `KESTREL_DEVICE_SAMPLING=0` (for A/B runs against the host sampler).
 pub(crate) fn enabled_by_env() -> bool {
@@ -53,6 +56,12 @@ impl CudaBackend {
         }
         if rows.is_empty() {
             return Ok(Vec::new());
+        }
+        if x.cols > MAX_VOCAB {
+            return Err(BackendError::Unsupported(format!(
+                "sampling on the device over {} logits (at most {MAX_VOCAB})",
+                x.cols
+            )));
         }
         let mut packed = Vec::with_capacity(rows.len());
         let mut pens: Vec<u32> = Vec::new();

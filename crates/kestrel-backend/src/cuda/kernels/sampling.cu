@@ -1,9 +1,8 @@
 // Sampling on the device: the engine's sampler chain (kestrel-engine's
 // sampling.rs) over each logits row, so that only token ids cross to the
-// host. One 1024-thread block per row; thread t owns the contiguous chunk
-// [t * C, (t + 1) * C) of the vocabulary, so per-thread partial results
-// combined in thread order are in vocabulary order, and every reduction has
-// a fixed shape: the same inputs give the same token on every run.
+// host. One 1024-thread block per row; thread t owns ids t, t + 1024, ...
+// (coalesced passes), and every reduction has a fixed shape: the same
+// inputs give the same token on every run.
 //
 // Chain (as on the host): repetition, presence and frequency penalties on
 // the listed tokens; NaN -> -inf, +inf -> f32 max; greedy (argmax, lowest
@@ -13,8 +12,9 @@
 // Thresholds are found by bisection on an order-preserving integer key of s
 // (counts for top-k, f64 mass for top-p), ties at a threshold are kept in
 // ascending id order, as the host's best-first order does. The draw walks
-// the kept tokens in id order (the host walks its candidate order: the
-// distribution is the same, the token for a given `u` may differ).
+// the kept tokens in a fixed order, thread by thread (the host walks its
+// candidate order: the distribution is the same, the token for a given `u`
+// may differ).
 
 #define SAMPLE_THREADS 1024
 
@@ -66,65 +66,102 @@ __device__ double block_sum_f64(double v, double* sh) {
     return v;
 }
 
-// Exclusive prefix over threads in thread order (u32 / f64); `sh` holds
-// SAMPLE_THREADS values.
-__device__ u32 block_exclusive_u32(u32 v, u32* sh) {
-    __syncthreads();
-    sh[threadIdx.x] = v;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        u32 run = 0;
-        for (int i = 0; i < (int)blockDim.x; i++) { u32 x = sh[i]; sh[i] = run; run += x; }
+// Exclusive prefix over threads in thread order, and the block total
+// (warp shuffle scans, then a scan of the warp totals).
+template <typename T>
+__device__ T block_exclusive(T v, T* sh, T* total) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    T inc = v;
+    #pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        T y = __shfl_up_sync(0xffffffffu, inc, o);
+        if (lane >= o) inc += y;
     }
     __syncthreads();
-    return sh[threadIdx.x];
-}
-
-__device__ double block_exclusive_f64(double v, double* sh) {
+    if (lane == 31) sh[warp] = inc;
     __syncthreads();
-    sh[threadIdx.x] = v;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        double run = 0.0;
-        for (int i = 0; i < (int)blockDim.x; i++) { double x = sh[i]; sh[i] = run; run += x; }
+    if (warp == 0) {
+        T w = lane < nw ? sh[lane] : (T)0;
+        T wi = w;
+        #pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            T y = __shfl_up_sync(0xffffffffu, wi, o);
+            if (lane >= o) wi += y;
+        }
+        if (lane < nw) sh[lane] = wi - w; // exclusive prefix of warp totals
+        if (lane == 31) sh[32] = wi;
     }
     __syncthreads();
-    return sh[threadIdx.x];
+    T r = sh[warp] + inc - v;
+    *total = sh[32];
+    return r;
 }
 
-// A threshold: tokens with key > k are in, and the first `n_eq` tokens with
-// key == k (ascending id); `rank0` is the number of key == k tokens in the
-// chunks of lower threads. `all`: no threshold.
+// A threshold on the key: tokens with key > k are in; tokens with key == k
+// are all in (`split` false), or, when the cut falls inside a group of
+// equal tokens, the lowest ids of them: bit j of `bits` says whether this
+// thread's j-th token (id = threadIdx.x + j * blockDim.x) is in. `all`: no
+// threshold.
+#define SAMPLE_MAXJ 256 // tokens per thread: vocab <= 256 * 1024
 struct Cut {
     u32 k;
-    u32 n_eq;
-    u32 rank0;
     bool all;
+    bool split;
+    u32 bits[SAMPLE_MAXJ / 32];
 };
 
-__device__ __forceinline__ bool cut_keeps(const Cut& c, u32 key, u32* eq_seen) {
+__device__ __forceinline__ bool cut_keeps(const Cut& c, u32 key, int j) {
     if (c.all || key > c.k) return true;
     if (key < c.k) return false;
-    bool in = c.rank0 + *eq_seen < c.n_eq;
-    (*eq_seen)++;
-    return in;
+    return !c.split || ((c.bits[j >> 5] >> (j & 31)) & 1u);
+}
+
+// Marks, in id order, the first `need` tokens with key == c.k that `pre`
+// keeps (ranks by a ballot per warp and a scan over warps, one round of
+// blockDim.x ids at a time: only when a cut splits a group of ties).
+template <typename F>
+__device__ void cut_split(Cut& c, u32 need, int vocab, F key_of, const Cut* pre, u32* sh) {
+    c.split = true;
+    for (int w = 0; w < SAMPLE_MAXJ / 32; w++) c.bits[w] = 0u;
+    u32 base = 0;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int j = 0; j * (int)blockDim.x < vocab; j++) {
+        int id = threadIdx.x + j * blockDim.x;
+        bool eq = false;
+        if (id < vocab) {
+            u32 k = key_of(id);
+            eq = k == c.k && (!pre || cut_keeps(*pre, k, j));
+        }
+        u32 ball = __ballot_sync(0xffffffffu, eq);
+        u32 below = __popc(ball & ((1u << lane) - 1u));
+        __syncthreads();
+        if (lane == 0) sh[warp] = __popc(ball);
+        __syncthreads();
+        u32 before = base;
+        for (int w = 0; w < warp; w++) before += sh[w];
+        u32 round = 0;
+        for (int w = 0; w < (int)(blockDim.x >> 5); w++) round += sh[w];
+        if (eq && before + below < need) c.bits[j >> 5] |= 1u << (j & 31);
+        base += round;
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(float* logits, int vocab,
                                                                           const SampleRow* rows, const u32* pens,
                                                                           u32* out) {
     pdl_entry();
-    __shared__ double shd[SAMPLE_THREADS];
-    __shared__ u32 shu[SAMPLE_THREADS];
+    __shared__ double shd[33];
+    __shared__ u32 shu[33];
     __shared__ float shf[32];
     __shared__ int shi[32];
     const SampleRow r = rows[blockIdx.x];
     float* x = logits + (long long)blockIdx.x * vocab;
-    int chunk = (vocab + SAMPLE_THREADS - 1) / SAMPLE_THREADS;
-    int c0 = min(vocab, (int)threadIdx.x * chunk), c1 = min(vocab, c0 + chunk);
+    const int T = blockDim.x;
+    // Thread t owns ids t, t + T, t + 2T, ...: every pass reads the row
+    // coalesced.
 
     // Penalties: each listed token once (the host lists distinct ids).
-    for (u32 e = threadIdx.x; e < r.pen_n; e += blockDim.x) {
+    for (u32 e = threadIdx.x; e < r.pen_n; e += T) {
         u32 id = pens[2 * (r.pen_off + e)], count = pens[2 * (r.pen_off + e) + 1];
         if ((int)id >= vocab) continue;
         float l = x[id];
@@ -137,7 +174,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(float* 
     // Sanitize; argmax with the lowest id on ties.
     float best = -__int_as_float(0x7f800000);
     int bi = 0x7fffffff;
-    for (int i = c0; i < c1; i++) {
+    for (int i = threadIdx.x; i < vocab; i += T) {
         float l = x[i];
         if (l != l) l = -__int_as_float(0x7f800000);
         else if (l == __int_as_float(0x7f800000)) l = 3.402823466e38f;
@@ -154,8 +191,8 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(float* 
         }
         if (lane == 0) { shf[warp] = best; shi[warp] = bi; }
         __syncthreads();
-        best = lane < (int)(blockDim.x >> 5) ? shf[lane] : -__int_as_float(0x7f800000);
-        bi = lane < (int)(blockDim.x >> 5) ? shi[lane] : 0x7fffffff;
+        best = lane < (T >> 5) ? shf[lane] : -__int_as_float(0x7f800000);
+        bi = lane < (T >> 5) ? shi[lane] : 0x7fffffff;
         #pragma unroll
         for (int o = 16; o > 0; o >>= 1) {
             float ov = __shfl_xor_sync(0xffffffffu, best, o);
@@ -172,50 +209,52 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(float* 
     }
     const float inv_t = r.inv_t;
     const u32 neg_inf_key = s_key(-__int_as_float(0x7f800000));
-#define SCALED(i) ((x[i] - max) * inv_t)
+    auto key_of = [&](int i) { return s_key((x[i] - max) * inv_t); };
 
     // Top-k: the largest key K with count(key >= K) >= k.
-    Cut ck = {0u, 0u, 0u, true};
+    Cut ck;
+    ck.all = true;
+    ck.split = false;
+    ck.k = 0u;
     if (r.top_k > 0) {
         u32 lo = neg_inf_key + 1, hi = 0xffffffffu; // answer in [lo, hi]
         while (lo < hi) {
             u32 mid = lo + (hi - lo + 1) / 2;
             u32 n = 0;
-            for (int i = c0; i < c1; i++) n += s_key(SCALED(i)) >= mid;
+            for (int i = threadIdx.x; i < vocab; i += T) n += key_of(i) >= mid;
             n = block_sum_u32(n, shu);
             if (n >= r.top_k) lo = mid; else hi = mid - 1;
         }
         u32 gt = 0, eq = 0;
-        for (int i = c0; i < c1; i++) { u32 k = s_key(SCALED(i)); gt += k > lo; eq += k == lo; }
+        for (int i = threadIdx.x; i < vocab; i += T) { u32 k = key_of(i); gt += k > lo; eq += k == lo; }
         u32 gt_all = block_sum_u32(gt, shu);
+        u32 eq_all = block_sum_u32(eq, shu);
         ck.k = lo;
-        ck.n_eq = r.top_k > gt_all ? r.top_k - gt_all : 0u;
-        ck.rank0 = block_exclusive_u32(eq, shu);
         ck.all = false;
+        u32 need = r.top_k > gt_all ? r.top_k - gt_all : 0u;
+        if (need < eq_all) cut_split(ck, need, vocab, key_of, (const Cut*)nullptr, shu);
     }
 
     // Top-p over what top-k kept: the largest key K whose kept mass
     // (key >= K) reaches p times the kept total.
-    Cut cp = {0u, 0u, 0u, true};
+    Cut cp;
+    cp.all = true;
+    cp.split = false;
+    cp.k = 0u;
     if (r.top_p < 1.0f) {
         double m = 0.0;
-        u32 seen = 0;
-        for (int i = c0; i < c1; i++) {
-            float s = SCALED(i);
-            u32 k = s_key(s);
-            if (k > neg_inf_key && cut_keeps(ck, k, &seen)) m += (double)expf(s);
+        for (int i = threadIdx.x, j = 0; i < vocab; i += T, j++) {
+            u32 k = key_of(i);
+            if (k > neg_inf_key && cut_keeps(ck, k, j)) m += (double)expf((x[i] - max) * inv_t);
         }
         double target = (double)r.top_p * block_sum_f64(m, shd);
         u32 lo = neg_inf_key + 1, hi = 0xffffffffu;
         while (lo < hi) {
             u32 mid = lo + (hi - lo + 1) / 2;
             double mm = 0.0;
-            seen = 0;
-            for (int i = c0; i < c1; i++) {
-                float s = SCALED(i);
-                u32 k = s_key(s);
-                bool in = k > neg_inf_key && cut_keeps(ck, k, &seen);
-                if (in && k >= mid) mm += (double)expf(s);
+            for (int i = threadIdx.x, j = 0; i < vocab; i += T, j++) {
+                u32 k = key_of(i);
+                if (k >= mid && k > neg_inf_key && cut_keeps(ck, k, j)) mm += (double)expf((x[i] - max) * inv_t);
             }
             mm = block_sum_f64(mm, shd);
             if (mm >= target) lo = mid; else hi = mid - 1;
@@ -224,74 +263,57 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(float* 
         double gt = 0.0;
         u32 eq = 0;
         float s_eq = 0.0f;
-        seen = 0;
-        for (int i = c0; i < c1; i++) {
-            float s = SCALED(i);
-            u32 k = s_key(s);
-            if (!(k > neg_inf_key && cut_keeps(ck, k, &seen))) continue;
+        for (int i = threadIdx.x, j = 0; i < vocab; i += T, j++) {
+            u32 k = key_of(i);
+            if (!(k > neg_inf_key && cut_keeps(ck, k, j))) continue;
+            float s = (x[i] - max) * inv_t;
             if (k > lo) gt += (double)expf(s);
             else if (k == lo) { eq++; s_eq = s; }
         }
         double gt_all = block_sum_f64(gt, shd);
         u32 eq_all = block_sum_u32(eq, shu);
-        // Every thread with a tied token holds the same s_eq; find one.
         __syncthreads();
-        if (eq > 0) shf[0] = s_eq;
+        if (eq > 0) shf[0] = s_eq; // every tied token has the same s
         __syncthreads();
         double w = (double)expf(shf[0]);
-        u32 need = 1;
-        if (target > gt_all && w > 0.0) {
-            double n = ceil((target - gt_all) / w);
-            need = (u32)fmin(n, (double)eq_all);
-        } else if (target <= gt_all) {
-            need = 0;
-        }
+        u32 need = eq_all;
+        if (w > 0.0 && target > gt_all) need = (u32)fmin(ceil((target - gt_all) / w), (double)eq_all);
+        if (need == 0) need = 1;
         cp.k = lo;
-        cp.n_eq = need > 0 ? need : 0u;
-        cp.rank0 = block_exclusive_u32(eq, shu);
         cp.all = false;
-        // A cut that keeps nothing at key > lo and no tie keeps the best.
-        if (gt_all == 0.0 && cp.n_eq == 0) cp.n_eq = 1;
+        if (need < eq_all) cut_split(cp, need, vocab, key_of, &ck, shu);
     }
 
-    // Draw: kept weights in id order, the host's u times their total.
+    // Draw: the kept weights in a fixed order (thread by thread, each
+    // thread's ids ascending), the host's u times their total.
     double part = 0.0;
-    {
-        u32 sk = 0, sp = 0;
-        for (int i = c0; i < c1; i++) {
-            float s = SCALED(i);
-            u32 k = s_key(s);
-            if (k <= neg_inf_key || s < r.min_p_log) continue;
-            bool a = cut_keeps(ck, k, &sk);
-            bool b = a && cut_keeps(cp, k, &sp);
-            if (b) part += (double)expf(s);
-        }
+    for (int i = threadIdx.x, j = 0; i < vocab; i += T, j++) {
+        float s = (x[i] - max) * inv_t;
+        u32 k = s_key(s);
+        if (k <= neg_inf_key || s < r.min_p_log) continue;
+        if (cut_keeps(ck, k, j) && cut_keeps(cp, k, j)) part += (double)expf(s);
     }
-    double total = block_sum_f64(part, shd);
-    double before = block_exclusive_f64(part, shd);
+    double total;
+    double before = block_exclusive<double>(part, shd, &total);
     double goal = r.u * total;
     __shared__ int pick;
     if (threadIdx.x == 0) pick = bi;
     __syncthreads();
-    if (goal >= before && goal < before + part) {
-        u32 sk = 0, sp = 0;
+    if (part > 0.0 && goal >= before && goal < before + part) {
         double run = before;
         int last = -1;
-        for (int i = c0; i < c1; i++) {
-            float s = SCALED(i);
+        for (int i = threadIdx.x, j = 0; i < vocab; i += T, j++) {
+            float s = (x[i] - max) * inv_t;
             u32 k = s_key(s);
             if (k <= neg_inf_key || s < r.min_p_log) continue;
-            bool a = cut_keeps(ck, k, &sk);
-            bool b = a && cut_keeps(cp, k, &sp);
-            if (!b) continue;
+            if (!(cut_keeps(ck, k, j) && cut_keeps(cp, k, j))) continue;
             double w = (double)expf(s);
             if (w > 0.0) last = i;
-            if (goal < run + w) { pick = i; last = -2; break; }
+            if (goal < run + w) { last = -2; pick = i; break; }
             run += w;
         }
-        if (last >= 0) pick = last; // rounding left goal past this chunk's last weight
+        if (last >= 0) pick = last; // rounding left goal past this thread's last weight
     }
     __syncthreads();
     if (threadIdx.x == 0) out[blockIdx.x] = (u32)pick;
-#undef SCALED
 }
