@@ -36,6 +36,18 @@ fn last_logits(model: &Model<CudaBackend>, seq: &[u32], split: usize, spare: usi
     last
 }
 
+/// The default model on the fused CUDA kernels; None (after saying SKIP)
+/// without a usable GPU.
+fn cuda_model() -> Option<Model<CudaBackend>> {
+    match CudaBackend::with_kernels(0, KernelSet::Fused) {
+        Ok(be) => Some(Model::load(&common::default_model(), Arc::new(be)).unwrap()),
+        Err(e) => {
+            println!("SKIP: no CUDA device: {e}");
+            None
+        }
+    }
+}
+
 fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
@@ -44,14 +56,7 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
 
 #[test]
 fn prefill_then_decode_equals_one_prefill() {
-    let be = match CudaBackend::with_kernels(0, KernelSet::Fused) {
-        Ok(b) => b,
-        Err(e) => {
-            println!("SKIP: no CUDA device: {e}");
-            return;
-        }
-    };
-    let model = Model::load(&common::default_model(), Arc::new(be)).unwrap();
+    let Some(model) = cuda_model() else { return };
     // "The quick brown fox jumps over the lazy dog" and a longer text.
     let seqs: Vec<Vec<u32>> = vec![
         vec![2, 818, 3823, 8864, 37423, 38167, 1024, 506, 31770],
@@ -90,14 +95,7 @@ fn prefill_then_decode_equals_one_prefill() {
 /// the decode logits must be the same bits.
 #[test]
 fn a_new_kv_pool_never_reuses_an_old_pools_graphs() {
-    let be = match CudaBackend::with_kernels(0, KernelSet::Fused) {
-        Ok(b) => b,
-        Err(e) => {
-            println!("SKIP: no CUDA device: {e}");
-            return;
-        }
-    };
-    let model = Model::load(&common::default_model(), Arc::new(be)).unwrap();
+    let Some(model) = cuda_model() else { return };
     let seq: Vec<u32> = vec![2, 818, 3823, 8864, 37423, 38167, 1024, 506, 31770, 4799, 236761];
     let first = last_logits(&model, &seq, 5, 6);
     for spare in [0, 3, 6, 1, 9] {

@@ -18,22 +18,24 @@ type Result<T> = std::result::Result<T, BackendError>;
 
 /// Family code of `gemv_any` in gemv.cu, for a GEMV kernel family name.
 pub(crate) fn gemv_kind(family: &str) -> Option<i32> {
-    const FAMILIES: [&str; 12] = [
-        "gemv_f32",
-        "gemv_f16",
-        "gemv_bf16",
-        "gemv_q8_0",
-        "gemv_q8_0r4",
-        "gemv_q4_0",
-        "gemv_q5_0",
-        "gemv_q4_0r2",
-        "gemv_q5_0r2",
-        "gemv_q4_k",
-        "gemv_q5_k",
-        "gemv_q6_k",
-    ];
-    FAMILIES.iter().position(|&f| f == family).map(|i| i as i32)
+    GEMV_FAMILIES.iter().position(|&f| f == family).map(|i| i as i32)
 }
+
+/// The GEMV kernel families, in the order of their `gemv_any` codes.
+pub(crate) const GEMV_FAMILIES: [&str; 12] = [
+    "gemv_f32",
+    "gemv_f16",
+    "gemv_bf16",
+    "gemv_q8_0",
+    "gemv_q8_0r4",
+    "gemv_q4_0",
+    "gemv_q5_0",
+    "gemv_q4_0r2",
+    "gemv_q5_0r2",
+    "gemv_q4_k",
+    "gemv_q5_k",
+    "gemv_q6_k",
+];
 
 /// Family code of `gemv_fx_*` in gemv.cu (K-quants only).
 fn fx_family(w: &CudaWeight) -> Option<i32> {

@@ -72,25 +72,10 @@ const PLAIN: [&str; 24] = [
     "attention_ref",
 ];
 
-const GEMV: [&str; 12] = [
-    "gemv_f32",
-    "gemv_f16",
-    "gemv_bf16",
-    "gemv_q8_0",
-    "gemv_q8_0r4",
-    "gemv_q4_0",
-    "gemv_q4_0r2",
-    "gemv_q5_0r2",
-    "gemv_q5_0",
-    "gemv_q4_k",
-    "gemv_q5_k",
-    "gemv_q6_k",
-];
-
 impl Kernels {
     pub fn load(module: &Arc<CudaModule>, cc: (i32, i32)) -> Result<Kernels, BackendError> {
         let mut names: Vec<String> = PLAIN.iter().map(|s| s.to_string()).collect();
-        for g in GEMV {
+        for g in super::fused::GEMV_FAMILIES {
             for t in [1, 2, 4, 8] {
                 names.push(format!("{g}_{t}"));
             }

@@ -38,29 +38,16 @@ __device__ __forceinline__ u32 s_key(float s) {
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// Block reductions in a fixed order (warp trees, then warp 0 over the 32
-// warp results).
-__device__ u32 block_sum_u32(u32 v, u32* sh) {
+// Block sum in a fixed order (warp trees, then warp 0 over the warp sums).
+template <typename T>
+__device__ T block_sum_t(T v, T* sh) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     __syncthreads();
     if (lane == 0) sh[warp] = v;
     __syncthreads();
-    v = lane < (int)(blockDim.x >> 5) ? sh[lane] : 0u;
-    #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-__device__ double block_sum_f64(double v, double* sh) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    __syncthreads();
-    if (lane == 0) sh[warp] = v;
-    __syncthreads();
-    v = lane < (int)(blockDim.x >> 5) ? sh[lane] : 0.0;
+    v = lane < (int)(blockDim.x >> 5) ? sh[lane] : (T)0;
     #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
@@ -222,13 +209,13 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(float* 
             u32 mid = lo + (hi - lo + 1) / 2;
             u32 n = 0;
             for (int i = threadIdx.x; i < vocab; i += T) n += key_of(i) >= mid;
-            n = block_sum_u32(n, shu);
+            n = block_sum_t<u32>(n, shu);
             if (n >= r.top_k) lo = mid; else hi = mid - 1;
         }
         u32 gt = 0, eq = 0;
         for (int i = threadIdx.x; i < vocab; i += T) { u32 k = key_of(i); gt += k > lo; eq += k == lo; }
-        u32 gt_all = block_sum_u32(gt, shu);
-        u32 eq_all = block_sum_u32(eq, shu);
+        u32 gt_all = block_sum_t<u32>(gt, shu);
+        u32 eq_all = block_sum_t<u32>(eq, shu);
         ck.k = lo;
         ck.all = false;
         u32 need = r.top_k > gt_all ? r.top_k - gt_all : 0u;
@@ -247,7 +234,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(float* 
             u32 k = key_of(i);
             if (k > neg_inf_key && cut_keeps(ck, k, j)) m += (double)expf((x[i] - max) * inv_t);
         }
-        double target = (double)r.top_p * block_sum_f64(m, shd);
+        double target = (double)r.top_p * block_sum_t<double>(m, shd);
         u32 lo = neg_inf_key + 1, hi = 0xffffffffu;
         while (lo < hi) {
             u32 mid = lo + (hi - lo + 1) / 2;
@@ -256,7 +243,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(float* 
                 u32 k = key_of(i);
                 if (k >= mid && k > neg_inf_key && cut_keeps(ck, k, j)) mm += (double)expf((x[i] - max) * inv_t);
             }
-            mm = block_sum_f64(mm, shd);
+            mm = block_sum_t<double>(mm, shd);
             if (mm >= target) lo = mid; else hi = mid - 1;
         }
         // Ties at the cut: as many as the remaining mass needs, by id.
@@ -270,8 +257,8 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(float* 
             if (k > lo) gt += (double)expf(s);
             else if (k == lo) { eq++; s_eq = s; }
         }
-        double gt_all = block_sum_f64(gt, shd);
-        u32 eq_all = block_sum_u32(eq, shu);
+        double gt_all = block_sum_t<double>(gt, shd);
+        u32 eq_all = block_sum_t<u32>(eq, shu);
         __syncthreads();
         if (eq > 0) shf[0] = s_eq; // every tied token has the same s
         __syncthreads();
