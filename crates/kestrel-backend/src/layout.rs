@@ -165,3 +165,21 @@ pub struct DeviceSample {
     /// Distinct (token id, times generated) pairs the penalties apply to.
     pub penalties: Vec<(u32, u32)>,
 }
+
+impl DeviceSample {
+    /// The plain argmax: no penalty, no filter, no draw.
+    pub fn argmax() -> DeviceSample {
+        DeviceSample {
+            greedy: true,
+            inv_t: 1.0,
+            top_k: 0,
+            top_p: 2.0,
+            min_p_log: f32::NEG_INFINITY,
+            repetition: 1.0,
+            presence: 0.0,
+            frequency: 0.0,
+            u: 0.0,
+            penalties: Vec::new(),
+        }
+    }
+}

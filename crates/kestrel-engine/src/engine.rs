@@ -502,18 +502,7 @@ impl<B: Backend> Engine<B> {
                 .map(|id| match (self.outputs.get_mut(id), self.sched.seq(*id)) {
                     (Some(o), Some(seq)) => o.sampler.device_request(seq.prompt(), seq.generated(), vocab),
                     // Gone: any token (it is dropped when emitted).
-                    _ => DeviceSample {
-                        greedy: true,
-                        inv_t: 1.0,
-                        top_k: 0,
-                        top_p: 2.0,
-                        min_p_log: f32::NEG_INFINITY,
-                        repetition: 1.0,
-                        presence: 0.0,
-                        frequency: 0.0,
-                        u: 0.0,
-                        penalties: Vec::new(),
-                    },
+                    _ => DeviceSample::argmax(),
                 })
                 .collect();
             Picked::Tokens(

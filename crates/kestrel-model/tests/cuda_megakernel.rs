@@ -8,45 +8,25 @@ mod common;
 use std::sync::Arc;
 
 use kestrel_backend::cuda::{CudaBackend, KernelSet};
-use kestrel_backend::layout::{BatchLayout, KvDType};
+use kestrel_backend::layout::KvDType;
 use kestrel_backend::Backend;
 use kestrel_model::Model;
 
 /// Greedy tokens and the logits of every decode step.
 type Decoded = (Vec<u32>, Vec<Vec<f32>>);
 
-/// Greedy decode of `n` tokens; returns the tokens and every step's logits.
-fn decode(model: &Model<CudaBackend>, prompt: &[u32], n: usize, kv_dtype: KvDType) -> Decoded {
-    let bs = 16usize;
-    let blocks = (prompt.len() + n + bs).div_ceil(bs);
-    let table: Vec<u32> = (0..blocks as u32).rev().collect();
-    let mut kv = model
-        .backend
-        .alloc_kv(&model.kv_spec(blocks, bs, kv_dtype))
-        .unwrap();
-    let layout = BatchLayout::single(prompt, 0, &table, bs as u32);
-    let logits = model
-        .forward(&layout, &mut kv, &[(prompt.len() - 1) as u32])
-        .unwrap();
-    let mut out = vec![model.backend.argmax_rows(&logits).unwrap()[0]];
-    drop(logits);
-    let mut all = Vec::new();
-    while out.len() < n {
-        let pos = (prompt.len() + out.len() - 1) as u32;
-        let layout = BatchLayout::single(&[*out.last().unwrap()], pos, &table, bs as u32);
-        let logits = model.forward(&layout, &mut kv, &[0]).unwrap();
-        all.push(model.backend.read_act(&logits).unwrap());
-        out.push(model.backend.argmax_rows(&logits).unwrap()[0]);
-    }
-    (out, all)
-}
-
 fn run(mega: bool, prompts: &[Vec<u32>], kv: KvDType) -> (Vec<Decoded>, u64) {
     let be = CudaBackend::with_kernels(0, KernelSet::Fused).unwrap();
     be.set_megakernel(mega);
     let be = Arc::new(be);
     let model = Model::load(&common::default_model(), be.clone()).unwrap();
-    let got = prompts.iter().map(|p| decode(&model, p, 40, kv)).collect();
+    let got = prompts
+        .iter()
+        .map(|p| {
+            let (tokens, _, steps) = common::greedy_steps(&model, p, 40, kv, true);
+            (tokens, steps)
+        })
+        .collect();
     (got, be.megakernel_launches())
 }
 

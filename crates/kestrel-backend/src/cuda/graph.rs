@@ -57,6 +57,7 @@ impl CudaBackend {
         if self.kernels == super::KernelSet::Fused && self.megakernel_on() {
             if let Ok(mut r) = self.recorder.lock() {
                 *r = Some(Recorder::default());
+                self.recording.store(true, std::sync::atomic::Ordering::Relaxed);
             }
         }
         Ok(())
@@ -69,6 +70,7 @@ impl CudaBackend {
             return Err(BackendError::Other("end_capture without begin_capture".into()));
         }
         st.capturing = false;
+        self.recording.store(false, std::sync::atomic::Ordering::Relaxed);
         let rec = self.recorder.lock().ok().and_then(|mut r| r.take());
         let g = self
             .dev
@@ -111,10 +113,5 @@ impl CudaBackend {
         g.graph
             .launch()
             .map_err(|e| BackendError::Cuda(format!("graph launch: {e}")))
-    }
-
-    /// Whether a graph replays as a megakernel program.
-    pub fn graph_uses_megakernel(g: &DecodeGraph) -> bool {
-        g.program.is_some()
     }
 }

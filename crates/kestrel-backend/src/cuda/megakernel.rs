@@ -677,6 +677,9 @@ impl CudaBackend {
 
     /// Records a launch while a step is being captured.
     pub(crate) fn record(&self, name: &str, grid: (u32, u32, u32), block: u32, smem: u32, args: &[Arg]) {
+        if !self.recording.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         if let Ok(mut r) = self.recorder.lock() {
             if let Some(r) = r.as_mut() {
                 r.launches.push(Launch {
@@ -692,6 +695,9 @@ impl CudaBackend {
 
     /// Marks the step being captured as one the megakernel cannot run.
     pub(crate) fn record_refused(&self, why: &str) {
+        if !self.recording.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         if let Ok(mut r) = self.recorder.lock() {
             if let Some(r) = r.as_mut() {
                 r.refused.get_or_insert_with(|| why.to_string());

@@ -118,6 +118,9 @@ pub struct CudaBackend {
     mega: std::sync::atomic::AtomicBool,
     /// The launches of the step being captured (Some only while capturing).
     recorder: Mutex<Option<megakernel::Recorder>>,
+    /// Whether `recorder` holds a recording: every launch checks this
+    /// instead of taking the recorder's lock.
+    recording: std::sync::atomic::AtomicBool,
     /// Decode steps run as megakernel programs so far.
     mega_launches: std::sync::atomic::AtomicU64,
 }
@@ -184,6 +187,7 @@ impl CudaBackend {
             x16_src: std::sync::atomic::AtomicU64::new(0),
             mega: std::sync::atomic::AtomicBool::new(megakernel::enabled_by_env()),
             recorder: Mutex::new(None),
+            recording: std::sync::atomic::AtomicBool::new(false),
             mega_launches: std::sync::atomic::AtomicU64::new(0),
             fx_counter,
             fx: std::sync::atomic::AtomicU8::new(fx),

@@ -32,15 +32,28 @@ pub fn shared_dir() -> PathBuf {
 /// Greedy continuation of `prompt` for `n` tokens, one sequence, KV in
 /// blocks of 16; also returns the logits of the first prediction.
 pub fn greedy<B: Backend>(model: &Model<B>, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<f32>) {
-    let bs = 16usize;
-    let blocks = (prompt.len() + n + bs).div_ceil(bs);
-    // A scrambled block table: correctness must not depend on blocks being in order.
-    let table: Vec<u32> = (0..blocks as u32).rev().collect();
     let kv_dtype = match std::env::var("KESTREL_TEST_KV").as_deref() {
         Ok("f16") => KvDType::F16,
         Ok("bf16") => KvDType::Bf16,
         _ => KvDType::F32,
     };
+    let (out, first, _) = greedy_steps(model, prompt, n, kv_dtype, false);
+    (out, first)
+}
+
+/// `greedy` with the KV element type given; with `keep_steps`, also the
+/// logits of every decode step after the first prediction.
+pub fn greedy_steps<B: Backend>(
+    model: &Model<B>,
+    prompt: &[u32],
+    n: usize,
+    kv_dtype: KvDType,
+    keep_steps: bool,
+) -> (Vec<u32>, Vec<f32>, Vec<Vec<f32>>) {
+    let bs = 16usize;
+    let blocks = (prompt.len() + n + bs).div_ceil(bs);
+    // A scrambled block table: correctness must not depend on blocks being in order.
+    let table: Vec<u32> = (0..blocks as u32).rev().collect();
     let mut kv = model
         .backend
         .alloc_kv(&model.kv_spec(blocks, bs, kv_dtype))
@@ -52,13 +65,17 @@ pub fn greedy<B: Backend>(model: &Model<B>, prompt: &[u32], n: usize) -> (Vec<u3
     let first = model.backend.read_act(&logits).unwrap();
     let mut out = vec![model.backend.argmax_rows(&logits).unwrap()[0]];
     drop(logits); // the model reuses its logits buffer
+    let mut steps = Vec::new();
     while out.len() < n {
         let pos = (prompt.len() + out.len() - 1) as u32;
         let layout = BatchLayout::single(&[*out.last().unwrap()], pos, &table, bs as u32);
         let logits = model.forward(&layout, &mut kv, &[0]).unwrap();
+        if keep_steps {
+            steps.push(model.backend.read_act(&logits).unwrap());
+        }
         out.push(model.backend.argmax_rows(&logits).unwrap()[0]);
     }
-    (out, first)
+    (out, first, steps)
 }
 
 pub fn load<B: Backend>(path: &std::path::Path, be: B) -> Model<B> {
