@@ -190,6 +190,28 @@ pub trait Backend: Send + Sync {
         qk_norm_rope_store_unfused(self, qkv, norms, eps, rope, pool, layer, batch)
     }
 
+    /// The attention block's input side: `qkv` into `rows.q`, `rows.k`,
+    /// `rows.v`, then `qk_norm_rope_store` on them. One call so that a
+    /// backend may keep the three projections in one buffer in between
+    /// (CUDA at GEMM sizes: one GEMM on stacked weights).
+    #[allow(clippy::too_many_arguments)]
+    fn qkv_rope_store(
+        &self,
+        h: &Self::Act,
+        w: [&Self::Weight; 3],
+        bias: [Option<&Self::Vector>; 3],
+        rows: QkvRows<'_, Self>,
+        norms: [Option<&Self::Vector>; 2],
+        eps: f32,
+        rope: &Self::Rope,
+        pool: &mut Self::KvPool,
+        layer: usize,
+        batch: &Self::Batch,
+    ) -> Result<()> {
+        self.qkv(h, w, bias, rows.q, rows.k, rows.v)?;
+        self.qk_norm_rope_store(rows, norms, eps, rope, pool, layer, batch)
+    }
+
     /// Residual step: `delta' = post_norm ? rms_norm(delta, post_norm) : delta;
     /// x += delta'; out = rms_norm(x, next_norm)`. `tmp` (shape of `x`) is
     /// scratch for backends that need it.
@@ -300,7 +322,7 @@ pub trait Backend: Send + Sync {
 pub struct QkvRows<'a, B: Backend + ?Sized> {
     pub q: &'a mut B::Act,
     pub k: &'a mut B::Act,
-    pub v: &'a B::Act,
+    pub v: &'a mut B::Act,
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,

@@ -538,25 +538,27 @@ impl<B: Backend> Model<B> {
         be.embed(&self.embed, batch, c.embed_scale, &mut s.x)?;
         be.rms_norm(&s.x, &self.layers[0].attn_norm, c.rms_eps, &mut s.h)?;
         for (i, (lw, lc)) in self.layers.iter().zip(&c.layers).enumerate() {
-            // Attention block.
-            be.qkv(
-                &s.h,
-                [&lw.wq, &lw.wk, &lw.wv],
-                [lw.bq.as_ref(), lw.bk.as_ref(), lw.bv.as_ref()],
-                &mut s.q,
-                &mut s.k,
-                &mut s.v,
-            )?;
+            // Attention block: projections, q/k norm + RoPE, K/V store.
             let rows = QkvRows {
                 q: &mut s.q,
                 k: &mut s.k,
-                v: &s.v,
+                v: &mut s.v,
                 n_heads: c.n_heads,
                 n_kv_heads: c.n_kv_heads,
                 head_dim: c.head_dim,
             };
-            let norms = [lw.q_norm.as_ref(), lw.k_norm.as_ref()];
-            be.qk_norm_rope_store(rows, norms, c.rms_eps, &self.ropes[lc.rope], kv, i, batch)?;
+            be.qkv_rope_store(
+                &s.h,
+                [&lw.wq, &lw.wk, &lw.wv],
+                [lw.bq.as_ref(), lw.bk.as_ref(), lw.bv.as_ref()],
+                rows,
+                [lw.q_norm.as_ref(), lw.k_norm.as_ref()],
+                c.rms_eps,
+                &self.ropes[lc.rope],
+                kv,
+                i,
+                batch,
+            )?;
             let p = AttnParams {
                 n_heads: c.n_heads,
                 n_kv_heads: c.n_kv_heads,

@@ -119,6 +119,7 @@ mod tests {
                 for k in [
                     "gemv_q4_k_8",
                     "attention",
+                    "attention_gqa4",
                     "qk_norm_rope",
                     "argmax_rows",
                     "dequant_f16",

@@ -291,6 +291,7 @@ impl CudaBackend {
         pool: &mut CudaKvPool,
         layer: usize,
         batch: &CudaBatch,
+        stacked: Option<u64>,
     ) -> Result<()> {
         self.check_batch(batch)?;
         let (n_heads, n_kv_heads, head_dim) = heads;
@@ -358,6 +359,11 @@ impl CudaBackend {
                 Arg::I64(vo),
                 Arg::I32(pool.dtype_code()),
                 Arg::Ptr(batch.slots),
+                // With a stacked QKV GEMM output ([rows, q + k + v], see
+                // `stacked_gemm`) the inputs come from there and v is copied out.
+                Arg::Ptr(stacked.unwrap_or(0)),
+                i32_of(q.cols + 2 * k.cols, "stacked QKV columns")?,
+                Arg::Ptr(if stacked.is_some() { v.ptr() } else { 0 }),
             ],
         )
     }

@@ -45,7 +45,7 @@ pub(crate) struct Kernels {
     pdl: bool,
 }
 
-const PLAIN: [&str; 24] = [
+const PLAIN: [&str; 29] = [
     "sample_rows",
     "decode_program",
     "decode_program_x2",
@@ -62,6 +62,7 @@ const PLAIN: [&str; 24] = [
     "add_bias",
     "softcap",
     "gated_act",
+    "gated_act_ld",
     "gather_rows",
     "argmax_rows",
     "qk_norm_rope",
@@ -70,6 +71,10 @@ const PLAIN: [&str; 24] = [
     "write_kv",
     "attention",
     "attention_ref",
+    "attention_gqa1",
+    "attention_gqa2",
+    "attention_gqa4",
+    "attention_gqa8",
 ];
 
 impl Kernels {

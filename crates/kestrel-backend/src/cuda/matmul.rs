@@ -4,7 +4,7 @@
 
 use cudarc::cublas::sys as cb;
 
-use super::buffers::{CudaAct, CudaWeight, DevBuf};
+use super::buffers::{CudaAct, CudaWeight, DevBuf, Stacked};
 use super::launch::{i32_of, Arg};
 use super::weights::Format;
 use super::{CudaBackend, KernelSet};
@@ -43,6 +43,13 @@ pub(crate) fn gemv_direct_rows() -> usize {
             .and_then(|v| v.trim().parse::<usize>().ok())
             .map_or(GEMV_DEFAULT_ROWS, |n| n.clamp(1, GEMV_MAX_ROWS))
     })
+}
+
+/// Whether stacked weight groups are used (tuning knob `KESTREL_STACKED=0`
+/// turns them off, for A/B runs).
+fn stacking_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("KESTREL_STACKED").map_or(true, |v| v.trim() != "0"))
 }
 
 /// Smallest compiled row capacity (1, 2, 4, 8) holding `n` rows.
@@ -165,6 +172,8 @@ impl CudaBackend {
                 return Ok(None);
             }
             st.x16 = Some(DevBuf::alloc(&self.dev.stream, bytes, "f16 activation scratch")?);
+            // Graphs captured earlier hold the freed buffer's address.
+            st.meta.epoch += 1;
         }
         Ok(st.x16.as_ref().map(|b| (b.ptr, small)))
     }
@@ -294,6 +303,102 @@ impl CudaBackend {
             gemm_f16(handle, w, dense, w.rows, x16, x.rows, out.ptr(), w.rows)?;
         }
         Ok(())
+    }
+
+    /// The stacked f16 mirror of `ws` (see `Stacked`), built on the first
+    /// call outside a capture; None when a weight has no f16 mirror, the
+    /// columns differ, the dense budget is spent, or the leading weight
+    /// already leads another group.
+    fn stacked<'w>(&self, ws: &[&'w CudaWeight]) -> Result<Option<&'w Stacked>, BackendError> {
+        use std::sync::atomic::Ordering;
+        let lead = ws[0];
+        let followers: Vec<u64> = ws[1..].iter().map(|w| w.id).collect();
+        if let Some(s) = lead.stacked.get() {
+            return Ok(s.as_ref().filter(|s| s.followers == followers));
+        }
+        if self.lock()?.capturing {
+            return Ok(None);
+        }
+        let fits = ws.iter().all(|w| w.dense.is_some() && w.cols == lead.cols);
+        let rows: usize = ws.iter().map(|w| w.rows).sum();
+        let bytes = rows * lead.cols * 2;
+        let took = fits
+            && self
+                .dense_budget
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                    left.checked_sub(bytes)
+                })
+                .is_ok();
+        let stacked = if took {
+            let buf = DevBuf::alloc(&self.dev.stream, bytes, "stacked f16 weight mirror")?;
+            let mut r0 = 0;
+            for w in ws {
+                let mut args = Self::weight_args(w)?.to_vec();
+                let dst = buf.ptr + (r0 * w.cols * 2) as u64;
+                args.extend([Arg::I64(0), i32_of(w.rows, "weight rows")?, Arg::Ptr(dst)]);
+                self.run(
+                    "dequant_f16",
+                    (super::launch::grid_for(w.rows * w.cols).min(4096), 1, 1),
+                    256,
+                    0,
+                    &args,
+                )?;
+                r0 += w.rows;
+            }
+            Some(Stacked { followers, buf, rows })
+        } else {
+            None
+        };
+        // A concurrent first call may have set it: use whichever landed.
+        let _ = lead.stacked.set(stacked);
+        Ok(lead.stacked.get().and_then(|s| s.as_ref()))
+    }
+
+    /// `x · [W_0; W_1; …]ᵀ` with one GEMM on the stacked mirror of `ws`,
+    /// into the stacked-output scratch: its address (row stride = the sum
+    /// of the weights' rows), or None when `ws` have no stacked mirror.
+    pub(crate) fn stacked_gemm(&self, x: &CudaAct, ws: &[&CudaWeight]) -> Result<Option<u64>, BackendError> {
+        if self.kernels != KernelSet::Fused || x.cols != ws[0].cols || !stacking_on() {
+            return Ok(None);
+        }
+        let Some(stacked) = self.stacked(ws)? else {
+            return Ok(None);
+        };
+        self.record_refused("a cuBLAS GEMM");
+        let bytes = x.rows * stacked.rows * 4;
+        let mut st = self.lock()?;
+        let small = st.stacked_out.as_ref().is_none_or(|b| b.bytes < bytes);
+        let not_ready = || {
+            BackendError::Unsupported(
+                "stacked GEMM inside a graph capture needs its scratch sized: run the step once before capturing"
+                    .into(),
+            )
+        };
+        if small {
+            if st.capturing {
+                return Err(not_ready());
+            }
+            // Graphs captured earlier hold the buffer about to be replaced.
+            st.meta.epoch += 1;
+        }
+        let out = Self::ensure(&self.dev, &mut st.stacked_out, bytes, "stacked GEMM output")?;
+        let Some((x16, fresh)) = self.x16_scratch(&mut st, x.rows * x.cols * 2)? else {
+            return Err(not_ready());
+        };
+        let handle = self.blas_handle(&mut st)?;
+        drop(st);
+        self.ensure_f16_operand(x, x16, fresh)?;
+        gemm_f16(
+            handle,
+            ws[0],
+            stacked.buf.ptr,
+            stacked.rows,
+            x16,
+            x.rows,
+            out,
+            stacked.rows,
+        )?;
+        Ok(Some(out))
     }
 
     fn gemm_cublas(&self, x: &CudaAct, w: &CudaWeight, out: &mut CudaAct) -> Result<(), BackendError> {

@@ -495,6 +495,9 @@ impl Compiler {
             }
             "qk_norm_rope_store" => {
                 one_row(l)?;
+                if a.len() > 19 && ptr(a, 19)? != 0 {
+                    return Err("qk_norm_rope_store from a stacked GEMM output".into());
+                }
                 for (i, what) in [(0, "q"), (1, "k"), (2, "v")] {
                     self.global_input(ptr(a, i)?, what)?;
                 }

@@ -438,16 +438,21 @@ fn paged_attention() {
     let bs = 16usize;
     for ks in SETS {
         let Some(be) = backend(ks) else { return };
-        // n_heads 8 makes 344 query blocks: the unsplit path; the others split.
-        for (dt, head_dim, window, softcap, n_heads) in [
-            (KvDType::F32, 80, None, None, 4usize),
-            (KvDType::F16, 256, Some(20u32), None, 8),
-            (KvDType::Bf16, 64, None, Some(30.0f32), 4),
-            (KvDType::F16, 128, Some(7u32), Some(20.0f32), 2),
+        // Query heads per KV head 1, 2, 4, 8: with 43 query rows on a 132-SM GPU, 8 and 16
+        // query heads take the grouped kernels; each case runs with split
+        // keys and again unsplit (max splits 1).
+        for (dt, head_dim, window, softcap, n_heads, n_kv) in [
+            (KvDType::F32, 80, None, None, 4usize, 2usize),
+            (KvDType::F16, 256, Some(20u32), None, 8, 2),
+            (KvDType::F16, 64, None, None, 16, 2),
+            (KvDType::F32, 256, None, Some(25.0f32), 16, 2),
+            (KvDType::F16, 64, Some(9u32), None, 8, 4),
+            (KvDType::Bf16, 32, None, None, 8, 8),
+            (KvDType::Bf16, 64, None, Some(30.0f32), 4, 2),
+            (KvDType::F16, 128, Some(7u32), Some(20.0f32), 2, 2),
             // head_dim not a multiple of 8: the scalar-load path.
-            (KvDType::Bf16, 36, Some(30u32), None, 4),
+            (KvDType::Bf16, 36, Some(30u32), None, 4, 2),
         ] {
-            let n_kv = 2usize;
             let kv_dim = n_kv * head_dim;
             let spec = KvSpec {
                 n_layers: 2,
@@ -537,10 +542,15 @@ fn paged_attention() {
                 window,
                 softcap,
             };
-            let mut out = poisoned(&be, nq, n_heads * head_dim);
-            be.attention(&act(&be, nq, n_heads * head_dim, &q), &pool, 1, &sb, &p, &mut out)
-                .expect("attention");
-            let got = be.read_act(&out).expect("read");
+            let mut got = Vec::new();
+            for max_splits in [32, 1] {
+                be.set_max_attention_splits(max_splits);
+                let mut out = poisoned(&be, nq, n_heads * head_dim);
+                be.attention(&act(&be, nq, n_heads * head_dim, &q), &pool, 1, &sb, &p, &mut out)
+                    .expect("attention");
+                got.push(be.read_act(&out).expect("read"));
+            }
+            be.set_max_attention_splits(32);
             let mut want = vec![0f64; nq * n_heads * head_dim];
             for (s, &(ctx, ql)) in seqs_shape.iter().enumerate() {
                 for (j, pos) in (ctx - ql..ctx).enumerate() {
@@ -572,11 +582,13 @@ fn paged_attention() {
                     }
                 }
             }
-            let err = rel_err(&got, &want);
-            assert!(
-                err < 1e-5,
-                "{ks:?} attention {dt:?} d={head_dim} window={window:?} cap={softcap:?}: {err:e}"
-            );
+            for (got, splits) in got.iter().zip(["split", "unsplit"]) {
+                let err = rel_err(got, &want);
+                assert!(
+                    err < 1e-5,
+                    "{ks:?} attention {dt:?} d={head_dim} heads={n_heads}/{n_kv} window={window:?} cap={softcap:?} {splits}: {err:e}"
+                );
+            }
             // A stale batch is refused rather than silently read.
             assert!(be
                 .attention(
@@ -999,6 +1011,107 @@ fn fused_gated_ffn_matches_f64() {
                 2e-5
             };
             assert!(err < tol, "{ks:?} fx={bits} gated_ffn rows={t}: rel err {err:e}");
+        }
+    }
+}
+
+/// `qkv_rope_store`: the fused set (3 rows: one multi-GEMV launch; 13 and 64
+/// rows: one GEMM on the stacked Q/K/V mirror whose output the RoPE kernel
+/// reads) against the reference kernels' composition (`qkv`, then q/k norm,
+/// RoPE, K/V store): q, k, v, and attention over the K/V it stored.
+#[test]
+fn qkv_rope_store_matches_reference() {
+    let (hidden, n_heads, n_kv, head_dim) = (256usize, 4usize, 2usize, 64usize);
+    let (q_dim, kv_dim) = (n_heads * head_dim, n_kv * head_dim);
+    for rows in [3usize, 13, 64] {
+        let mut results = Vec::new();
+        for ks in [KernelSet::Fused, KernelSet::Reference] {
+            let Some(be) = backend(ks) else { return };
+            // Same inputs for both sets.
+            let mut rng = ChaCha8Rng::seed_from_u64(21 + rows as u64);
+            let mut upload = |name: &str, dt: DType, r: usize| {
+                let (bytes, _) = make_weight(&mut rng, dt, r, hidden);
+                let shape = [r, hidden];
+                be.upload_matrix(&view(name, dt, &shape, &bytes)).expect("upload")
+            };
+            let wq = upload("wq", DType::Q8_0, q_dim);
+            let wk = upload("wk", DType::Q4_K, kv_dim);
+            let wv = upload("wv", DType::Q6_K, kv_dim);
+            let h = rvec(&mut rng, rows * hidden, 1.0);
+            let norms: Vec<Vec<f32>> = (0..2).map(|_| rvec(&mut rng, head_dim, 1.0)).collect();
+            let norm_vecs: Vec<_> = norms.iter().map(|w| upload_f32_vector(&be, w)).collect();
+            let rope = be
+                .make_rope(&RopeParams {
+                    style: RopeStyle::Neox,
+                    inv_freq: (0..head_dim / 2)
+                        .map(|i| 10000f32.powf(-2.0 * i as f32 / head_dim as f32))
+                        .collect(),
+                    mscale: 1.0,
+                })
+                .expect("rope");
+            let spec = KvSpec {
+                n_layers: 1,
+                num_blocks: 8,
+                block_size: 16,
+                n_kv_heads: n_kv,
+                head_dim,
+                dtype: KvDType::F32,
+            };
+            let mut pool = be.alloc_kv(&spec).expect("pool");
+            let tokens: Vec<u32> = (0..rows as u32).collect();
+            let layout = BatchLayout::single(&tokens, 0, &[3, 1, 6, 0, 2], 16);
+            let batch = be.prepare_batch(&layout).expect("batch");
+            let (mut q, mut k, mut v) = (
+                poisoned(&be, rows, q_dim),
+                poisoned(&be, rows, kv_dim),
+                poisoned(&be, rows, kv_dim),
+            );
+            let qkv_rows = crate::backend::QkvRows {
+                q: &mut q,
+                k: &mut k,
+                v: &mut v,
+                n_heads,
+                n_kv_heads: n_kv,
+                head_dim,
+            };
+            be.qkv_rope_store(
+                &act(&be, rows, hidden, &h),
+                [&wq, &wk, &wv],
+                [None, None, None],
+                qkv_rows,
+                [Some(&norm_vecs[0]), Some(&norm_vecs[1])],
+                1e-6,
+                &rope,
+                &mut pool,
+                0,
+                &batch,
+            )
+            .expect("qkv_rope_store");
+            let p = AttnParams {
+                n_heads,
+                n_kv_heads: n_kv,
+                head_dim,
+                scale: 0.125,
+                window: None,
+                softcap: None,
+            };
+            let mut out = poisoned(&be, rows, q_dim);
+            be.attention(&q, &pool, 0, &batch, &p, &mut out)
+                .expect("attention");
+            let read = |a: &super::CudaAct| be.read_act(a).expect("read");
+            results.push([read(&q), read(&k), read(&v), read(&out)]);
+        }
+        let (fused, reference) = (&results[0], &results[1]);
+        // The GEMM path takes f16 operands.
+        let tol = if rows > super::matmul::gemv_direct_rows() {
+            5e-3
+        } else {
+            1e-5
+        };
+        for (i, what) in ["q", "k", "v", "attention"].iter().enumerate() {
+            let want: Vec<f64> = reference[i].iter().map(|&x| x as f64).collect();
+            let err = rel_err(&fused[i], &want);
+            assert!(err < tol, "qkv_rope_store {rows} rows: {what} rel err {err:e}");
         }
     }
 }

@@ -233,6 +233,203 @@ extern "C" __global__ void attention(const float* q, const void* pool, long long
                    scale, window, cap, out, splits, part, counters);
 }
 
+// Grouped-query decode attention: one (row, KV head, split z) item serves
+// the G = n_heads / n_kv_heads query heads that share the KV head, so each
+// K/V element is loaded once per item instead of once per query head (the
+// per-head kernel above reads a row's KV G times; at 64 sequences of 256
+// tokens that was ~4x the bytes and 28% of a decode step). Per query head
+// the arithmetic is exactly attention_impl's: keys visit warps in the same
+// order, the same online softmax, the same warp and split merges, so the
+// results are identical bit for bit whenever the split count is (the decode
+// megakernel keeps the per-head item and is compared against this path).
+// U keys per warp and round have their loads issued together.
+// Shared memory: att_gqa_smem_floats(G, head_dim) floats.
+__host__ __device__ constexpr int att_gqa_smem_floats(int g, int head_dim) {
+    return 5 * g * head_dim + 41 * g + 1;
+}
+
+template <int KVT, int G, int U>
+__device__ __forceinline__ void attention_gqa_impl(int row, int kvh, int z, float* sm, const float* q,
+                                                   const void* pool, long long layer_off, long long v_off,
+                                                   const u32* positions, const u32* token_seq,
+                                                   const u32* block_tables, int bt_stride, int block_size,
+                                                   int n_heads, int n_kv_heads, int head_dim, float scale,
+                                                   int window, float cap, float* out, int splits, float* part,
+                                                   u32* counters) {
+    const float NEG_INF = -__int_as_float(0x7f800000);
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    int kv_dim = n_kv_heads * head_dim;
+    int h0 = kvh * G;
+    float* qs = sm;                              // [G][head_dim]
+    float* accs = qs + G * head_dim;             // [warp][G][head_dim]
+    float* ms = accs + ATT_WARPS * G * head_dim; // [warp][G]
+    float* ls = ms + ATT_WARPS * G;              // [warp][G]
+    float* wz = ls + ATT_WARPS * G;              // [G][32]
+    float* misc = wz + 32 * G;                   // [G] 1 / total weight, [G] this item merges
+    const float* qr = q + ((long long)row * n_heads + h0) * head_dim;
+    for (int d = tid; d < G * head_dim; d += ATT_THREADS) qs[d] = __ldcg(qr + d) * scale;
+    __syncthreads();
+    int pos = (int)positions[row];
+    const u32* table = block_tables + (long long)token_seq[row] * bt_stride;
+    int start = window > 0 ? max(0, pos - window + 1) : 0;
+    int total = pos - start + 1;
+    int chunk = (total + splits - 1) / splits;
+    int kbeg = start + z * chunk;
+    int kend = min(pos, kbeg + chunk - 1);
+
+    float m[G], l[G], acc[G][8], qv[G][8];
+    #pragma unroll
+    for (int g = 0; g < G; g++) {
+        m[g] = NEG_INF;
+        l[g] = 0.0f;
+        #pragma unroll
+        for (int j = 0; j < 8; j++) {
+            int d = lane * 8 + j;
+            acc[g][j] = 0.0f;
+            qv[g][j] = d < head_dim ? qs[g * head_dim + d] : 0.0f;
+        }
+    }
+    bool lane_live = lane * 8 < head_dim;
+    for (int k0 = kbeg + warp; k0 <= kend; k0 += ATT_WARPS * U) {
+        float kk[U][8], vv[U][8];
+        #pragma unroll
+        for (int u = 0; u < U; u++) {
+            int key = k0 + u * ATT_WARPS;
+            if (key <= kend && lane_live) {
+                long long base = layer_off + kv_slot(table, block_size, key) * kv_dim + (long long)kvh * head_dim;
+                kv_load8<KVT>(pool, base + lane * 8, kk[u]);
+                kv_load8<KVT>(pool, base + v_off + lane * 8, vv[u]);
+            } else {
+                #pragma unroll
+                for (int j = 0; j < 8; j++) { kk[u][j] = 0.0f; vv[u][j] = 0.0f; }
+            }
+        }
+        #pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (k0 + u * ATT_WARPS > kend) break; // uniform across the warp
+            #pragma unroll
+            for (int g = 0; g < G; g++) {
+                float s = 0.0f;
+                #pragma unroll
+                for (int j = 0; j < 8; j++) s += qv[g][j] * kk[u][j];
+                s = warp_sum(s);
+                if (cap > 0.0f) s = cap * tanhf(s / cap);
+                float mn = fmaxf(m[g], s);
+                float corr = expf(m[g] - mn);
+                float p = expf(s - mn);
+                l[g] = l[g] * corr + p;
+                #pragma unroll
+                for (int j = 0; j < 8; j++) acc[g][j] = acc[g][j] * corr + p * vv[u][j];
+                m[g] = mn;
+            }
+        }
+    }
+    #pragma unroll
+    for (int g = 0; g < G; g++) {
+        #pragma unroll
+        for (int j = 0; j < 8; j++) {
+            int d = lane * 8 + j;
+            if (d < head_dim) accs[(warp * G + g) * head_dim + d] = acc[g][j];
+        }
+        if (lane == 0) { ms[warp * G + g] = m[g]; ls[warp * G + g] = l[g]; }
+    }
+    __syncthreads();
+    // The warps' merge per head (every thread computes it, as attention_impl does).
+    float mt[G], lt[G];
+    #pragma unroll
+    for (int g = 0; g < G; g++) {
+        mt[g] = NEG_INF;
+        for (int w = 0; w < ATT_WARPS; w++) mt[g] = fmaxf(mt[g], ms[w * G + g]);
+        lt[g] = 0.0f;
+        for (int w = 0; w < ATT_WARPS; w++)
+            if (ls[w * G + g] > 0.0f) lt[g] += ls[w * G + g] * expf(ms[w * G + g] - mt[g]);
+    }
+    long long rh0 = (long long)row * n_heads + h0;
+    if (splits == 1) {
+        #pragma unroll
+        for (int g = 0; g < G; g++) {
+            float* orow = out + (rh0 + g) * head_dim;
+            for (int d = tid; d < head_dim; d += ATT_THREADS) {
+                float v = 0.0f;
+                for (int w = 0; w < ATT_WARPS; w++)
+                    if (ls[w * G + g] > 0.0f) v += accs[(w * G + g) * head_dim + d] * expf(ms[w * G + g] - mt[g]);
+                orow[d] = lt[g] > 0.0f ? v / lt[g] : 0.0f;
+            }
+        }
+        return;
+    }
+    #pragma unroll
+    for (int g = 0; g < G; g++) {
+        float* prow = part + ((rh0 + g) * splits + z) * (head_dim + 2);
+        if (tid == 0) { prow[0] = mt[g]; prow[1] = lt[g]; }
+        for (int d = tid; d < head_dim; d += ATT_THREADS) {
+            float v = 0.0f;
+            for (int w = 0; w < ATT_WARPS; w++)
+                if (ls[w * G + g] > 0.0f) v += accs[(w * G + g) * head_dim + d] * expf(ms[w * G + g] - mt[g]);
+            prow[2 + d] = v;
+        }
+    }
+    __threadfence();
+    __syncthreads();
+    u32* counter = counters + (long long)row * n_kv_heads + kvh;
+    if (tid == 0) misc[G] = __int_as_float(atomicAdd(counter, 1u) == (u32)(splits - 1));
+    __syncthreads();
+    if (!__float_as_int(misc[G])) return;
+    __threadfence();
+    for (int g = warp; g < G; g += ATT_WARPS) {
+        const float* p = part + (rh0 + g) * splits * (head_dim + 2);
+        int zz = lane;
+        float lz = zz < splits ? __ldcg(p + zz * (head_dim + 2) + 1) : 0.0f;
+        bool ok = lz > 0.0f;
+        float mz = ok ? __ldcg(p + zz * (head_dim + 2)) : NEG_INF;
+        float mx = warp_max(mz);
+        float w = ok ? expf(mz - mx) : 0.0f;
+        float lsum = warp_sum(lz * w);
+        wz[g * 32 + zz] = w;
+        if (zz == 0) misc[g] = lsum > 0.0f ? 1.0f / lsum : 0.0f;
+    }
+    __syncthreads();
+    #pragma unroll
+    for (int g = 0; g < G; g++) {
+        const float* p = part + (rh0 + g) * splits * (head_dim + 2);
+        float* orow = out + (rh0 + g) * head_dim;
+        for (int d = tid; d < head_dim; d += ATT_THREADS) {
+            float v = 0.0f;
+            #pragma unroll 8
+            for (int zz = 0; zz < splits; zz++) v += wz[g * 32 + zz] * __ldcg(p + zz * (head_dim + 2) + 2 + d);
+            orow[d] = v * misc[g];
+        }
+    }
+    if (tid == 0) *counter = 0u;
+}
+
+// grid = (rows, n_kv_heads, splits), block = ATT_THREADS, dynamic shared
+// memory att_gqa_smem_floats(G, head_dim) floats; head_dim % 8 == 0,
+// head_dim <= 256, splits <= 32, counters hold rows * n_kv_heads entries.
+#define ATT_GQA_ENTRY(G, U)                                                                          \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_gqa##G(                      \
+        const float* q, const void* pool, long long layer_off, long long v_off, int kvt,             \
+        const u32* positions, const u32* token_seq, const u32* block_tables, int bt_stride,          \
+        int block_size, int n_heads, int n_kv_heads, int head_dim, float scale, int window,          \
+        float cap, float* out, int splits, float* part, u32* counters) {                            \
+        pdl_entry();                                                                                 \
+        extern __shared__ float sm[];                                                                \
+        if (kvt == KV_F32)                                                                           \
+            attention_gqa_impl<KV_F32, G, U>(GQA_ARGS);                                              \
+        else if (kvt == KV_F16)                                                                      \
+            attention_gqa_impl<KV_F16, G, U>(GQA_ARGS);                                              \
+        else                                                                                         \
+            attention_gqa_impl<KV_BF16, G, U>(GQA_ARGS);                                             \
+    }
+#define GQA_ARGS blockIdx.x, blockIdx.y, blockIdx.z, sm, q, pool, layer_off, v_off, positions, token_seq, \
+                 block_tables, bt_stride, block_size, n_heads, n_kv_heads, head_dim, scale, window, cap, out, \
+                 splits, part, counters
+ATT_GQA_ENTRY(1, 4)
+ATT_GQA_ENTRY(2, 4)
+ATT_GQA_ENTRY(4, 4)
+ATT_GQA_ENTRY(8, 2)
+#undef GQA_ARGS
+
 // Reference: one thread per (row, head, dim); three plain passes (max, sum,
 // weighted values), every score recomputed. No shared memory, no shuffles.
 extern "C" __global__ void attention_ref(const float* q, const void* pool, long long layer_off,

@@ -59,6 +59,20 @@ extern "C" __global__ void gated_act(const float* gate, const float* up, int act
     }
 }
 
+// gated_act on one GEMM's [rows, ld] output holding gate in columns
+// [0, cols) and up in [cols, 2 cols) of each row; out is [rows, cols].
+extern "C" __global__ void gated_act_ld(const float* gu, long long ld, int cols, int act, long long n, float* out,
+                                        u16* out16) { pdl_entry();
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        long long r = i / cols, c = i % cols;
+        float g = gu[r * ld + c];
+        float v = (act == 0 ? silu(g) : gelu_tanh(g)) * gu[r * ld + cols + c];
+        out[i] = v;
+        if (out16) out16[i] = f2h(v);
+    }
+}
+
 extern "C" __global__ void gather_rows(const float* x, const u32* idx, int cols, float* out) { pdl_entry();
     const float* src = x + (long long)idx[blockIdx.x] * cols;
     float* dst = out + (long long)blockIdx.x * cols;
@@ -259,16 +273,27 @@ __device__ void rope_store_item(int row, int y, int nthr, float* hbuf, float* sc
                                 const float* v, int n_heads, int n_kv_heads, int head_dim, const float* qw,
                                 const float* kw, float eps, const float* inv_freq, int n_pairs, int style,
                                 float mscale, const u32* positions, void* pool, long long layer_off,
-                                long long v_off, int kvt, const u32* slots) {
+                                long long v_off, int kvt, const u32* slots, const float* src, int ld,
+                                float* vdst) {
     int tid = threadIdx.x;
     bool live = tid < nthr;
     bool is_q = y < n_heads;
     int kvh = y - n_heads;
     int kv_dim = n_kv_heads * head_dim;
+    int q_dim = n_heads * head_dim;
     float* h = is_q ? q + ((long long)row * n_heads + y) * head_dim
                     : k + ((long long)row * n_kv_heads + kvh) * head_dim;
-    const float* w = is_q ? qw : kw;
+    // With `src` (one GEMM's [rows, ld] output: q | k | v per row) the
+    // inputs come from there and q, k (and v into vdst) are written out;
+    // otherwise q and k are updated in place and v is only read.
+    const float* hin = h;
     const float* vr = v + (long long)row * kv_dim + (long long)kvh * head_dim;
+    if (src) {
+        const float* r = src + (long long)row * ld;
+        hin = is_q ? r + y * head_dim : r + q_dim + kvh * head_dim;
+        vr = r + q_dim + kv_dim + kvh * head_dim;
+    }
+    const float* w = is_q ? qw : kw;
     // Every global load of the item first, then the work: in one loop with
     // the stores, each load would wait for the store before it (the
     // pointers may alias) and the item would cost several memory latencies.
@@ -277,7 +302,7 @@ __device__ void rope_store_item(int row, int y, int nthr, float* hbuf, float* sc
     for (int j = 0; j < ROPE_PER; j++) {
         int d = tid + j * nthr;
         bool in = live && d < head_dim;
-        hv[j] = in ? __ldcg(h + d) : 0.0f;
+        hv[j] = in ? __ldcg(hin + d) : 0.0f;
         wv[j] = in && w ? w[d] : 0.0f;
         vv[j] = in && !is_q ? __ldcg(vr + d) : 0.0f;
         fr[j] = live && d < n_pairs ? inv_freq[d] : 0.0f;
@@ -319,6 +344,7 @@ __device__ void rope_store_item(int row, int y, int nthr, float* hbuf, float* sc
         if (!is_q) {
             kv_store(pool, base + d, kvt, hbuf[d]);
             kv_store(pool, base + v_off + d, kvt, vv[j]);
+            if (vdst) vdst[((long long)row * n_kv_heads + kvh) * head_dim + d] = vv[j];
         }
     }
 }
@@ -329,11 +355,13 @@ extern "C" __global__ void qk_norm_rope_store(float* q, float* k, const float* v
                                               int head_dim, const float* qw, const float* kw, float eps,
                                               const float* inv_freq, int n_pairs, int style, float mscale,
                                               const u32* positions, void* pool, long long layer_off,
-                                              long long v_off, int kvt, const u32* slots) { pdl_entry();
+                                              long long v_off, int kvt, const u32* slots, const float* src,
+                                              int ld, float* vdst) { pdl_entry();
     extern __shared__ float hbuf[];
     __shared__ float scratch[32];
     rope_store_item(blockIdx.x, blockIdx.y, blockDim.x, hbuf, scratch, q, k, v, n_heads, n_kv_heads, head_dim, qw,
-                    kw, eps, inv_freq, n_pairs, style, mscale, positions, pool, layer_off, v_off, kvt, slots);
+                    kw, eps, inv_freq, n_pairs, style, mscale, positions, pool, layer_off, v_off, kvt, slots, src,
+                    ld, vdst);
 }
 
 // dst = src (n floats); for copying an activation inside a captured graph.

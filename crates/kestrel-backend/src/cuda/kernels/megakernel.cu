@@ -282,7 +282,7 @@ __device__ void mk_rope(const MkOp& op, float* scratch) {
                         (const float*)op.p[2], n_heads, n_kv_heads, head_dim, (const float*)op.p[3],
                         (const float*)op.p[4], op.f[0], (const float*)op.p[5], (int)op.i[3], (int)op.i[4],
                         op.f[1], (const u32*)op.p[6], (void*)op.p[7], (long long)op.p[9], (long long)op.p[10],
-                        (int)op.i[5], (const u32*)op.p[8]);
+                        (int)op.i[5], (const u32*)op.p[8], nullptr, 0, nullptr);
         __syncthreads();
     }
 }

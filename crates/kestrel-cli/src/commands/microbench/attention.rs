@@ -124,7 +124,7 @@ impl<B: Backend> Prepared<B> for QkNormRopeStore<B> {
         let rows = QkvRows {
             q: &mut s.q,
             k: &mut s.k,
-            v: &s.v,
+            v: &mut s.v,
             n_heads: N_HEADS,
             n_kv_heads: N_KV_HEADS,
             head_dim: HEAD_DIM,
