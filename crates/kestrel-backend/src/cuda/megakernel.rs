@@ -539,6 +539,9 @@ impl Compiler {
             }
             "attention" => {
                 one_row(l)?;
+                if a.len() > 20 && ptr(a, 20)? != 0 {
+                    return Err("attention with an f16 side output".into());
+                }
                 if l.block != 128 {
                     return Err(format!("attention with {} threads", l.block));
                 }

@@ -1048,6 +1048,9 @@ impl Backend for CudaBackend {
             (0, 0)
         };
         args.extend([Arg::I32(splits as i32), Arg::Ptr(part), Arg::Ptr(counters)]);
+        // The Wo GEMM of a batched step reads the output in f16.
+        let out16 = if grouped { 0 } else { self.f16_side_output(out)? };
+        args.push(Arg::Ptr(out16));
         let name = if grouped {
             ATTENTION_GQA[group.trailing_zeros() as usize]
         } else {
@@ -1059,7 +1062,9 @@ impl Backend for CudaBackend {
             128,
             smem,
             &args,
-        )
+        )?;
+        self.mark_f16_side_output(out, out16);
+        Ok(())
     }
 
     fn gated_activation(

@@ -543,12 +543,31 @@ fn paged_attention() {
                 softcap,
             };
             let mut got = Vec::new();
+            let (wo_bytes, _) = make_weight(&mut rng, DType::F16, 24, n_heads * head_dim);
+            let wo_shape = [24, n_heads * head_dim];
+            let wo = be
+                .upload_matrix(&view("wo", DType::F16, &wo_shape, &wo_bytes))
+                .expect("upload");
             for max_splits in [32, 1] {
                 be.set_max_attention_splits(max_splits);
                 let mut out = poisoned(&be, nq, n_heads * head_dim);
                 be.attention(&act(&be, nq, n_heads * head_dim, &q), &pool, 1, &sb, &p, &mut out)
                     .expect("attention");
-                got.push(be.read_act(&out).expect("read"));
+                // The projection that follows may read the attention's f16
+                // side output: it must equal a projection of the same values
+                // uploaded afresh.
+                let mut y = poisoned(&be, nq, 24);
+                be.matmul(&out, &wo, &mut y).expect("matmul");
+                let vals = be.read_act(&out).expect("read");
+                let mut y_fresh = poisoned(&be, nq, 24);
+                be.matmul(&act(&be, nq, n_heads * head_dim, &vals), &wo, &mut y_fresh)
+                    .expect("matmul");
+                assert_eq!(
+                    be.read_act(&y).expect("read"),
+                    be.read_act(&y_fresh).expect("read"),
+                    "{ks:?} projection of the attention output (heads {n_heads}, d={head_dim})"
+                );
+                got.push(vals);
             }
             be.set_max_attention_splits(32);
             let mut want = vec![0f64; nq * n_heads * head_dim];

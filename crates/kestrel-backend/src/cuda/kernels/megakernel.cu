@@ -300,7 +300,7 @@ __device__ void mk_attn(const MkOp& op, float* scratch) {
                        (const float*)op.p[0], (const void*)op.p[1], (long long)op.p[8], (long long)op.p[9],
                        (int)op.i[0], (const u32*)op.p[2], (const u32*)op.p[3], (const u32*)op.p[4], (int)op.i[1],
                        (int)op.i[2], n_heads, (int)op.i[4], head_dim, op.f[0], (int)op.i[6], op.f[1],
-                       (float*)op.p[5], splits, (float*)op.p[6], (u32*)op.p[7]);
+                       (float*)op.p[5], splits, (float*)op.p[6], (u32*)op.p[7], nullptr);
         bar_sync(1 + half, ATT_THREADS);
     }
 }
