@@ -45,7 +45,7 @@ pub(crate) struct Kernels {
     pdl: bool,
 }
 
-const PLAIN: [&str; 29] = [
+const PLAIN: [&str; 33] = [
     "sample_rows",
     "decode_program",
     "decode_program_x2",
@@ -75,6 +75,10 @@ const PLAIN: [&str; 29] = [
     "attention_gqa2",
     "attention_gqa4",
     "attention_gqa8",
+    "attention_tile1",
+    "attention_tile2",
+    "attention_tile4",
+    "attention_tile8",
 ];
 
 impl Kernels {

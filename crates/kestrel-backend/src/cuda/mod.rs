@@ -59,6 +59,23 @@ const ATTENTION_GQA: [&str; 4] = [
     "attention_gqa8",
 ];
 
+/// Key-per-lane attention kernels (32-key tiles per warp) by log2 of the
+/// query heads per KV head.
+const ATTENTION_TILE: [&str; 4] = [
+    "attention_tile1",
+    "attention_tile2",
+    "attention_tile4",
+    "attention_tile8",
+];
+
+/// Whether steps with several query rows per sequence (prefill) take the
+/// key-per-lane kernels (tuning knob `KESTREL_ATTN_TILE=0` keeps the
+/// per-head / grouped ones).
+fn tile_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("KESTREL_ATTN_TILE").map_or(true, |v| v.trim() != "0"))
+}
+
 /// Which kernels the backend runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelSet {
@@ -1001,12 +1018,16 @@ impl Backend for CudaBackend {
         // where the per-head grid still splits, 50,335 -> 47,238; at one row
         // 9 -> 19 us per call).
         let target = 2 * self.dev.sm_count.max(1) as usize;
-        let grouped = gqa_enabled()
-            && q.rows * p.n_heads > target
-            && p.head_dim.is_multiple_of(8)
+        let groupable = p.head_dim.is_multiple_of(8)
             && p.n_heads.is_multiple_of(p.n_kv_heads.max(1))
             && matches!(group, 1 | 2 | 4 | 8)
             && !self.recording.load(std::sync::atomic::Ordering::Relaxed);
+        // Steps with more query rows than sequences (prefill, chunked
+        // prefill) take the key tiles (H200, pp512: 142,157 -> 196,007
+        // tok/s); in decode steps they lose (64 sequences: 49,906 ->
+        // 41,636), there the per-head or grouped kernel runs.
+        let tile = groupable && tile_enabled() && q.rows > batch.num_seqs;
+        let grouped = tile || (groupable && gqa_enabled() && q.rows * p.n_heads > target);
         // att_smem_floats / att_gqa_smem_floats in attention.cu.
         let smem = if grouped {
             ((5 * group * p.head_dim + 41 * group + 1) * 4) as u32
@@ -1049,9 +1070,11 @@ impl Backend for CudaBackend {
         };
         args.extend([Arg::I32(splits as i32), Arg::Ptr(part), Arg::Ptr(counters)]);
         // The Wo GEMM of a batched step reads the output in f16.
-        let out16 = if grouped { 0 } else { self.f16_side_output(out)? };
+        let out16 = self.f16_side_output(out)?;
         args.push(Arg::Ptr(out16));
-        let name = if grouped {
+        let name = if tile {
+            ATTENTION_TILE[group.trailing_zeros() as usize]
+        } else if grouped {
             ATTENTION_GQA[group.trailing_zeros() as usize]
         } else {
             "attention"

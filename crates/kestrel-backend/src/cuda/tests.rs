@@ -438,9 +438,8 @@ fn paged_attention() {
     let bs = 16usize;
     for ks in SETS {
         let Some(be) = backend(ks) else { return };
-        // Query heads per KV head 1, 2, 4, 8: with 43 query rows on a 132-SM GPU, 8 and 16
-        // query heads take the grouped kernels; each case runs with split
-        // keys and again unsplit (max splits 1).
+        // Query heads per KV head 1, 2, 4, 8; each case runs with split keys
+        // and again unsplit (max splits 1).
         for (dt, head_dim, window, softcap, n_heads, n_kv) in [
             (KvDType::F32, 80, None, None, 4usize, 2usize),
             (KvDType::F16, 256, Some(20u32), None, 8, 2),
@@ -450,6 +449,10 @@ fn paged_attention() {
             (KvDType::Bf16, 32, None, None, 8, 8),
             (KvDType::Bf16, 64, None, Some(30.0f32), 4, 2),
             (KvDType::F16, 128, Some(7u32), Some(20.0f32), 2, 2),
+            // Decode rows x query heads above twice the SMs (132-SM GPUs):
+            // the grouped key-per-warp kernels in the decode-only step.
+            (KvDType::F16, 32, None, None, 128, 16),
+            (KvDType::Bf16, 32, Some(25u32), None, 96, 24),
             // head_dim not a multiple of 8: the scalar-load path.
             (KvDType::Bf16, 36, Some(30u32), None, 4, 2),
         ] {
@@ -508,117 +511,126 @@ fn paged_attention() {
                 &hb,
             )
             .expect("write_kv");
-            // Step 2: queries = the last query_len positions of each sequence.
-            let mut step = BatchLayout {
-                block_size: bs as u32,
-                ..Default::default()
-            };
-            let mut hist_row = Vec::new(); // (seq, hist row offset)
-            let mut off = 0;
-            for (s, &(ctx, ql)) in seqs_shape.iter().enumerate() {
-                let q0 = step.tokens.len() as u32;
-                for p in ctx - ql..ctx {
-                    step.tokens.push(0);
-                    step.positions.push(p as u32);
-                    step.slot_mapping.push(slot(s, p));
+            // Step 2: queries = the last query_len positions of each sequence
+            // (a mixed step: the key-tile kernels), then only the last position
+            // (a decode step: one query row per sequence).
+            for decode_only in [false, true] {
+                let seqs_q: Vec<(usize, usize)> = seqs_shape
+                    .iter()
+                    .map(|&(ctx, ql)| (ctx, if decode_only { 1 } else { ql }))
+                    .collect();
+                let mut step = BatchLayout {
+                    block_size: bs as u32,
+                    ..Default::default()
+                };
+                let mut hist_row = Vec::new(); // (seq, hist row offset)
+                let mut off = 0;
+                for (s, &(ctx, ql)) in seqs_q.iter().enumerate() {
+                    let q0 = step.tokens.len() as u32;
+                    for p in ctx - ql..ctx {
+                        step.tokens.push(0);
+                        step.positions.push(p as u32);
+                        step.slot_mapping.push(slot(s, p));
+                    }
+                    step.seqs.push(SeqLayout {
+                        block_table: tables[s].clone(),
+                        context_len: ctx as u32,
+                        query_start: q0,
+                        query_len: ql as u32,
+                    });
+                    hist_row.push(off);
+                    off += ctx;
                 }
-                step.seqs.push(SeqLayout {
-                    block_table: tables[s].clone(),
-                    context_len: ctx as u32,
-                    query_start: q0,
-                    query_len: ql as u32,
-                });
-                hist_row.push(off);
-                off += ctx;
-            }
-            let nq = step.tokens.len();
-            let q = rvec(&mut rng, nq * n_heads * head_dim, 1.0);
-            let sb = be.prepare_batch(&step).expect("batch");
-            let p = AttnParams {
-                n_heads,
-                n_kv_heads: n_kv,
-                head_dim,
-                scale: 1.0 / (head_dim as f32).sqrt(),
-                window,
-                softcap,
-            };
-            let mut got = Vec::new();
-            let (wo_bytes, _) = make_weight(&mut rng, DType::F16, 24, n_heads * head_dim);
-            let wo_shape = [24, n_heads * head_dim];
-            let wo = be
-                .upload_matrix(&view("wo", DType::F16, &wo_shape, &wo_bytes))
-                .expect("upload");
-            for max_splits in [32, 1] {
-                be.set_max_attention_splits(max_splits);
-                let mut out = poisoned(&be, nq, n_heads * head_dim);
-                be.attention(&act(&be, nq, n_heads * head_dim, &q), &pool, 1, &sb, &p, &mut out)
-                    .expect("attention");
-                // The projection that follows may read the attention's f16
-                // side output: it must equal a projection of the same values
-                // uploaded afresh.
-                let mut y = poisoned(&be, nq, 24);
-                be.matmul(&out, &wo, &mut y).expect("matmul");
-                let vals = be.read_act(&out).expect("read");
-                let mut y_fresh = poisoned(&be, nq, 24);
-                be.matmul(&act(&be, nq, n_heads * head_dim, &vals), &wo, &mut y_fresh)
-                    .expect("matmul");
-                assert_eq!(
-                    be.read_act(&y).expect("read"),
-                    be.read_act(&y_fresh).expect("read"),
-                    "{ks:?} projection of the attention output (heads {n_heads}, d={head_dim})"
-                );
-                got.push(vals);
-            }
-            be.set_max_attention_splits(32);
-            let mut want = vec![0f64; nq * n_heads * head_dim];
-            for (s, &(ctx, ql)) in seqs_shape.iter().enumerate() {
-                for (j, pos) in (ctx - ql..ctx).enumerate() {
-                    let row = step.seqs[s].query_start as usize + j;
-                    let lo = window.map(|w| (pos + 1).saturating_sub(w as usize)).unwrap_or(0);
-                    for h in 0..n_heads {
-                        let kvh = h / (n_heads / n_kv);
-                        let qh = &q[(row * n_heads + h) * head_dim..][..head_dim];
-                        let kv = |t: usize, src: &[f32], d: usize| {
-                            round_kv(src[(hist_row[s] + t) * kv_dim + kvh * head_dim + d], dt)
-                        };
-                        let scores: Vec<f64> = (lo..=pos)
-                            .map(|t| {
-                                let mut sc = (0..head_dim).map(|d| qh[d] as f64 * kv(t, &k, d)).sum::<f64>()
-                                    * p.scale as f64;
-                                if let Some(c) = softcap {
-                                    sc = c as f64 * (sc / c as f64).tanh();
-                                }
-                                sc
-                            })
-                            .collect();
-                        let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                        let e: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
-                        let z: f64 = e.iter().sum();
-                        for d in 0..head_dim {
-                            want[(row * n_heads + h) * head_dim + d] =
-                                (lo..=pos).zip(&e).map(|(t, w)| w * kv(t, &v, d)).sum::<f64>() / z;
+                let nq = step.tokens.len();
+                let q = rvec(&mut rng, nq * n_heads * head_dim, 1.0);
+                let sb = be.prepare_batch(&step).expect("batch");
+                let p = AttnParams {
+                    n_heads,
+                    n_kv_heads: n_kv,
+                    head_dim,
+                    scale: 1.0 / (head_dim as f32).sqrt(),
+                    window,
+                    softcap,
+                };
+                let mut got = Vec::new();
+                let (wo_bytes, _) = make_weight(&mut rng, DType::F16, 24, n_heads * head_dim);
+                let wo_shape = [24, n_heads * head_dim];
+                let wo = be
+                    .upload_matrix(&view("wo", DType::F16, &wo_shape, &wo_bytes))
+                    .expect("upload");
+                for max_splits in [32, 1] {
+                    be.set_max_attention_splits(max_splits);
+                    let mut out = poisoned(&be, nq, n_heads * head_dim);
+                    be.attention(&act(&be, nq, n_heads * head_dim, &q), &pool, 1, &sb, &p, &mut out)
+                        .expect("attention");
+                    // The projection that follows may read the attention's f16
+                    // side output: it must equal a projection of the same values
+                    // uploaded afresh.
+                    let mut y = poisoned(&be, nq, 24);
+                    be.matmul(&out, &wo, &mut y).expect("matmul");
+                    let vals = be.read_act(&out).expect("read");
+                    let mut y_fresh = poisoned(&be, nq, 24);
+                    be.matmul(&act(&be, nq, n_heads * head_dim, &vals), &wo, &mut y_fresh)
+                        .expect("matmul");
+                    assert_eq!(
+                        be.read_act(&y).expect("read"),
+                        be.read_act(&y_fresh).expect("read"),
+                        "{ks:?} projection of the attention output (heads {n_heads}, d={head_dim})"
+                    );
+                    got.push(vals);
+                }
+                be.set_max_attention_splits(32);
+                let mut want = vec![0f64; nq * n_heads * head_dim];
+                for (s, &(ctx, ql)) in seqs_q.iter().enumerate() {
+                    for (j, pos) in (ctx - ql..ctx).enumerate() {
+                        let row = step.seqs[s].query_start as usize + j;
+                        let lo = window.map(|w| (pos + 1).saturating_sub(w as usize)).unwrap_or(0);
+                        for h in 0..n_heads {
+                            let kvh = h / (n_heads / n_kv);
+                            let qh = &q[(row * n_heads + h) * head_dim..][..head_dim];
+                            let kv = |t: usize, src: &[f32], d: usize| {
+                                round_kv(src[(hist_row[s] + t) * kv_dim + kvh * head_dim + d], dt)
+                            };
+                            let scores: Vec<f64> = (lo..=pos)
+                                .map(|t| {
+                                    let mut sc =
+                                        (0..head_dim).map(|d| qh[d] as f64 * kv(t, &k, d)).sum::<f64>()
+                                            * p.scale as f64;
+                                    if let Some(c) = softcap {
+                                        sc = c as f64 * (sc / c as f64).tanh();
+                                    }
+                                    sc
+                                })
+                                .collect();
+                            let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                            let e: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
+                            let z: f64 = e.iter().sum();
+                            for d in 0..head_dim {
+                                want[(row * n_heads + h) * head_dim + d] =
+                                    (lo..=pos).zip(&e).map(|(t, w)| w * kv(t, &v, d)).sum::<f64>() / z;
+                            }
                         }
                     }
                 }
-            }
-            for (got, splits) in got.iter().zip(["split", "unsplit"]) {
-                let err = rel_err(got, &want);
-                assert!(
+                for (got, splits) in got.iter().zip(["split", "unsplit"]) {
+                    let err = rel_err(got, &want);
+                    assert!(
                     err < 1e-5,
-                    "{ks:?} attention {dt:?} d={head_dim} heads={n_heads}/{n_kv} window={window:?} cap={softcap:?} {splits}: {err:e}"
+                    "{ks:?} attention {dt:?} d={head_dim} heads={n_heads}/{n_kv} window={window:?} cap={softcap:?} {splits} decode-only={decode_only}: {err:e}"
                 );
+                }
+                // A stale batch is refused rather than silently read.
+                assert!(be
+                    .attention(
+                        &act(&be, nq, n_heads * head_dim, &q),
+                        &pool,
+                        1,
+                        &hb,
+                        &p,
+                        &mut poisoned(&be, nq, n_heads * head_dim)
+                    )
+                    .is_err());
             }
-            // A stale batch is refused rather than silently read.
-            assert!(be
-                .attention(
-                    &act(&be, nq, n_heads * head_dim, &q),
-                    &pool,
-                    1,
-                    &hb,
-                    &p,
-                    &mut poisoned(&be, nq, n_heads * head_dim)
-                )
-                .is_err());
         }
     }
 }

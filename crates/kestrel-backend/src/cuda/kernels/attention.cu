@@ -248,18 +248,25 @@ extern "C" __global__ void attention(const float* q, const void* pool, long long
 // megakernel keeps the per-head item and is compared against this path).
 // U keys per warp and round have their loads issued together.
 // Shared memory: att_gqa_smem_floats(G, head_dim) floats.
+// Main-loop shapes of attention_gqa_impl: a key per warp and round (lanes
+// split the dims; decode), a key per lane (32-key tiles; prefill). A key per
+// 4 lanes with 8-key rounds was tried for decode and measured slower (H200,
+// 64 sequences: 39,824 vs 49,164 tok/s).
+#define ATT_KEYWARP 0
+#define ATT_TILE 1
+
 __host__ __device__ constexpr int att_gqa_smem_floats(int g, int head_dim) {
     return 5 * g * head_dim + 41 * g + 1;
 }
 
-template <int KVT, int G, int U>
+template <int KVT, int G, int U, int MODE>
 __device__ __forceinline__ void attention_gqa_impl(int row, int kvh, int z, float* sm, const float* q,
                                                    const void* pool, long long layer_off, long long v_off,
                                                    const u32* positions, const u32* token_seq,
                                                    const u32* block_tables, int bt_stride, int block_size,
                                                    int n_heads, int n_kv_heads, int head_dim, float scale,
                                                    int window, float cap, float* out, int splits, float* part,
-                                                   u32* counters) {
+                                                   u32* counters, u16* out16) {
     const float NEG_INF = -__int_as_float(0x7f800000);
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     int kv_dim = n_kv_heads * head_dim;
@@ -294,6 +301,76 @@ __device__ __forceinline__ void attention_gqa_impl(int row, int kvh, int z, floa
         }
     }
     bool lane_live = lane * 8 < head_dim;
+    if (MODE == ATT_TILE) {
+        // Tiles of 32 keys per warp, a key per lane: each lane streams its
+        // key's K row against q (shared memory, read as broadcasts), so the
+        // scores of 32 keys need no shuffle; the tile's softmax update is one
+        // warp max and one warp sum per head; then lane j accumulates dims
+        // j*8.. of P.V over the tile's keys, their V rows loaded coalesced
+        // 8 keys at a time. Many more loads in flight per warp than one key
+        // per round with a warp reduction per key and head.
+        for (int t0 = kbeg + warp * 32; t0 <= kend; t0 += ATT_WARPS * 32) {
+            int key = t0 + lane;
+            bool live = key <= kend;
+            long long base = live
+                ? layer_off + kv_slot(table, block_size, key) * kv_dim + (long long)kvh * head_dim : 0;
+            float s[G];
+            #pragma unroll
+            for (int g = 0; g < G; g++) s[g] = 0.0f;
+            #pragma unroll 4
+            for (int c = 0; c < head_dim; c += 8) {
+                float kf[8];
+                if (live) kv_load8<KVT>(pool, base + c, kf);
+                else {
+                    #pragma unroll
+                    for (int j = 0; j < 8; j++) kf[j] = 0.0f;
+                }
+                #pragma unroll
+                for (int g = 0; g < G; g++) {
+                    float4 qa = *(const float4*)(qs + g * head_dim + c);
+                    float4 qb = *(const float4*)(qs + g * head_dim + c + 4);
+                    s[g] += qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] + qb.x * kf[4] +
+                            qb.y * kf[5] + qb.z * kf[6] + qb.w * kf[7];
+                }
+            }
+            float p[G];
+            #pragma unroll
+            for (int g = 0; g < G; g++) {
+                float sc = s[g];
+                if (cap > 0.0f) sc = cap * tanhf(sc / cap);
+                sc = live ? sc : NEG_INF;
+                float mn = fmaxf(m[g], warp_max(sc)); // finite: key t0 is live
+                float corr = expf(m[g] - mn);
+                p[g] = live ? expf(sc - mn) : 0.0f;
+                l[g] = l[g] * corr + warp_sum(p[g]);
+                #pragma unroll
+                for (int j = 0; j < 8; j++) acc[g][j] *= corr;
+                m[g] = mn;
+            }
+            int nk = min(32, kend - t0 + 1);
+            for (int k8 = 0; k8 < nk; k8 += 8) {
+                float vf[8][8];
+                #pragma unroll
+                for (int u = 0; u < 8; u++) {
+                    long long vb = __shfl_sync(0xffffffffu, base, (k8 + u) & 31);
+                    if (k8 + u < nk && lane_live) kv_load8<KVT>(pool, vb + v_off + lane * 8, vf[u]);
+                    else {
+                        #pragma unroll
+                        for (int j = 0; j < 8; j++) vf[u][j] = 0.0f;
+                    }
+                }
+                #pragma unroll
+                for (int u = 0; u < 8; u++) {
+                    #pragma unroll
+                    for (int g = 0; g < G; g++) {
+                        float pk = __shfl_sync(0xffffffffu, p[g], (k8 + u) & 31);
+                        #pragma unroll
+                        for (int j = 0; j < 8; j++) acc[g][j] += pk * vf[u][j];
+                    }
+                }
+            }
+        }
+    } else
     for (int k0 = kbeg + warp; k0 <= kend; k0 += ATT_WARPS * U) {
         float kk[U][8], vv[U][8];
         #pragma unroll
@@ -358,6 +435,7 @@ __device__ __forceinline__ void attention_gqa_impl(int row, int kvh, int z, floa
                 for (int w = 0; w < ATT_WARPS; w++)
                     if (ls[w * G + g] > 0.0f) v += accs[(w * G + g) * head_dim + d] * expf(ms[w * G + g] - mt[g]);
                 orow[d] = lt[g] > 0.0f ? v / lt[g] : 0.0f;
+                if (out16) out16[(rh0 + g) * head_dim + d] = f2h(orow[d]);
             }
         }
         return;
@@ -402,6 +480,7 @@ __device__ __forceinline__ void attention_gqa_impl(int row, int kvh, int z, floa
             #pragma unroll 8
             for (int zz = 0; zz < splits; zz++) v += wz[g * 32 + zz] * __ldcg(p + zz * (head_dim + 2) + 2 + d);
             orow[d] = v * misc[g];
+            if (out16) out16[(rh0 + g) * head_dim + d] = f2h(orow[d]);
         }
     }
     if (tid == 0) *counter = 0u;
@@ -410,28 +489,32 @@ __device__ __forceinline__ void attention_gqa_impl(int row, int kvh, int z, floa
 // grid = (rows, n_kv_heads, splits), block = ATT_THREADS, dynamic shared
 // memory att_gqa_smem_floats(G, head_dim) floats; head_dim % 8 == 0,
 // head_dim <= 256, splits <= 32, counters hold rows * n_kv_heads entries.
-#define ATT_GQA_ENTRY(G, U)                                                                          \
-    extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_gqa##G(                      \
+#define ATT_GQA_ENTRY(NAME, G, U, MODE)                                                              \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS) NAME(                                  \
         const float* q, const void* pool, long long layer_off, long long v_off, int kvt,             \
         const u32* positions, const u32* token_seq, const u32* block_tables, int bt_stride,          \
         int block_size, int n_heads, int n_kv_heads, int head_dim, float scale, int window,          \
-        float cap, float* out, int splits, float* part, u32* counters) {                            \
+        float cap, float* out, int splits, float* part, u32* counters, u16* out16) {                \
         pdl_entry();                                                                                 \
         extern __shared__ float sm[];                                                                \
         if (kvt == KV_F32)                                                                           \
-            attention_gqa_impl<KV_F32, G, U>(GQA_ARGS);                                              \
+            attention_gqa_impl<KV_F32, G, U, MODE>(GQA_ARGS);                                              \
         else if (kvt == KV_F16)                                                                      \
-            attention_gqa_impl<KV_F16, G, U>(GQA_ARGS);                                              \
+            attention_gqa_impl<KV_F16, G, U, MODE>(GQA_ARGS);                                              \
         else                                                                                         \
-            attention_gqa_impl<KV_BF16, G, U>(GQA_ARGS);                                             \
+            attention_gqa_impl<KV_BF16, G, U, MODE>(GQA_ARGS);                                             \
     }
 #define GQA_ARGS blockIdx.x, blockIdx.y, blockIdx.z, sm, q, pool, layer_off, v_off, positions, token_seq, \
                  block_tables, bt_stride, block_size, n_heads, n_kv_heads, head_dim, scale, window, cap, out, \
-                 splits, part, counters
-ATT_GQA_ENTRY(1, 4)
-ATT_GQA_ENTRY(2, 4)
-ATT_GQA_ENTRY(4, 4)
-ATT_GQA_ENTRY(8, 2)
+                 splits, part, counters, out16
+ATT_GQA_ENTRY(attention_gqa1, 1, 4, ATT_KEYWARP)
+ATT_GQA_ENTRY(attention_gqa2, 2, 4, ATT_KEYWARP)
+ATT_GQA_ENTRY(attention_gqa4, 4, 4, ATT_KEYWARP)
+ATT_GQA_ENTRY(attention_gqa8, 8, 2, ATT_KEYWARP)
+ATT_GQA_ENTRY(attention_tile1, 1, 1, ATT_TILE)
+ATT_GQA_ENTRY(attention_tile2, 2, 1, ATT_TILE)
+ATT_GQA_ENTRY(attention_tile4, 4, 1, ATT_TILE)
+ATT_GQA_ENTRY(attention_tile8, 8, 1, ATT_TILE)
 #undef GQA_ARGS
 
 // Reference: one thread per (row, head, dim); three plain passes (max, sum,
