@@ -227,16 +227,21 @@ impl CudaBackend {
             return Ok(None);
         }
         let buf = DevBuf::alloc(&self.dev.stream, bytes, "f16 weight mirror")?;
+        self.dequant_f16_into(w, buf.ptr)?;
+        Ok(Some(buf))
+    }
+
+    /// All of `w` dequantized to f16, row-major, at device address `dst`.
+    fn dequant_f16_into(&self, w: &CudaWeight, dst: u64) -> Result<(), BackendError> {
         let mut args = Self::weight_args(w)?.to_vec();
-        args.extend([Arg::I64(0), i32_of(w.rows, "weight rows")?, Arg::Ptr(buf.ptr)]);
+        args.extend([Arg::I64(0), i32_of(w.rows, "weight rows")?, Arg::Ptr(dst)]);
         self.run(
             "dequant_f16",
             (super::launch::grid_for(w.rows * w.cols).min(4096), 1, 1),
             256,
             0,
             &args,
-        )?;
-        Ok(Some(buf))
+        )
     }
 
     /// The cuBLAS handle, created on first use with a fixed workspace so that
@@ -333,16 +338,7 @@ impl CudaBackend {
             let buf = DevBuf::alloc(&self.dev.stream, bytes, "stacked f16 weight mirror")?;
             let mut r0 = 0;
             for w in ws {
-                let mut args = Self::weight_args(w)?.to_vec();
-                let dst = buf.ptr + (r0 * w.cols * 2) as u64;
-                args.extend([Arg::I64(0), i32_of(w.rows, "weight rows")?, Arg::Ptr(dst)]);
-                self.run(
-                    "dequant_f16",
-                    (super::launch::grid_for(w.rows * w.cols).min(4096), 1, 1),
-                    256,
-                    0,
-                    &args,
-                )?;
+                self.dequant_f16_into(w, buf.ptr + (r0 * w.cols * 2) as u64)?;
                 r0 += w.rows;
             }
             Some(Stacked { followers, buf, rows })
