@@ -99,11 +99,7 @@ impl CudaBackend {
         let (up, act) = match gated {
             Some((u, a)) => {
                 super::same_shape("gemv_fx (gate, up)", x, u)?;
-                let code = match a {
-                    Activation::Silu => 0,
-                    Activation::GeluTanh => 1,
-                };
-                (u.ptr(), code)
+                (u.ptr(), super::act_code(a))
             }
             None => (0, 0),
         };

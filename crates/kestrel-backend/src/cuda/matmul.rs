@@ -317,9 +317,9 @@ impl CudaBackend {
     fn stacked<'w>(&self, ws: &[&'w CudaWeight]) -> Result<Option<&'w Stacked>, BackendError> {
         use std::sync::atomic::Ordering;
         let lead = ws[0];
-        let followers: Vec<u64> = ws[1..].iter().map(|w| w.id).collect();
+        let ids = || ws[1..].iter().map(|w| w.id);
         if let Some(s) = lead.stacked.get() {
-            return Ok(s.as_ref().filter(|s| s.followers == followers));
+            return Ok(s.as_ref().filter(|s| s.followers.iter().copied().eq(ids())));
         }
         if self.lock()?.capturing {
             return Ok(None);
@@ -341,7 +341,11 @@ impl CudaBackend {
                 self.dequant_f16_into(w, buf.ptr + (r0 * w.cols * 2) as u64)?;
                 r0 += w.rows;
             }
-            Some(Stacked { followers, buf, rows })
+            Some(Stacked {
+                followers: ids().collect(),
+                buf,
+                rows,
+            })
         } else {
             None
         };
@@ -361,25 +365,18 @@ impl CudaBackend {
             return Ok(None);
         };
         self.record_refused("a cuBLAS GEMM");
-        let bytes = x.rows * stacked.rows * 4;
         let mut st = self.lock()?;
-        let small = st.stacked_out.as_ref().is_none_or(|b| b.bytes < bytes);
-        let not_ready = || {
-            BackendError::Unsupported(
-                "stacked GEMM inside a graph capture needs its scratch sized: run the step once before capturing"
-                    .into(),
-            )
-        };
-        if small {
-            if st.capturing {
-                return Err(not_ready());
-            }
-            // Graphs captured earlier hold the buffer about to be replaced.
-            st.meta.epoch += 1;
-        }
-        let out = Self::ensure(&self.dev, &mut st.stacked_out, bytes, "stacked GEMM output")?;
+        let out = self.graph_scratch(
+            &mut st,
+            |s| &mut s.stacked_out,
+            x.rows * stacked.rows * 4,
+            "stacked GEMM output",
+        )?;
         let Some((x16, fresh)) = self.x16_scratch(&mut st, x.rows * x.cols * 2)? else {
-            return Err(not_ready());
+            return Err(BackendError::Unsupported(
+                "stacked GEMM inside a graph capture needs its f16 scratch sized: run the step once before capturing"
+                    .into(),
+            ));
         };
         let handle = self.blas_handle(&mut st)?;
         drop(st);

@@ -76,6 +76,15 @@ fn tile_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("KESTREL_ATTN_TILE").map_or(true, |v| v.trim() != "0"))
 }
 
+/// The kernels' code for an activation (`act` in elementwise.cu and
+/// gemv.cu: 0 = SiLU, 1 = GELU tanh).
+pub(crate) fn act_code(a: Activation) -> i32 {
+    match a {
+        Activation::Silu => 0,
+        Activation::GeluTanh => 1,
+    }
+}
+
 /// Which kernels the backend runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelSet {
@@ -309,10 +318,6 @@ impl CudaBackend {
         if gemm_sized && w[0].rows == w[1].rows && act_out.rows == h.rows && act_out.cols == w[0].rows {
             if let Some(src) = self.stacked_gemm(h, &w)? {
                 let n = act_out.rows * act_out.cols;
-                let code = match act {
-                    Activation::Silu => 0,
-                    Activation::GeluTanh => 1,
-                };
                 let out16 = self.f16_side_output(act_out)?;
                 self.elementwise(
                     "gated_act_ld",
@@ -321,7 +326,7 @@ impl CudaBackend {
                         Arg::Ptr(src),
                         Arg::I64(2 * act_out.cols as i64),
                         i32_of(act_out.cols, "ffn columns")?,
-                        Arg::I32(code),
+                        Arg::I32(act_code(act)),
                         Arg::I64(n as i64),
                         Arg::Ptr(act_out.ptr()),
                         Arg::Ptr(out16),
@@ -369,6 +374,28 @@ impl CudaBackend {
         Self::ensure(&self.dev, &mut st.ids, max_tokens * 8, "argmax keys")?;
         Self::ensure(&self.dev, &mut st.gather, max_tokens * 4, "gather indices")?;
         Ok(())
+    }
+
+    /// A scratch buffer that captured graphs point into, grown to at least
+    /// `bytes`: growing it marks earlier graphs stale (they hold the old
+    /// address and are captured again), and is refused while capturing (a
+    /// capture must not allocate).
+    pub(crate) fn graph_scratch(
+        &self,
+        st: &mut State,
+        pick: fn(&mut State) -> &mut Option<DevBuf>,
+        bytes: usize,
+        what: &str,
+    ) -> Result<u64> {
+        if pick(st).as_ref().is_none_or(|b| b.bytes < bytes) {
+            if st.capturing {
+                return Err(BackendError::Other(format!(
+                    "{what}: a graph capture must not allocate; run the step once before capturing"
+                )));
+            }
+            st.meta.epoch += 1;
+        }
+        Self::ensure(&self.dev, pick(st), bytes, what)
     }
 
     fn ensure(dev: &Device, b: &mut Option<DevBuf>, bytes: usize, what: &str) -> Result<u64> {
@@ -1045,22 +1072,11 @@ impl Backend for CudaBackend {
             let blocks = q.rows * p.n_heads;
             let bytes = blocks * splits * (p.head_dim + 2) * 4;
             let mut st = self.lock()?;
-            let small = |b: &Option<DevBuf>, n: usize| b.as_ref().is_none_or(|b| b.bytes < n);
-            if st.capturing && (small(&st.att_part, bytes) || small(&st.att_count, blocks * 4)) {
-                return Err(BackendError::Other(
-                    "attention inside a capture needs its scratch sized first: run the step once before capturing".into(),
-                ));
-            }
-            if small(&st.att_part, bytes) || small(&st.att_count, blocks * 4) {
-                // Graphs captured earlier point at the buffers about to be
-                // replaced: mark them stale (they are captured again).
-                st.meta.epoch += 1;
-            }
-            let part = Self::ensure(&self.dev, &mut st.att_part, bytes, "attention partials")?;
+            let part = self.graph_scratch(&mut st, |s| &mut s.att_part, bytes, "attention partials")?;
             // A fresh (zeroed) counter buffer whenever it must grow.
-            let counters = Self::ensure(
-                &self.dev,
-                &mut st.att_count,
+            let counters = self.graph_scratch(
+                &mut st,
+                |s| &mut s.att_count,
                 blocks * 4,
                 "attention split counters",
             )?;
@@ -1100,10 +1116,6 @@ impl Backend for CudaBackend {
         same_shape("gated_activation", gate, up)?;
         same_shape("gated_activation", gate, out)?;
         let n = gate.rows * gate.cols;
-        let a = match act {
-            Activation::Silu => 0,
-            Activation::GeluTanh => 1,
-        };
         let out16 = if self.kernels == KernelSet::Fused {
             self.f16_side_output(out)?
         } else {
@@ -1115,7 +1127,7 @@ impl Backend for CudaBackend {
             &[
                 Arg::Ptr(gate.ptr()),
                 Arg::Ptr(up.ptr()),
-                Arg::I32(a),
+                Arg::I32(act_code(act)),
                 Arg::I64(n as i64),
                 Arg::Ptr(out.ptr()),
                 Arg::Ptr(out16),

@@ -11,6 +11,18 @@ __device__ __forceinline__ long long kv_slot(const u32* table, int block_size, i
     return (long long)table[k / block_size] * block_size + (k % block_size);
 }
 
+// Keys [*kbeg, *kend] of split z: the visible keys of a query at `pos`
+// (sliding window if window > 0) in `splits` equal shares. Computed from the
+// position, so a captured graph stays valid as contexts grow; every fused
+// kernel splits alike (the grouped kernels' bit identity with the per-head
+// one depends on it).
+__device__ __forceinline__ void split_keys(int pos, int window, int splits, int z, int* kbeg, int* kend) {
+    int start = window > 0 ? max(0, pos - window + 1) : 0;
+    int chunk = (pos - start + 1 + splits - 1) / splits;
+    *kbeg = start + z * chunk;
+    *kend = min(pos, *kbeg + chunk - 1);
+}
+
 // Fused: grid = (rows, n_heads, splits), block = 32 * ATT_WARPS. Split z
 // takes an equal share of the row's visible keys (computed here from the
 // position, so a captured graph stays valid as contexts grow); each warp
@@ -80,11 +92,8 @@ __device__ __forceinline__ void attention_impl(int row, int h, int z, int tid, i
     bar_sync(bar, ATT_THREADS);
     int pos = (int)positions[row];
     const u32* table = block_tables + (long long)token_seq[row] * bt_stride;
-    int start = window > 0 ? max(0, pos - window + 1) : 0;
-    int total = pos - start + 1;
-    int chunk = (total + splits - 1) / splits;
-    int kbeg = start + z * chunk;
-    int kend = min(pos, kbeg + chunk - 1);
+    int kbeg, kend;
+    split_keys(pos, window, splits, z, &kbeg, &kend);
 
     float m = -__int_as_float(0x7f800000), l = 0.0f;
     float acc[ATT_MAXJ];
@@ -282,11 +291,8 @@ __device__ __forceinline__ void attention_gqa_impl(int row, int kvh, int z, floa
     __syncthreads();
     int pos = (int)positions[row];
     const u32* table = block_tables + (long long)token_seq[row] * bt_stride;
-    int start = window > 0 ? max(0, pos - window + 1) : 0;
-    int total = pos - start + 1;
-    int chunk = (total + splits - 1) / splits;
-    int kbeg = start + z * chunk;
-    int kend = min(pos, kbeg + chunk - 1);
+    int kbeg, kend;
+    split_keys(pos, window, splits, z, &kbeg, &kend);
 
     float m[G], l[G], acc[G][8], qv[G][8];
     #pragma unroll
