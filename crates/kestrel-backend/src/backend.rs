@@ -152,6 +152,12 @@ pub trait Backend: Send + Sync {
             "sampling on this backend's device".into(),
         ))
     }
+    /// Whether work is queued and runs while the caller goes on (a device
+    /// with its own stream): host work placed between a forward call and
+    /// reading its result then overlaps the device's work.
+    fn runs_async(&self) -> bool {
+        false
+    }
     /// Wait for queued work (no-op on the CPU).
     fn synchronize(&self) -> Result<()> {
         Ok(())

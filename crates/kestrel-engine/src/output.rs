@@ -51,6 +51,44 @@ impl SeqOutput {
         generated: usize,
         context_full: bool,
     ) -> Result<Option<FinishReason>, EngineError> {
+        let ends = self.finish_by_count(sampled.token, generated, context_full);
+        self.deliver(tok, sampled, ends)
+    }
+
+    /// The finish that needs no text: a stop token id, `max_tokens` or a
+    /// full context.
+    fn finish_by_count(&self, token: u32, generated: usize, context_full: bool) -> Option<FinishReason> {
+        if self.stop_ids.contains(&token) {
+            Some(FinishReason::Stop)
+        } else if generated >= self.params.max_tokens || context_full {
+            Some(FinishReason::Length)
+        } else {
+            None
+        }
+    }
+
+    /// Whether the request ends after this token, when that can be known
+    /// without its text (no stop strings): `Some(finish)`. The engine then
+    /// streams the token later with [`deliver`](Self::deliver), off the
+    /// step's critical path.
+    pub fn finish_without_text(
+        &self,
+        token: u32,
+        generated: usize,
+        context_full: bool,
+    ) -> Option<Option<FinishReason>> {
+        (!self.stops.has_patterns()).then(|| self.finish_by_count(token, generated, context_full))
+    }
+
+    /// Decodes and streams a token whose count-based finish (`ends`, from
+    /// [`finish_without_text`](Self::finish_without_text)) is known; returns
+    /// the request's finish, which a stop string may add.
+    pub fn deliver(
+        &mut self,
+        tok: &Tokenizer,
+        sampled: Sampled,
+        ends: Option<FinishReason>,
+    ) -> Result<Option<FinishReason>, EngineError> {
         let mut finish = None;
         let mut text = String::new();
         if self.stop_ids.contains(&sampled.token) {
@@ -64,8 +102,8 @@ impl SeqOutput {
                 finish = Some(FinishReason::Stop);
             }
         }
-        if finish.is_none() && (generated >= self.params.max_tokens || context_full) {
-            finish = Some(FinishReason::Length);
+        if finish.is_none() {
+            finish = ends;
         }
         if finish.is_some() && self.stops.stopped().is_none() {
             // Release what was held back for an unfinished character or a

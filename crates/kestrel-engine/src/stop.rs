@@ -128,6 +128,12 @@ impl StopMatcher {
         }
     }
 
+    /// Whether any stop string is watched for (otherwise text never ends
+    /// generation).
+    pub fn has_patterns(&self) -> bool {
+        !self.patterns.is_empty()
+    }
+
     /// The stop string that ended generation, if any.
     pub fn stopped(&self) -> Option<usize> {
         self.stopped

@@ -326,6 +326,65 @@ fn aborts_at_any_point_return_every_block() {
     }
 }
 
+/// Streaming a step's tokens during the next step (what the engine does on
+/// CUDA at 8+ sequences) changes no event: same tokens, text, finish
+/// reasons and usage, in the same order, for requests ending by length, by
+/// EOS, by a stop string (never deferred) and by an abort, and the pool
+/// comes back full.
+#[test]
+fn deferred_streaming_changes_no_event() {
+    let refs = references();
+    let prompts = prompts(&refs);
+    let run = |defer: bool| -> Vec<Outcome> {
+        let mut e = engine(EngineConfig {
+            num_kv_blocks: 64,
+            max_num_batched_tokens: 32,
+            ..EngineConfig::default()
+        });
+        e.set_deferred_streaming(Some(defer));
+        let total = e.stats().kv_blocks_total;
+        let mut rxs = Vec::new();
+        for (i, p) in prompts.iter().enumerate() {
+            let params = match i % 4 {
+                0 => greedy(1 + i % 3),
+                // Ends on a stop token id (its third greedy token) where
+                // the reference is known, else on EOS if it comes.
+                1 => SamplingParams {
+                    ignore_eos: false,
+                    stop_token_ids: refs.get(i).map(|r| vec![r.tokens[2]]).unwrap_or_default(),
+                    ..greedy(GEN)
+                },
+                2 => SamplingParams {
+                    stop: vec![" the".into()],
+                    ..greedy(GEN)
+                },
+                _ => greedy(GEN),
+            };
+            rxs.push(e.add_request(p.clone(), params).expect("add"));
+        }
+        let mut steps = 0;
+        while e.has_work() {
+            e.step().expect("step");
+            steps += 1;
+            if steps == 6 {
+                assert!(e.abort(rxs[rxs.len() - 1].0), "the last request is still running");
+            }
+            assert!(steps < 10_000);
+        }
+        assert_eq!(e.block_manager().num_free_blocks(), total, "defer {defer}");
+        rxs.iter().map(|(_, rx)| collect(rx)).collect()
+    };
+    let (eager, deferred) = (run(false), run(true));
+    assert_eq!(eager, deferred);
+    assert!(eager.iter().all(|o| o.reason.is_some()), "every request ended");
+    assert_eq!(eager.last().and_then(|o| o.reason), Some(FinishReason::Abort));
+    let lengths: Vec<usize> = eager.iter().map(|o| o.tokens.len()).collect();
+    assert!(
+        lengths.windows(2).any(|w| w[0] != w[1]),
+        "requests end at different steps: {lengths:?}"
+    );
+}
+
 #[test]
 fn threaded_handle_streams_and_aborts() {
     let handle = engine(EngineConfig {

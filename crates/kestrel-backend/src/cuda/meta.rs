@@ -5,10 +5,17 @@
 //! the next step's tokens, positions, slots and block tables on replay.
 //! Layout (u32): tokens | positions | slots | token_seq (row -> sequence) |
 //! block tables `[cap_seqs, bt_stride]`.
+//!
+//! The capacities are generous (so that graphs rarely go stale), which makes
+//! the buffer large (~330 KB at 256 sequences of 1,024 blocks) while a step
+//! uses a few KB of it. The host therefore packs only the used words into a
+//! pinned staging buffer and two 2D copies scatter them into place: a decode
+//! step of 64 sequences spent ~100 us of host time uploading the whole
+//! buffer from pageable memory (H200, session 6).
 
 use std::sync::Arc;
 
-use cudarc::driver::CudaStream;
+use cudarc::driver::{sys, CudaEvent, CudaStream, PinnedHostSlice};
 
 use super::buffers::{CudaBatch, DevBuf};
 use crate::error::BackendError;
@@ -24,7 +31,10 @@ pub(crate) struct Meta {
     pub epoch: u64,
     /// Bumped on every upload; a batch is valid only while it is current.
     pub write_id: u64,
-    host: Vec<u32>,
+    /// Pinned staging of the used words, and the event after its last copy
+    /// (the staging is rewritten only once that copy is done).
+    staging: Option<PinnedHostSlice<u32>>,
+    copied: Option<CudaEvent>,
 }
 
 fn bad(msg: String) -> BackendError {
@@ -118,20 +128,51 @@ impl Meta {
 
     pub fn upload(&mut self, stream: &Arc<CudaStream>, b: &BatchLayout) -> Result<CudaBatch, BackendError> {
         let (seq_of, max_blocks) = validate(b)?;
-        let n = b.tokens.len();
-        self.reserve(stream, n, b.seqs.len(), max_blocks)?;
+        let (n, ns) = (b.tokens.len(), b.seqs.len());
+        self.reserve(stream, n, ns, max_blocks)?;
         let (ct, stride) = (self.cap_tokens, self.bt_stride);
-        let used = 4 * ct + b.seqs.len() * stride;
-        self.host.clear();
-        self.host.resize(used, 0);
-        let h = &mut self.host;
+        let cuda = |what: &str, e: cudarc::driver::DriverError| BackendError::Cuda(format!("{what}: {e}"));
+        // Packed: the four per-row arrays, then each sequence's table in
+        // `max_blocks` words (unused tail words are never read: kernels look
+        // up only blocks below the context length).
+        let words = 4 * n + ns * max_blocks;
+        if self.staging.as_ref().is_none_or(|h| h.len() < words) {
+            if let Some(ev) = &self.copied {
+                ev.synchronize()
+                    .map_err(|e| cuda("waiting for the metadata copy", e))?;
+            }
+            let cap = words.max(4096).next_power_of_two();
+            // SAFETY: every word read by the copies below is written first.
+            let h = unsafe { stream.context().alloc_pinned_with_flags::<u32>(cap, 0) }
+                .map_err(|e| cuda("allocating pinned batch metadata", e))?;
+            self.staging = Some(h);
+        }
+        if self.copied.is_none() {
+            self.copied = Some(
+                stream
+                    .context()
+                    .new_event(None)
+                    .map_err(|e| cuda("creating the metadata event", e))?,
+            );
+        }
+        let (Some(staging), Some(copied)) = (self.staging.as_mut(), self.copied.as_ref()) else {
+            return Err(bad("metadata staging missing".into()));
+        };
+        // The previous step's copy must be done before the staging is reused
+        // (after the step's sync it always is: this returns at once).
+        copied
+            .synchronize()
+            .map_err(|e| cuda("waiting for the metadata copy", e))?;
+        let h = staging
+            .as_mut_slice()
+            .map_err(|e| cuda("mapping the metadata staging", e))?;
         h[..n].copy_from_slice(&b.tokens);
-        h[ct..ct + n].copy_from_slice(&b.positions);
-        h[2 * ct..2 * ct + n].copy_from_slice(&b.slot_mapping);
-        h[3 * ct..3 * ct + n].copy_from_slice(&seq_of);
+        h[n..2 * n].copy_from_slice(&b.positions);
+        h[2 * n..3 * n].copy_from_slice(&b.slot_mapping);
+        h[3 * n..4 * n].copy_from_slice(&seq_of);
         let mut max_block = 0;
         for (si, s) in b.seqs.iter().enumerate() {
-            let o = 4 * ct + si * stride;
+            let o = 4 * n + si * max_blocks;
             h[o..o + s.block_table.len()].copy_from_slice(&s.block_table);
             max_block = max_block.max(s.block_table.iter().copied().max().unwrap_or(0));
         }
@@ -139,11 +180,46 @@ impl Meta {
             .buf
             .as_ref()
             .ok_or_else(|| bad("metadata buffer missing".into()))?;
-        // SAFETY: `used` words fit the buffer by construction of `reserve`.
-        unsafe { cudarc::driver::result::memcpy_htod_async(buf.ptr, &h[..used], stream.cu_stream()) }
-            .map_err(|e| BackendError::Cuda(format!("uploading batch metadata: {e}")))?;
-        // The copy from pageable memory is staged before the call returns,
-        // so reusing `host` next step is safe.
+        let host = h.as_ptr();
+        // Rows of the per-row arrays are `ct` words apart on the device, the
+        // tables `stride` words apart.
+        let copies = [
+            (0usize, n, ct, 4usize, 0u64),
+            (4 * n, max_blocks, stride, ns, 16 * ct as u64),
+        ];
+        for (src, width, pitch, height, dst) in copies {
+            if width == 0 || height == 0 {
+                continue;
+            }
+            let c = sys::CUDA_MEMCPY2D {
+                srcXInBytes: 0,
+                srcY: 0,
+                srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_HOST,
+                // SAFETY (pointer arithmetic): src + width * height words fit `words`.
+                srcHost: unsafe { host.add(src) } as *const std::ffi::c_void,
+                srcDevice: 0,
+                srcArray: std::ptr::null_mut(),
+                srcPitch: width * 4,
+                dstXInBytes: 0,
+                dstY: 0,
+                dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+                dstHost: std::ptr::null_mut(),
+                dstDevice: buf.ptr + dst,
+                dstArray: std::ptr::null_mut(),
+                dstPitch: pitch * 4,
+                WidthInBytes: width * 4,
+                Height: height,
+            };
+            // SAFETY: the source is pinned and stays untouched until
+            // `copied` completes; the destination rows lie inside the buffer
+            // (`reserve` made ct >= n, bt_stride >= max_blocks, cap_seqs >= ns).
+            unsafe { sys::cuMemcpy2DAsync_v2(&c, stream.cu_stream()) }
+                .result()
+                .map_err(|e| cuda("uploading batch metadata", e))?;
+        }
+        copied
+            .record(stream)
+            .map_err(|e| cuda("recording the metadata copy", e))?;
         self.write_id += 1;
         let p = buf.ptr;
         Ok(CudaBatch {
@@ -156,7 +232,7 @@ impl Meta {
             bt_stride: stride,
             block_size: b.block_size as usize,
             num_tokens: n,
-            num_seqs: b.seqs.len(),
+            num_seqs: ns,
             max_token: b.tokens.iter().copied().max().unwrap_or(0),
             max_slot: b.slot_mapping.iter().copied().max().unwrap_or(0),
             max_block,

@@ -51,6 +51,19 @@ fn gqa_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("KESTREL_ATTN_GQA").map_or(true, |v| v.trim() != "0"))
 }
 
+/// Attention work items (blocks) per SM that key splitting aims at (tuning
+/// knob `KESTREL_ATTN_ITEMS_PER_SM`, default 2, for A/B runs).
+fn attn_items_per_sm() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("KESTREL_ATTN_ITEMS_PER_SM")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .filter(|&n| (1..=16).contains(&n))
+            .unwrap_or(2)
+    })
+}
+
 /// Grouped-query decode attention kernels by log2 of the query heads per KV head.
 const ATTENTION_GQA: [&str; 4] = [
     "attention_gqa1",
@@ -516,8 +529,12 @@ impl CudaBackend {
         // SAFETY: the key buffer holds at least rows * 8 bytes.
         unsafe { cudarc::driver::result::memset_d8_async(keys, 0, x.rows * 8, self.dev.stream.cu_stream()) }
             .map_err(|e| BackendError::Cuda(format!("clearing argmax keys: {e}")))?;
-        // About 2K elements per 256-thread block: enough blocks to fill the GPU.
-        let per_row = x.cols.div_ceil(2048).clamp(1, 1024) as u32;
+        // About four 256-thread blocks per SM in all, each thread streaming
+        // many 16-byte loads (at least one): 2K-element blocks (8 per
+        // thread) made 8,192 blocks at 64 rows of Gemma's 262,144 logits and
+        // took 34 us, about half the bandwidth.
+        let sms = self.dev.sm_count.max(1) as usize;
+        let per_row = (4 * sms).div_ceil(x.rows).clamp(1, x.cols.div_ceil(1024).max(1)) as u32;
         self.run(
             "argmax_rows",
             (per_row, x.rows as u32, 1),
@@ -1044,7 +1061,7 @@ impl Backend for CudaBackend {
         // head: engine decode at 128 sequences 67,348 -> 79,127 tok/s; at 64,
         // where the per-head grid still splits, 50,335 -> 47,238; at one row
         // 9 -> 19 us per call).
-        let target = 2 * self.dev.sm_count.max(1) as usize;
+        let target = attn_items_per_sm() * self.dev.sm_count.max(1) as usize;
         let groupable = p.head_dim.is_multiple_of(8)
             && p.n_heads.is_multiple_of(p.n_kv_heads.max(1))
             && matches!(group, 1 | 2 | 4 | 8)
@@ -1409,6 +1426,10 @@ impl Backend for CudaBackend {
     }
 
     fn supports_graphs(&self) -> bool {
+        true
+    }
+
+    fn runs_async(&self) -> bool {
         true
     }
 

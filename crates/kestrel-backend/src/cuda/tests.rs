@@ -345,6 +345,23 @@ fn norms_and_elementwise() {
             .collect();
         assert_eq!(ids, want, "{ks:?} argmax");
         assert_eq!(ids[1], 7);
+        // A width divisible by 4 takes the 16-byte loads: ties inside one
+        // load, across loads of one thread and across blocks.
+        let vcols = 262_144;
+        let mut logits = rvec(&mut rng, 3 * vcols, 10.0);
+        logits[6] = 50.0;
+        logits[5] = 50.0;
+        logits[200_001] = 50.0;
+        logits[vcols + 131_072] = 70.0;
+        logits[vcols + 3] = 70.0;
+        let la = act(&be, 3, vcols, &logits);
+        let ids = be.argmax_rows(&la).expect("argmax");
+        let want: Vec<u32> = logits
+            .chunks(vcols)
+            .map(|r| crate::layout::argmax(r) as u32)
+            .collect();
+        assert_eq!(ids, want, "{ks:?} argmax of 16-byte rows");
+        assert_eq!(&ids[..2], &[5, 3]);
     }
 }
 

@@ -102,6 +102,18 @@ fn count_tokens(rxs: &[EventReceiver]) -> Result<Vec<usize>> {
     Ok(counts)
 }
 
+/// Mean microseconds of each step phase (schedule, forward, pick, emit).
+fn phase_means_us(steps: &[&(StepReport, Duration)]) -> [f64; 4] {
+    let mut sum = [0.0f64; 4];
+    for (r, _) in steps {
+        let t = &r.times;
+        for (acc, d) in sum.iter_mut().zip([t.schedule, t.forward, t.pick, t.emit]) {
+            *acc += d.as_secs_f64() * 1e6;
+        }
+    }
+    sum.map(|v| v / steps.len().max(1) as f64)
+}
+
 /// Decode throughput at each batch size in `sizes`; `runs` runs each.
 pub fn batch_curve<B: Backend>(
     model: &Arc<Model<B>>,
@@ -113,7 +125,7 @@ pub fn batch_curve<B: Backend>(
 ) -> Result<Value> {
     let mut out = Vec::new();
     for &n in sizes {
-        let once = || -> Result<(f64, f64, f64)> {
+        let once = || -> Result<(f64, f64, f64, [f64; 4])> {
             let mut e = engine(model, tok, o, n, o.prompt_len + o.gen_len, false)?;
             let mut rxs = Vec::with_capacity(n);
             for s in 0..n {
@@ -145,15 +157,16 @@ pub fn batch_curve<B: Backend>(
             } else {
                 secs * 1e3 / full.len() as f64
             };
-            Ok((decode, total, step_ms))
+            Ok((decode, total, step_ms, phase_means_us(&full)))
         };
         once().with_context(|| format!("warmup of batch {n}"))?;
-        let (mut dec, mut tot, mut step) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut dec, mut tot, mut step, mut phases) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..runs.max(1) {
-            let (d, t, s) = once()?;
+            let (d, t, s, p) = once()?;
             dec.push(d);
             tot.push(t);
             step.push(s);
+            phases.push(p);
         }
         let name = format!("batch{n}");
         let r_dec =
@@ -162,11 +175,20 @@ pub fn batch_curve<B: Backend>(
             .with_param("concurrency", n as f64);
         let r_step =
             Row::new(&name, "tpot_ms", "ms", Better::Lower, step).with_param("concurrency", n as f64);
+        let p = phases.last().copied().unwrap_or_default();
         eprintln!(
-            "{name:>9}: decode {:>10.1} tok/s  (step {:.3} ms; with prefill {:.1} tok/s)",
-            r_dec.stats.median, r_step.stats.median, r_tot.stats.median
+            "{name:>9}: decode {:>10.1} tok/s  (step {:.3} ms; with prefill {:.1} tok/s)\n           \
+             step phases (last run, us): schedule {:.1}, forward {:.1}, pick {:.1}, emit {:.1}",
+            r_dec.stats.median, r_step.stats.median, r_tot.stats.median, p[0], p[1], p[2], p[3]
         );
-        out.push(json!({"sequences": n, "decode_tok_s": r_dec.raw, "end_to_end_tok_s": r_tot.raw, "step_ms": r_step.raw}));
+        let phases: Vec<Value> = phases
+            .iter()
+            .map(|p| json!({"schedule_us": p[0], "forward_us": p[1], "pick_us": p[2], "emit_us": p[3]}))
+            .collect();
+        out.push(
+            json!({"sequences": n, "decode_tok_s": r_dec.raw, "end_to_end_tok_s": r_tot.raw,
+                        "step_ms": r_step.raw, "step_phases": phases}),
+        );
         rows.extend([r_dec, r_tot, r_step]);
     }
     Ok(json!(out))

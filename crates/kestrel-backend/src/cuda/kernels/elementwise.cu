@@ -95,10 +95,26 @@ extern "C" __global__ void argmax_rows(const float* x, int cols, u64* keys) { pd
     const float* xr = x + (long long)blockIdx.y * cols;
     float best = -__int_as_float(0x7f800000);
     int bi = 0x7fffffff;
-    #pragma unroll 4
-    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x) {
-        float v = xr[c];
-        if (v > best) { best = v; bi = c; }
+    int stride = gridDim.x * blockDim.x;
+    if ((cols & 3) == 0) {
+        // 16-byte loads, several in flight per thread (rows are 16-byte
+        // aligned when cols % 4 == 0); a thread visits its indices in
+        // increasing order, so `>` keeps the first of equal values.
+        const float4* x4 = (const float4*)xr;
+        #pragma unroll 8
+        for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < (cols >> 2); c += stride) {
+            float4 v = x4[c];
+            if (v.x > best) { best = v.x; bi = 4 * c; }
+            if (v.y > best) { best = v.y; bi = 4 * c + 1; }
+            if (v.z > best) { best = v.z; bi = 4 * c + 2; }
+            if (v.w > best) { best = v.w; bi = 4 * c + 3; }
+        }
+    } else {
+        #pragma unroll 4
+        for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += stride) {
+            float v = xr[c];
+            if (v > best) { best = v; bi = c; }
+        }
     }
     #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
@@ -209,12 +225,63 @@ extern "C" __global__ void write_kv(void* pool, long long layer_off, long long v
 // x += delta'; out = rms_norm(x) * w. Replaces rms_norm + add_rms_norm (two launches, two
 // passes over x) with one; the arithmetic per element is the same as theirs.
 // out16 (may be null): `out` again as f16, for the GEMMs of batched steps.
+#define RN_MAXE 4 // elements per thread held in registers (cols <= 4 * blockDim.x)
+
 extern "C" __global__ void residual_norm(float* x, const float* delta, const float* post_w, const float* w,
                                          float eps, int cols, float* out, u16* out16) { pdl_entry();
     __shared__ float scratch[32];
     float* xr = x + (long long)blockIdx.x * cols;
     const float* dr = delta + (long long)blockIdx.x * cols;
     float* o = out + (long long)blockIdx.x * cols;
+    u16* o16 = out16 ? out16 + (long long)blockIdx.x * cols : nullptr;
+    if (cols <= RN_MAXE * (int)blockDim.x) {
+        // Every operand loaded once, all loads issued together: one memory
+        // latency per launch instead of one per pass (three). Same
+        // arithmetic in the same order as the loop below.
+        float d[RN_MAXE], xv[RN_MAXE], pw[RN_MAXE], wv[RN_MAXE];
+        #pragma unroll
+        for (int k = 0; k < RN_MAXE; k++) {
+            int c = threadIdx.x + k * blockDim.x;
+            bool in = c < cols;
+            d[k] = in ? dr[c] : 0.0f;
+            xv[k] = in ? xr[c] : 0.0f;
+            pw[k] = in && post_w ? post_w[c] : 0.0f;
+            wv[k] = in ? w[c] : 0.0f;
+        }
+        float pinv = 1.0f;
+        if (post_w) {
+            float ps = 0.0f;
+            #pragma unroll
+            for (int k = 0; k < RN_MAXE; k++)
+                if (threadIdx.x + k * blockDim.x < cols) ps += d[k] * d[k];
+            ps = block_sum(ps, scratch);
+            pinv = rsqrtf(ps / (float)cols + eps);
+        }
+        float ss = 0.0f;
+        #pragma unroll
+        for (int k = 0; k < RN_MAXE; k++) {
+            int c = threadIdx.x + k * blockDim.x;
+            if (c < cols) {
+                float dd = post_w ? __fmul_rn(__fmul_rn(d[k], pinv), pw[k]) : d[k];
+                float v = __fadd_rn(xv[k], dd);
+                xr[c] = v;
+                xv[k] = v;
+                ss += v * v;
+            }
+        }
+        ss = block_sum(ss, scratch);
+        float inv = rsqrtf(ss / (float)cols + eps);
+        #pragma unroll
+        for (int k = 0; k < RN_MAXE; k++) {
+            int c = threadIdx.x + k * blockDim.x;
+            if (c < cols) {
+                float v = xv[k] * inv * wv[k];
+                o[c] = v;
+                if (o16) o16[c] = f2h(v);
+            }
+        }
+        return;
+    }
     float pinv = 1.0f;
     if (post_w) {
         float ps = 0.0f;
@@ -236,7 +303,7 @@ extern "C" __global__ void residual_norm(float* x, const float* delta, const flo
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         float v = xr[c] * inv * w[c];
         o[c] = v;
-        if (out16) out16[(long long)blockIdx.x * cols + c] = f2h(v);
+        if (o16) o16[c] = f2h(v);
     }
 }
 
