@@ -139,6 +139,31 @@ pub trait Backend: Send + Sync {
             .map(|r| crate::layout::argmax(&v[r * cols..(r + 1) * cols]) as u32)
             .collect())
     }
+    // ---- overlapped greedy steps (defaults: unsupported) --------------------
+
+    /// Whether `queue_argmax`, `take_argmax` and `feed_argmax` work here: a
+    /// greedy decode step can then be launched with the previous step's
+    /// argmax as its input tokens before those reach the host, so that the
+    /// host's work of one step overlaps the device's work of the next.
+    fn supports_argmax_feed(&self) -> bool {
+        false
+    }
+    /// Queues the argmax of every row of `x` and its copy to the host
+    /// without waiting; returns the ticket for `take_argmax`. The ids stay
+    /// on the device for `feed_argmax` until the next `queue_argmax`.
+    fn queue_argmax(&self, _x: &Self::Act) -> Result<u64> {
+        Err(BackendError::Unsupported("queued argmax on this backend".into()))
+    }
+    /// The ids of a queued argmax, one per row (waits for them).
+    fn take_argmax(&self, _ticket: u64) -> Result<Vec<u32>> {
+        Err(BackendError::Unsupported("queued argmax on this backend".into()))
+    }
+    /// Makes the batch's first `rows` input tokens the ids of the latest
+    /// queued argmax's rows, in order, where they are computed (no wait).
+    fn feed_argmax(&self, _batch: &mut Self::Batch, _rows: usize) -> Result<()> {
+        Err(BackendError::Unsupported("queued argmax on this backend".into()))
+    }
+
     /// Whether `sample_rows` runs on this backend for rows of `vocab`
     /// logits (the engine then keeps logits on the device for non-greedy
     /// rows).

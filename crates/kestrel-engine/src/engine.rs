@@ -125,6 +125,9 @@ pub struct EngineStats {
     pub tokens_computed: u64,
     pub tokens_generated: u64,
     pub preemptions: u64,
+    /// Steps launched before the previous step's tokens were read (their
+    /// input tokens fed from its argmax on the device).
+    pub overlapped_steps: u64,
 }
 
 /// Checks a request against what the engine can serve; shared by the
@@ -221,7 +224,26 @@ pub struct Engine<B: Backend> {
     pending_failures: Vec<(RequestId, String)>,
     /// `Some`: defer streaming (or not) regardless of backend and batch.
     defer_override: Option<bool>,
+    /// Whether greedy steps overlap (see [`InFlight`]).
+    overlap: bool,
+    /// The greedy step on the device whose tokens are not read yet.
+    inflight: Option<InFlight>,
 }
+
+/// A greedy step launched with its argmax queued but not read back. The
+/// next `step` launches the step after it first (its input tokens fed from
+/// this argmax on the device, when the plan is certain without them: see
+/// `Scheduler::schedule_lookahead`), then reads these tokens and streams
+/// them while the device computes. The host's scheduling, launch and
+/// streaming then hide behind device work instead of adding to every step.
+struct InFlight {
+    /// Sampling sequences in row order.
+    ids: Vec<RequestId>,
+    ticket: u64,
+}
+
+/// Token id held by a looked-ahead step until the sampled one is known.
+const PLACEHOLDER_TOKEN: u32 = 0;
 
 /// Steps with at least this many sampling sequences stream their tokens
 /// during the next step's device work (on backends that run asynchronously).
@@ -275,6 +297,11 @@ impl<B: Backend> Engine<B> {
                 .context_len
                 .min(config.num_kv_blocks * config.block_size),
         };
+        // Overlapped greedy steps where the device runs on its own (tuning
+        // knob `KESTREL_OVERLAP=0` turns them off, for A/B runs).
+        let overlap = model.backend.runs_async()
+            && model.backend.supports_argmax_feed()
+            && std::env::var("KESTREL_OVERLAP").map_or(true, |v| v.trim() != "0");
         Ok(Engine {
             model,
             tok: tokenizer,
@@ -288,6 +315,8 @@ impl<B: Backend> Engine<B> {
             pending: Vec::new(),
             pending_failures: Vec::new(),
             defer_override: None,
+            overlap,
+            inflight: None,
         })
     }
 
@@ -362,10 +391,18 @@ impl<B: Backend> Engine<B> {
         self.defer_override = on;
     }
 
+    /// Turns overlapped greedy steps on or off (default: on where the
+    /// backend runs asynchronously and can feed argmax ids back). For tests,
+    /// which run on the CPU, and A/B runs. Takes effect from the next step
+    /// launched.
+    pub fn set_overlap(&mut self, on: bool) {
+        self.overlap = on && self.model.backend.supports_argmax_feed();
+    }
+
     /// Whether any request is queued or running, or tokens wait to be
     /// streamed.
     pub fn has_work(&self) -> bool {
-        self.sched.has_work() || !self.pending.is_empty()
+        self.sched.has_work() || !self.pending.is_empty() || self.inflight.is_some()
     }
 
     pub fn stats(&self) -> EngineStats {
@@ -422,6 +459,9 @@ impl<B: Backend> Engine<B> {
     pub fn step(&mut self) -> Result<StepReport, EngineError> {
         let t0 = Instant::now();
         self.reap_disconnected();
+        if let Some(prev) = self.inflight.take() {
+            return self.step_overlapped(prev, t0);
+        }
         let plan = self.sched.schedule();
         let mut report = StepReport {
             num_seqs: plan.scheduled.len(),
@@ -452,25 +492,10 @@ impl<B: Backend> Engine<B> {
         self.stats.steps += 1;
         self.stats.tokens_computed += report.num_tokens as u64;
 
-        // Streaming overlaps the next step's device work only where the
-        // backend runs asynchronously.
-        let defer = self
-            .defer_override
-            .unwrap_or(self.model.backend.runs_async() && ids.len() >= DEFER_MIN_SEQS);
+        let defer = self.defer_streaming(ids.len());
         match picked {
-            Picked::Tokens(tokens) => {
-                for (token, id) in tokens.into_iter().zip(ids) {
-                    report.num_sampled += 1;
-                    let greedy = Sampled {
-                        token,
-                        logprob: None,
-                        top: Vec::new(),
-                    };
-                    if self.emit(id, greedy, defer)? {
-                        report.num_finished += 1;
-                    }
-                }
-            }
+            Picked::Queued(ticket) => self.inflight = Some(InFlight { ids, ticket }),
+            Picked::Tokens(tokens) => self.emit_greedy(tokens, &ids, defer, false, &mut report)?,
             Picked::Logits(mut logits) => {
                 let vocab = self.model.config.vocab_size;
                 let (sampling, prompt) = logits.split_at_mut(ids.len() * vocab);
@@ -488,7 +513,7 @@ impl<B: Backend> Engine<B> {
                     for (id, sampled) in self.sample_rows(&ids, sampling, vocab) {
                         report.num_sampled += 1;
                         let ended = match sampled {
-                            Some(Ok(s)) => self.emit(id, s, defer)?,
+                            Some(Ok(s)) => self.emit(id, s, defer, false)?,
                             Some(Err(e)) => {
                                 self.fail(id, &e.to_string());
                                 true
@@ -502,11 +527,147 @@ impl<B: Backend> Engine<B> {
                 }
             }
         }
+        self.finish_step(report, t_emit)
+    }
+
+    /// The step after an overlapped one (`prev` still on the device):
+    /// launches the next greedy step first where its plan is certain
+    /// without `prev`'s tokens, then reads those tokens and streams them
+    /// while the device works.
+    fn step_overlapped(&mut self, prev: InFlight, t0: Instant) -> Result<StepReport, EngineError> {
+        let mut report = StepReport::default();
+        let plan = if self.overlap && self.lookahead_allowed(&prev.ids) {
+            self.sched.schedule_lookahead(&prev.ids, PLACEHOLDER_TOKEN)
+        } else {
+            None
+        };
+        report.times.schedule = t0.elapsed();
+        let mut next = None;
+        if let Some(plan) = plan {
+            report.num_seqs = plan.scheduled.len();
+            report.num_tokens = plan.layout.num_tokens();
+            let t1 = Instant::now();
+            let launched = self.launch_fed(&plan);
+            report.times.forward = t1.elapsed();
+            match launched {
+                Ok(ticket) => next = Some((plan, ticket)),
+                Err(e) => {
+                    let msg = format!("the model failed on this step: {e}");
+                    for &id in &prev.ids {
+                        self.fail(id, &msg);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let t2 = Instant::now();
+        let tokens = self.model.backend.take_argmax(prev.ticket);
+        report.times.pick = t2.elapsed();
+        let t_emit = Instant::now();
+        let tokens = match tokens {
+            Ok(t) if t.len() == prev.ids.len() => t,
+            got => {
+                let e = match got {
+                    Err(e) => EngineError::Model(e.into()),
+                    Ok(t) => EngineError::Request(format!(
+                        "the model returned {} ids for {} sampling rows",
+                        t.len(),
+                        prev.ids.len()
+                    )),
+                };
+                let msg = format!("the model failed on this step: {e}");
+                for &id in &prev.ids {
+                    self.fail(id, &msg);
+                }
+                return Err(e);
+            }
+        };
+        // Tokens deferred by an earlier step precede these.
+        self.deliver_pending();
+        let replace = next.is_some();
+        // With no step launched nothing overlaps this streaming: defer as
+        // after any step.
+        let defer = !replace && self.defer_streaming(prev.ids.len());
+        self.emit_greedy(tokens, &prev.ids, defer, replace, &mut report)?;
+        if let Some((plan, ticket)) = next {
+            // Its placeholders are the real tokens now: record its KV.
+            self.sched.complete_step(&plan)?;
+            self.stats.steps += 1;
+            self.stats.overlapped_steps += 1;
+            self.stats.tokens_computed += plan.layout.num_tokens() as u64;
+            self.inflight = Some(InFlight {
+                ids: plan.samplers().collect(),
+                ticket,
+            });
+        }
+        self.finish_step(report, t_emit)
+    }
+
+    /// Whether the step after the one in flight may be planned before its
+    /// tokens are known: every request is plain greedy (the argmax is its
+    /// token) and none can end by count with this token. An end by EOS or
+    /// a stop string only wastes its row of the next step.
+    fn lookahead_allowed(&self, ids: &[RequestId]) -> bool {
+        ids.iter()
+            .all(|id| match (self.outputs.get(id), self.sched.seq(*id)) {
+                (Some(o), Some(s)) => {
+                    o.params.is_plain_greedy()
+                        && s.generated().len() + 1 < o.params.max_tokens
+                        && s.tokens.len() + 1 < self.limits.max_model_len
+                }
+                _ => false,
+            })
+    }
+
+    /// Launches a looked-ahead greedy step whose input tokens come from the
+    /// queued argmax on the device; returns its own argmax ticket.
+    fn launch_fed(&mut self, plan: &StepPlan) -> Result<u64, EngineError> {
+        let model = self.model.clone();
+        let rows = plan.layout.num_tokens();
+        let act = model.forward_fed(&plan.layout, &mut self.kv, &plan.logit_rows, rows)?;
+        model
+            .backend
+            .queue_argmax(&act)
+            .map_err(|e| EngineError::Model(e.into()))
+    }
+
+    /// Whether a step of `samplers` sequences streams its tokens during
+    /// the next step's device work.
+    fn defer_streaming(&self, samplers: usize) -> bool {
+        self.defer_override
+            .unwrap_or(self.model.backend.runs_async() && samplers >= DEFER_MIN_SEQS)
+    }
+
+    /// Emits argmax tokens, one per sampling sequence of `ids`.
+    fn emit_greedy(
+        &mut self,
+        tokens: Vec<u32>,
+        ids: &[RequestId],
+        defer: bool,
+        replace: bool,
+        report: &mut StepReport,
+    ) -> Result<(), EngineError> {
+        for (token, &id) in tokens.into_iter().zip(ids) {
+            report.num_sampled += 1;
+            let greedy = Sampled {
+                token,
+                logprob: None,
+                top: Vec::new(),
+            };
+            if self.emit(id, greedy, defer, replace)? {
+                report.num_finished += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails what failed while streaming and streams now when nothing
+    /// follows to overlap with.
+    fn finish_step(&mut self, mut report: StepReport, t_emit: Instant) -> Result<StepReport, EngineError> {
         for (id, message) in std::mem::take(&mut self.pending_failures) {
             self.fail(id, &message);
         }
-        if !self.sched.has_work() {
-            // Nothing follows to overlap with: stream now.
+        if !self.sched.has_work() && self.inflight.is_none() {
             self.deliver_pending();
         }
         report.times.emit = t_emit.elapsed();
@@ -579,7 +740,9 @@ impl<B: Backend> Engine<B> {
             && ids
                 .iter()
                 .all(|id| self.outputs.get(id).is_none_or(|o| o.params.logprobs.is_none()));
-        let picked = if all_greedy {
+        let picked = if all_greedy && self.overlap {
+            Picked::Queued(be.queue_argmax(&act).map_err(|e| EngineError::Model(e.into()))?)
+        } else if all_greedy {
             Picked::Tokens(be.argmax_rows(&act).map_err(|e| EngineError::Model(e.into()))?)
         } else if on_device {
             let vocab = self.model.config.vocab_size;
@@ -602,6 +765,7 @@ impl<B: Backend> Engine<B> {
         let rows = plan.logit_rows.len();
         let (got, want) = match &picked {
             Picked::Tokens(t) => (t.len(), rows),
+            Picked::Queued(_) => (rows, rows),
             Picked::Logits(l) => (l.len(), rows * self.model.config.vocab_size),
         };
         if got != want || rows != ids.len() + plan.prompt_rows.iter().map(|r| r.count).sum::<usize>() {
@@ -651,7 +815,7 @@ impl<B: Backend> Engine<B> {
             return Ok(false);
         };
         match out.sampler.sample(row, seq.prompt(), seq.generated()) {
-            Ok(sampled) => self.emit(id, sampled, false),
+            Ok(sampled) => self.emit(id, sampled, false, false),
             Err(e) => {
                 self.fail(id, &e.to_string());
                 Ok(true)
@@ -662,12 +826,24 @@ impl<B: Backend> Engine<B> {
     /// Appends a chosen token to its sequence, streams it and applies the
     /// stop conditions; true when the request ended. With `defer`, a
     /// request without stop strings gets its token streamed by the next
-    /// [`deliver_pending`](Self::deliver_pending) instead.
-    fn emit(&mut self, id: RequestId, sampled: Sampled, defer: bool) -> Result<bool, EngineError> {
+    /// [`deliver_pending`](Self::deliver_pending) instead. With `replace`,
+    /// the token replaces the sequence's placeholder (overlapped steps).
+    fn emit(
+        &mut self,
+        id: RequestId,
+        sampled: Sampled,
+        defer: bool,
+        replace: bool,
+    ) -> Result<bool, EngineError> {
         if self.sched.seq(id).is_none() || !self.outputs.contains_key(&id) {
             return Ok(false);
         }
-        self.sched.append_token(id, sampled.token)?;
+        if replace {
+            // Its placeholder is in the step now on the device.
+            self.sched.set_last_token(id, sampled.token)?;
+        } else {
+            self.sched.append_token(id, sampled.token)?;
+        }
         self.stats.tokens_generated += 1;
         let (Some(out), Some(seq)) = (self.outputs.get_mut(&id), self.sched.seq(id)) else {
             return Ok(false);
@@ -749,6 +925,8 @@ impl<B: Backend> Engine<B> {
 enum Picked {
     /// Argmax ids, one per sampling sequence.
     Tokens(Vec<u32>),
+    /// Argmax ids queued on the device (overlapped steps).
+    Queued(u64),
     /// Logits rows `[samplers, vocab]` on the host.
     Logits(Vec<f32>),
 }

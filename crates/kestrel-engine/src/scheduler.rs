@@ -553,6 +553,66 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Plans the step after the one in flight, before its sampled tokens
+    /// are known: every sequence of `ids` (which must be exactly the running
+    /// sequences, in order, all fully computed) decodes the token being
+    /// sampled now, held as `placeholder` until [`set_last_token`]
+    /// (Self::set_last_token) replaces it. This is the plan `schedule`
+    /// would make once the tokens are appended. `None`, with nothing
+    /// changed, where that is not certain: a sequence waits to be admitted,
+    /// the token budget is short, or the pool lacks a block (preemption).
+    pub fn schedule_lookahead(&mut self, ids: &[SeqId], placeholder: u32) -> Option<StepPlan> {
+        if !self.waiting.is_empty() || self.running != ids || ids.len() > self.cfg.max_num_batched_tokens {
+            return None;
+        }
+        let bs = self.blocks.block_size();
+        let mut need = 0;
+        for id in ids {
+            let s = self.seqs.get(id)?;
+            if s.num_computed != s.tokens.len() || s.prompt_logprobs_from.is_some() {
+                return None;
+            }
+            let have = self.blocks.block_table(*id)?.len();
+            need += (s.tokens.len() + 1).div_ceil(bs).saturating_sub(have);
+        }
+        if need > self.blocks.num_free_blocks() {
+            return None;
+        }
+        let mut scheduled = Vec::with_capacity(ids.len());
+        for &id in ids {
+            let s = self.seqs.get_mut(&id)?;
+            s.tokens.push(placeholder);
+            let slots = s.tokens.len();
+            // Cannot fail: the blocks were counted above.
+            self.blocks.append_slots(id, slots).ok()?;
+            scheduled.push(Scheduled {
+                id,
+                num_tokens: 1,
+                sample: true,
+                prompt_rows: 0,
+            });
+        }
+        let (layout, logit_rows, prompt_rows) = self.build_layout(&scheduled);
+        Some(StepPlan {
+            layout,
+            logit_rows,
+            scheduled,
+            prompt_rows,
+            preempted: Vec::new(),
+        })
+    }
+
+    /// Replaces a sequence's last token (the placeholder of
+    /// `schedule_lookahead`) with the sampled one.
+    pub fn set_last_token(&mut self, id: SeqId, token: u32) -> Result<(), SchedulerError> {
+        let s = self.seqs.get_mut(&id).ok_or(SchedulerError::Unknown { id })?;
+        match s.tokens.last_mut() {
+            Some(t) => *t = token,
+            None => s.tokens.push(token),
+        }
+        Ok(())
+    }
+
     /// Appends a sampled token to a sequence.
     pub fn append_token(&mut self, id: SeqId, token: u32) -> Result<(), SchedulerError> {
         let s = self.seqs.get_mut(&id).ok_or(SchedulerError::Unknown { id })?;

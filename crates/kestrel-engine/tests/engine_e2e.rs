@@ -30,7 +30,7 @@ fn greedy(max_tokens: usize) -> SamplingParams {
 }
 
 /// Everything one request produced.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 struct Outcome {
     tokens: Vec<u32>,
     text: String,
@@ -326,22 +326,46 @@ fn aborts_at_any_point_return_every_block() {
     }
 }
 
-/// Streaming a step's tokens during the next step (what the engine does on
-/// CUDA at 8+ sequences) changes no event: same tokens, text, finish
-/// reasons and usage, in the same order, for requests ending by length, by
-/// EOS, by a stop string (never deferred) and by an abort, and the pool
-/// comes back full.
+/// How the engine hands tokens to the streams in `streaming_modes_change_no_event`.
+#[derive(Clone, Copy, Debug)]
+enum Streaming {
+    Eager,
+    /// A step's tokens streamed during the next step (CUDA, 8+ sequences).
+    Deferred,
+    /// Greedy steps launched before the previous step's tokens are read,
+    /// their input tokens fed from its argmax (CUDA's default).
+    Overlapped,
+}
+
+/// Appends what `rx` has produced since the last call to `o`.
+fn drain_into(o: &mut Outcome, rx: &EventReceiver) {
+    let more = collect(rx);
+    o.tokens.extend(more.tokens);
+    o.text.push_str(&more.text);
+    if more.reason.is_some() {
+        o.reason = more.reason;
+        o.usage = more.usage;
+    }
+}
+
+/// Deferred streaming and overlapped steps change no event: same tokens,
+/// text, finish reasons and usage, in the same order, for requests ending
+/// by length (1, 2 or 3 tokens: overlapped steps then fall back to plain
+/// ones), by a stop token id, by a stop string (never deferred) and by an
+/// abort, and the pool comes back full.
 #[test]
-fn deferred_streaming_changes_no_event() {
+fn streaming_modes_change_no_event() {
     let refs = references();
     let prompts = prompts(&refs);
-    let run = |defer: bool| -> Vec<Outcome> {
+    let last = prompts.len() - 1;
+    let run = |mode: Streaming| -> Vec<Outcome> {
         let mut e = engine(EngineConfig {
             num_kv_blocks: 64,
             max_num_batched_tokens: 32,
             ..EngineConfig::default()
         });
-        e.set_deferred_streaming(Some(defer));
+        e.set_deferred_streaming(Some(matches!(mode, Streaming::Deferred)));
+        e.set_overlap(matches!(mode, Streaming::Overlapped));
         let total = e.stats().kv_blocks_total;
         let mut rxs = Vec::new();
         for (i, p) in prompts.iter().enumerate() {
@@ -362,27 +386,57 @@ fn deferred_streaming_changes_no_event() {
             };
             rxs.push(e.add_request(p.clone(), params).expect("add"));
         }
+        let mut outs = vec![Outcome::default(); rxs.len()];
+        let mut aborted = false;
         let mut steps = 0;
         while e.has_work() {
             e.step().expect("step");
             steps += 1;
-            if steps == 6 {
-                assert!(e.abort(rxs[rxs.len() - 1].0), "the last request is still running");
+            for (o, (_, rx)) in outs.iter_mut().zip(&rxs) {
+                drain_into(o, rx);
             }
+            // The last request is aborted once it has streamed 3 tokens.
+            if !aborted && outs[last].tokens.len() >= 3 {
+                assert!(e.abort(rxs[last].0), "the last request is still running");
+                aborted = true;
+            }
+            e.block_manager().check_invariants().expect("pool consistent");
             assert!(steps < 10_000);
         }
-        assert_eq!(e.block_manager().num_free_blocks(), total, "defer {defer}");
-        rxs.iter().map(|(_, rx)| collect(rx)).collect()
+        assert!(aborted, "{mode:?}: the last request was not aborted");
+        let overlapped = e.stats().overlapped_steps;
+        assert_eq!(
+            overlapped > 0,
+            matches!(mode, Streaming::Overlapped),
+            "{mode:?}: {overlapped} overlapped steps"
+        );
+        assert_eq!(e.block_manager().num_free_blocks(), total, "{mode:?}");
+        for (o, (_, rx)) in outs.iter_mut().zip(&rxs) {
+            drain_into(o, rx);
+        }
+        outs
     };
-    let (eager, deferred) = (run(false), run(true));
-    assert_eq!(eager, deferred);
+    let eager = run(Streaming::Eager);
     assert!(eager.iter().all(|o| o.reason.is_some()), "every request ended");
-    assert_eq!(eager.last().and_then(|o| o.reason), Some(FinishReason::Abort));
-    let lengths: Vec<usize> = eager.iter().map(|o| o.tokens.len()).collect();
-    assert!(
-        lengths.windows(2).any(|w| w[0] != w[1]),
-        "requests end at different steps: {lengths:?}"
-    );
+    assert_eq!(eager[last].reason, Some(FinishReason::Abort));
+    let reasons: Vec<Option<FinishReason>> = eager.iter().map(|o| o.reason).collect();
+    for want in [FinishReason::Length, FinishReason::Stop] {
+        assert!(
+            reasons.contains(&Some(want)),
+            "no request ended by {want:?}: {reasons:?}"
+        );
+    }
+    for mode in [Streaming::Deferred, Streaming::Overlapped] {
+        let got = run(mode);
+        assert_eq!(got[..last], eager[..last], "{mode:?}");
+        // An abort ends a request wherever its stream is: the tokens it got
+        // are a prefix of the same greedy continuation.
+        let (a, b) = (&got[last], &eager[last]);
+        assert_eq!(a.reason, Some(FinishReason::Abort), "{mode:?}");
+        let n = a.tokens.len().min(b.tokens.len());
+        assert!(n >= 3, "{mode:?}: aborted after {n} tokens");
+        assert_eq!(a.tokens[..n], b.tokens[..n], "{mode:?}: aborted request");
+    }
 }
 
 #[test]

@@ -406,6 +406,30 @@ impl<B: Backend> Model<B> {
         kv: &mut B::KvPool,
         logit_rows: &[u32],
     ) -> Result<Logits<'_, B>, ModelError> {
+        self.forward_impl(layout, kv, logit_rows, None)
+    }
+
+    /// `forward` whose first `fed_rows` input tokens are the ids of the
+    /// backend's latest `queue_argmax` (the layout's tokens there are
+    /// placeholders): an overlapped greedy decode step, launched before the
+    /// previous step's ids reach the host.
+    pub fn forward_fed(
+        &self,
+        layout: &BatchLayout,
+        kv: &mut B::KvPool,
+        logit_rows: &[u32],
+        fed_rows: usize,
+    ) -> Result<Logits<'_, B>, ModelError> {
+        self.forward_impl(layout, kv, logit_rows, Some(fed_rows))
+    }
+
+    fn forward_impl(
+        &self,
+        layout: &BatchLayout,
+        kv: &mut B::KvPool,
+        logit_rows: &[u32],
+        fed_rows: Option<usize>,
+    ) -> Result<Logits<'_, B>, ModelError> {
         let n = layout.num_tokens();
         if n == 0 {
             return Err(ModelError::Request("forward called with an empty batch".into()));
@@ -465,7 +489,10 @@ impl<B: Backend> Model<B> {
             let blocks = layout.seqs.iter().map(|s| s.block_table.len()).max().unwrap_or(0);
             be.reserve_batch(n.max(4096), layout.seqs.len().max(256), blocks.max(1024))?;
         }
-        let batch = be.prepare_batch(layout)?;
+        let mut batch = be.prepare_batch(layout)?;
+        if let Some(rows) = fed_rows {
+            be.feed_argmax(&mut batch, rows)?;
+        }
         st.evict_for(n, m, c.vocab_size);
         if let Entry::Vacant(e) = st.scratch.entry(n) {
             e.insert(self.scratch(n)?);

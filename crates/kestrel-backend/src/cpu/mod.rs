@@ -40,6 +40,8 @@ pub mod storage;
 #[cfg(test)]
 mod tests;
 
+use std::sync::{Arc, Mutex};
+
 use kestrel_formats::TensorView;
 
 pub use attention::CpuKvPool;
@@ -120,6 +122,18 @@ pub struct CpuBatch {
 pub struct CpuBackend {
     level: SimdLevel,
     threads: usize,
+    /// Queued argmax results (`queue_argmax`): computed at once here, kept
+    /// for `take_argmax` and `feed_argmax` so that the engine's overlapped
+    /// steps run (and are tested) on the CPU too.
+    queued: Arc<Mutex<QueuedArgmax>>,
+}
+
+/// The latest queued argmax results by ticket (the two newest are kept, as
+/// on CUDA).
+#[derive(Debug, Default)]
+struct QueuedArgmax {
+    next: u64,
+    results: std::collections::VecDeque<(u64, Vec<u32>)>,
 }
 
 impl Default for CpuBackend {
@@ -129,6 +143,12 @@ impl Default for CpuBackend {
 }
 
 impl CpuBackend {
+    fn queued_argmax(&self) -> Result<std::sync::MutexGuard<'_, QueuedArgmax>> {
+        self.queued
+            .lock()
+            .map_err(|_| BackendError::Other("queued argmax state poisoned".into()))
+    }
+
     /// Backend with the kernel set and thread count from the environment
     /// (see the module docs). Invalid environment values are reported with
     /// a warning and replaced by the defaults.
@@ -153,6 +173,7 @@ impl CpuBackend {
         CpuBackend {
             level,
             threads: rayon::current_num_threads(),
+            queued: Arc::default(),
         }
     }
 
@@ -535,6 +556,49 @@ impl Backend for CpuBackend {
             .take(x.rows)
             .map(|r| crate::layout::argmax(r) as u32)
             .collect())
+    }
+
+    fn supports_argmax_feed(&self) -> bool {
+        true
+    }
+
+    fn queue_argmax(&self, x: &CpuAct) -> Result<u64> {
+        let ids = self.argmax_rows(x)?;
+        let mut q = self.queued_argmax()?;
+        let ticket = q.next;
+        q.next += 1;
+        q.results.push_back((ticket, ids));
+        while q.results.len() > 2 {
+            q.results.pop_front();
+        }
+        Ok(ticket)
+    }
+
+    fn take_argmax(&self, ticket: u64) -> Result<Vec<u32>> {
+        let q = self.queued_argmax()?;
+        q.results
+            .iter()
+            .find(|(t, _)| *t == ticket)
+            .map(|(_, ids)| ids.clone())
+            .ok_or_else(|| {
+                BackendError::Other(format!("argmax ticket {ticket} is gone (two newer were queued)"))
+            })
+    }
+
+    fn feed_argmax(&self, batch: &mut CpuBatch, rows: usize) -> Result<()> {
+        let q = self.queued_argmax()?;
+        let Some((_, ids)) = q.results.back() else {
+            return Err(BackendError::Other("feed_argmax before any queued argmax".into()));
+        };
+        if rows > ids.len() || rows > batch.layout.tokens.len() {
+            return Err(BackendError::Other(format!(
+                "feed_argmax: {rows} rows, but the argmax has {} and the batch {}",
+                ids.len(),
+                batch.layout.tokens.len()
+            )));
+        }
+        batch.layout.tokens[..rows].copy_from_slice(&ids[..rows]);
+        Ok(())
     }
 
     fn act_rows(&self, x: &CpuAct) -> usize {

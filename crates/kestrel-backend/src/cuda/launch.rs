@@ -45,7 +45,8 @@ pub(crate) struct Kernels {
     pdl: bool,
 }
 
-const PLAIN: [&str; 33] = [
+const PLAIN: [&str; 34] = [
+    "tokens_from_keys",
     "sample_rows",
     "decode_program",
     "decode_program_x2",

@@ -8,6 +8,7 @@
 //! whole-row dequantize + naive dot, unfused norms and RoPE, three-pass
 //! attention, host argmax) so that the two can be compared token by token.
 
+mod argmax_queue;
 mod buffers;
 mod compile;
 mod device;
@@ -143,6 +144,8 @@ pub(crate) struct State {
     sample_rows: Option<DevBuf>,
     sample_pens: Option<DevBuf>,
     sample_out: Option<DevBuf>,
+    /// Argmax ids queued for overlapped decode steps.
+    queued: argmax_queue::ArgmaxQueue,
 }
 
 pub struct CudaBackend {
@@ -563,11 +566,7 @@ impl CudaBackend {
         }
         let mut out = vec![0u64; rows];
         self.dtoh(&mut out, keys.ptr, "reading argmax ids")?;
-        // Key 0: the row had only NaNs (layout::argmax answers 0 then too).
-        Ok(out
-            .iter()
-            .map(|&k| if k == 0 { 0 } else { u32::MAX - (k as u32) })
-            .collect())
+        Ok(out.iter().map(|&k| argmax_queue::id_of_key(k)).collect())
     }
 
     fn elementwise(&self, name: &str, n: usize, args: &[Arg]) -> Result<()> {
@@ -1229,6 +1228,22 @@ impl Backend for CudaBackend {
         }
         self.launch_argmax(x)?;
         self.fetch_argmax(x.rows)
+    }
+
+    fn supports_argmax_feed(&self) -> bool {
+        self.kernels == KernelSet::Fused
+    }
+
+    fn queue_argmax(&self, x: &CudaAct) -> Result<u64> {
+        self.queue_argmax_impl(x)
+    }
+
+    fn take_argmax(&self, ticket: u64) -> Result<Vec<u32>> {
+        self.take_argmax_impl(ticket)
+    }
+
+    fn feed_argmax(&self, batch: &mut CudaBatch, rows: usize) -> Result<()> {
+        self.feed_argmax_impl(batch, rows)
     }
 
     fn device_sampling(&self, vocab: usize) -> bool {

@@ -142,6 +142,16 @@ extern "C" __global__ void argmax_rows(const float* x, int cols, u64* keys) { pd
     }
 }
 
+// Input tokens of an overlapped decode step from the previous step's argmax
+// keys (row i feeds token i): the same decoding as the host's id_of_key.
+extern "C" __global__ void tokens_from_keys(const u64* keys, int rows, u32* tokens) { pdl_entry();
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < rows) {
+        u64 k = keys[i];
+        tokens[i] = k == 0 ? 0u : 0xffffffffu - (u32)k;
+    }
+}
+
 // Rotation of one pair by position `pos` of pair index `i`.
 // The angle is formed and evaluated in f64 (as the CPU backend does): at
 // long contexts pos * inv_freq reaches 1e4..1e5 rad, where f32 loses ~1e-3.
