@@ -329,6 +329,16 @@ fn norms_and_elementwise() {
         );
 
         // argmax: ties resolve to the first index; a large vocabulary row.
+        // (device ids, host ids) of `rows` rows of `cols` logits.
+        let argmaxes = |rows: usize, cols: usize, logits: &[f32]| -> (Vec<u32>, Vec<u32>) {
+            let la = act(&be, rows, cols, logits);
+            let ids = be.argmax_rows(&la).expect("argmax");
+            let want = logits
+                .chunks(cols)
+                .map(|r| crate::layout::argmax(r) as u32)
+                .collect();
+            (ids, want)
+        };
         let vcols = 262_147;
         let mut logits = rvec(&mut rng, 4 * vcols, 10.0);
         logits[vcols + 7] = 50.0;
@@ -337,12 +347,7 @@ fn norms_and_elementwise() {
         logits[3 * vcols..]
             .iter_mut()
             .for_each(|v| *v = f32::NEG_INFINITY);
-        let la = act(&be, 4, vcols, &logits);
-        let ids = be.argmax_rows(&la).expect("argmax");
-        let want: Vec<u32> = logits
-            .chunks(vcols)
-            .map(|r| crate::layout::argmax(r) as u32)
-            .collect();
+        let (ids, want) = argmaxes(4, vcols, &logits);
         assert_eq!(ids, want, "{ks:?} argmax");
         assert_eq!(ids[1], 7);
         // A width divisible by 4 takes the 16-byte loads: ties inside one
@@ -354,12 +359,7 @@ fn norms_and_elementwise() {
         logits[200_001] = 50.0;
         logits[vcols + 131_072] = 70.0;
         logits[vcols + 3] = 70.0;
-        let la = act(&be, 3, vcols, &logits);
-        let ids = be.argmax_rows(&la).expect("argmax");
-        let want: Vec<u32> = logits
-            .chunks(vcols)
-            .map(|r| crate::layout::argmax(r) as u32)
-            .collect();
+        let (ids, want) = argmaxes(3, vcols, &logits);
         assert_eq!(ids, want, "{ks:?} argmax of 16-byte rows");
         assert_eq!(&ids[..2], &[5, 3]);
     }
