@@ -7,28 +7,27 @@
 //! same keys into N+1's input tokens on the device. Two result slots, so
 //! that N's ids stay readable while N+1's are queued.
 
-use cudarc::driver::{CudaEvent, PinnedHostSlice};
-
+use super::buffers::PinnedStaging;
 use super::launch::{i32_of, Arg};
 use super::{CudaAct, CudaBackend, CudaBatch};
 use crate::backend::Result;
 use crate::error::BackendError;
 
+const WHAT: &str = "argmax ids";
+
+/// One queued argmax: its ids' pinned copy and which ticket they are.
+#[derive(Default)]
 struct Slot {
-    ticket: u64,
+    staging: Option<PinnedStaging<u64>>,
+    /// None while the slot holds no readable ids.
+    ticket: Option<u64>,
     rows: usize,
-    host: PinnedHostSlice<u64>,
-    copied: CudaEvent,
 }
 
 #[derive(Default)]
 pub(crate) struct ArgmaxQueue {
     next: u64,
-    slots: [Option<Slot>; 2],
-}
-
-fn cuda(what: &str, e: cudarc::driver::DriverError) -> BackendError {
-    BackendError::Cuda(format!("{what}: {e}"))
+    slots: [Slot; 2],
 }
 
 /// Host id of an argmax key (see `argmax_rows` in elementwise.cu); key 0:
@@ -59,69 +58,37 @@ impl CudaBackend {
         let q = &mut st.queued;
         let ticket = q.next;
         q.next += 1;
-        let i = (ticket % 2) as usize;
-        // The slot's previous copy must be done before it is overwritten.
-        let old = q.slots[i].take();
-        if let Some(s) = &old {
-            s.copied
-                .synchronize()
-                .map_err(|e| cuda("waiting for an earlier argmax copy", e))?;
-        }
-        let (mut host, copied) = match old {
-            Some(s) if s.host.len() >= rows.max(1) => (s.host, s.copied),
-            old => {
-                let cap = rows.max(64).next_power_of_two();
-                // SAFETY: only the `rows` words the copy below writes are read.
-                let host = unsafe { stream.context().alloc_pinned_with_flags::<u64>(cap, 0) }
-                    .map_err(|e| cuda("allocating pinned argmax ids", e))?;
-                let copied = match old {
-                    Some(s) => s.copied,
-                    None => stream
-                        .context()
-                        .new_event(None)
-                        .map_err(|e| cuda("creating the argmax event", e))?,
-                };
-                (host, copied)
-            }
-        };
+        let slot = &mut q.slots[(ticket % 2) as usize];
+        slot.ticket = None;
+        // The slot's previous copy is waited for before it is overwritten.
+        let staging = PinnedStaging::ready(&mut slot.staging, stream, rows, 64, WHAT)?;
         if rows > 0 {
-            let dst = host
-                .as_mut_slice()
-                .map_err(|e| cuda("mapping the pinned argmax ids", e))?;
+            let dst = staging.as_mut_slice(WHAT)?;
             // SAFETY: the key buffer holds `rows` keys (checked above); the
-            // pinned destination is not touched until `copied` completes.
+            // pinned destination is not touched until the recorded copy
+            // completes.
             unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut dst[..rows], keys, stream.cu_stream()) }
-                .map_err(|e| cuda("queueing the argmax ids", e))?;
+                .map_err(|e| BackendError::Cuda(format!("queueing the argmax ids: {e}")))?;
         }
-        copied
-            .record(stream)
-            .map_err(|e| cuda("recording the argmax copy", e))?;
-        q.slots[i] = Some(Slot {
-            ticket,
-            rows,
-            host,
-            copied,
-        });
+        staging.record(stream, WHAT)?;
+        slot.ticket = Some(ticket);
+        slot.rows = rows;
         Ok(ticket)
     }
 
     pub(crate) fn take_argmax_impl(&self, ticket: u64) -> Result<Vec<u32>> {
-        let mut st = self.lock()?;
-        let slot = st.queued.slots[(ticket % 2) as usize]
-            .as_mut()
-            .filter(|s| s.ticket == ticket)
+        let st = self.lock()?;
+        let slot = &st.queued.slots[(ticket % 2) as usize];
+        let staging = slot
+            .staging
+            .as_ref()
+            .filter(|_| slot.ticket == Some(ticket))
             .ok_or_else(|| {
                 BackendError::Other(format!("argmax ticket {ticket} is gone (two newer were queued)"))
             })?;
-        slot.copied
-            .synchronize()
-            .map_err(|e| cuda("waiting for the argmax ids", e))?;
-        let rows = slot.rows;
-        let keys = slot
-            .host
-            .as_slice()
-            .map_err(|e| cuda("reading the pinned argmax ids", e))?;
-        Ok(keys[..rows].iter().map(|&k| id_of_key(k)).collect())
+        staging.wait(WHAT)?;
+        let keys = staging.as_slice(WHAT)?;
+        Ok(keys[..slot.rows].iter().map(|&k| id_of_key(k)).collect())
     }
 
     pub(crate) fn feed_argmax_impl(&self, batch: &mut CudaBatch, rows: usize) -> Result<()> {
@@ -133,9 +100,14 @@ impl CudaBackend {
         }
         let keys = {
             let st = self.lock()?;
-            let newest = st.queued.slots.iter().flatten().max_by_key(|s| s.ticket);
+            let newest = st
+                .queued
+                .slots
+                .iter()
+                .filter_map(|s| s.ticket.map(|t| (t, s.rows)))
+                .max();
             match (newest, st.ids.as_ref()) {
-                (Some(s), Some(b)) if s.rows >= rows && b.bytes >= rows * 8 => b.ptr,
+                (Some((_, queued_rows)), Some(b)) if queued_rows >= rows && b.bytes >= rows * 8 => b.ptr,
                 _ => {
                     return Err(BackendError::Other(format!(
                         "feed_argmax: no queued argmax of at least {rows} rows"

@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{
+    CudaEvent, CudaSlice, CudaStream, DevicePtr, DeviceRepr, PinnedHostSlice, ValidAsZeroBits,
+};
 
 use super::weights::Format;
 use crate::error::BackendError;
@@ -33,6 +35,78 @@ impl DevBuf {
             ptr,
             bytes,
         })
+    }
+}
+
+/// Pinned host memory for asynchronous copies (batch metadata up, argmax
+/// ids down) with the event recorded after its last copy: it is reused or
+/// read only once that copy is done, and the host never syncs the stream.
+pub(crate) struct PinnedStaging<T> {
+    host: PinnedHostSlice<T>,
+    done: CudaEvent,
+}
+
+fn driver(what: &str, e: cudarc::driver::DriverError) -> BackendError {
+    BackendError::Cuda(format!("{what}: {e}"))
+}
+
+impl<T: DeviceRepr + ValidAsZeroBits> PinnedStaging<T> {
+    /// `slot`'s staging, ready to be rewritten: its last copy waited for,
+    /// at least `len` elements (grown to a power of two, at least
+    /// `min_cap`). `what` names it in errors.
+    pub(crate) fn ready<'a>(
+        slot: &'a mut Option<Self>,
+        stream: &Arc<CudaStream>,
+        len: usize,
+        min_cap: usize,
+        what: &str,
+    ) -> Result<&'a mut Self, BackendError> {
+        if let Some(s) = slot.as_ref() {
+            s.wait(what)?;
+        }
+        let grow = slot.as_ref().is_none_or(|s| s.host.len() < len);
+        if grow {
+            let cap = len.max(min_cap).next_power_of_two();
+            // SAFETY: callers read only elements that their copies wrote.
+            let host = unsafe { stream.context().alloc_pinned_with_flags::<T>(cap, 0) }
+                .map_err(|e| driver(&format!("allocating pinned {what}"), e))?;
+            let done = match slot.take() {
+                Some(s) => s.done,
+                None => stream
+                    .context()
+                    .new_event(None)
+                    .map_err(|e| driver(&format!("creating the event of {what}"), e))?,
+            };
+            *slot = Some(PinnedStaging { host, done });
+        }
+        slot.as_mut()
+            .ok_or_else(|| BackendError::Other(format!("{what}: staging missing")))
+    }
+
+    /// Waits for the copies recorded so far.
+    pub(crate) fn wait(&self, what: &str) -> Result<(), BackendError> {
+        self.done
+            .synchronize()
+            .map_err(|e| driver(&format!("waiting for the copy of {what}"), e))
+    }
+
+    /// Marks the end of the copies just queued on `stream`.
+    pub(crate) fn record(&self, stream: &Arc<CudaStream>, what: &str) -> Result<(), BackendError> {
+        self.done
+            .record(stream)
+            .map_err(|e| driver(&format!("recording the copy of {what}"), e))
+    }
+
+    pub(crate) fn as_mut_slice(&mut self, what: &str) -> Result<&mut [T], BackendError> {
+        self.host
+            .as_mut_slice()
+            .map_err(|e| driver(&format!("mapping pinned {what}"), e))
+    }
+
+    pub(crate) fn as_slice(&self, what: &str) -> Result<&[T], BackendError> {
+        self.host
+            .as_slice()
+            .map_err(|e| driver(&format!("reading pinned {what}"), e))
     }
 }
 

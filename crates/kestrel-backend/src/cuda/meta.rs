@@ -15,9 +15,9 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{sys, CudaEvent, CudaStream, PinnedHostSlice};
+use cudarc::driver::{sys, CudaStream};
 
-use super::buffers::{CudaBatch, DevBuf};
+use super::buffers::{CudaBatch, DevBuf, PinnedStaging};
 use crate::error::BackendError;
 use crate::layout::BatchLayout;
 
@@ -31,10 +31,8 @@ pub(crate) struct Meta {
     pub epoch: u64,
     /// Bumped on every upload; a batch is valid only while it is current.
     pub write_id: u64,
-    /// Pinned staging of the used words, and the event after its last copy
-    /// (the staging is rewritten only once that copy is done).
-    staging: Option<PinnedHostSlice<u32>>,
-    copied: Option<CudaEvent>,
+    /// Pinned staging of the used words (rewritten once its last copy is done).
+    staging: Option<PinnedStaging<u32>>,
 }
 
 fn bad(msg: String) -> BackendError {
@@ -131,41 +129,14 @@ impl Meta {
         let (n, ns) = (b.tokens.len(), b.seqs.len());
         self.reserve(stream, n, ns, max_blocks)?;
         let (ct, stride) = (self.cap_tokens, self.bt_stride);
-        let cuda = |what: &str, e: cudarc::driver::DriverError| BackendError::Cuda(format!("{what}: {e}"));
+        const WHAT: &str = "batch metadata";
         // Packed: the four per-row arrays, then each sequence's table in
         // `max_blocks` words (unused tail words are never read: kernels look
-        // up only blocks below the context length).
+        // up only blocks below the context length). After the step's sync
+        // the previous copy is always done: `ready` returns at once.
         let words = 4 * n + ns * max_blocks;
-        if self.staging.as_ref().is_none_or(|h| h.len() < words) {
-            if let Some(ev) = &self.copied {
-                ev.synchronize()
-                    .map_err(|e| cuda("waiting for the metadata copy", e))?;
-            }
-            let cap = words.max(4096).next_power_of_two();
-            // SAFETY: every word read by the copies below is written first.
-            let h = unsafe { stream.context().alloc_pinned_with_flags::<u32>(cap, 0) }
-                .map_err(|e| cuda("allocating pinned batch metadata", e))?;
-            self.staging = Some(h);
-        }
-        if self.copied.is_none() {
-            self.copied = Some(
-                stream
-                    .context()
-                    .new_event(None)
-                    .map_err(|e| cuda("creating the metadata event", e))?,
-            );
-        }
-        let (Some(staging), Some(copied)) = (self.staging.as_mut(), self.copied.as_ref()) else {
-            return Err(bad("metadata staging missing".into()));
-        };
-        // The previous step's copy must be done before the staging is reused
-        // (after the step's sync it always is: this returns at once).
-        copied
-            .synchronize()
-            .map_err(|e| cuda("waiting for the metadata copy", e))?;
-        let h = staging
-            .as_mut_slice()
-            .map_err(|e| cuda("mapping the metadata staging", e))?;
+        let staging = PinnedStaging::ready(&mut self.staging, stream, words, 4096, WHAT)?;
+        let h = staging.as_mut_slice(WHAT)?;
         h[..n].copy_from_slice(&b.tokens);
         h[n..2 * n].copy_from_slice(&b.positions);
         h[2 * n..3 * n].copy_from_slice(&b.slot_mapping);
@@ -210,16 +181,14 @@ impl Meta {
                 WidthInBytes: width * 4,
                 Height: height,
             };
-            // SAFETY: the source is pinned and stays untouched until
-            // `copied` completes; the destination rows lie inside the buffer
+            // SAFETY: the source is pinned and stays untouched until the
+            // staging's recorded copy completes; the destination rows lie inside the buffer
             // (`reserve` made ct >= n, bt_stride >= max_blocks, cap_seqs >= ns).
             unsafe { sys::cuMemcpy2DAsync_v2(&c, stream.cu_stream()) }
                 .result()
-                .map_err(|e| cuda("uploading batch metadata", e))?;
+                .map_err(|e| BackendError::Cuda(format!("uploading batch metadata: {e}")))?;
         }
-        copied
-            .record(stream)
-            .map_err(|e| cuda("recording the metadata copy", e))?;
+        staging.record(stream, WHAT)?;
         self.write_id += 1;
         let p = buf.ptr;
         Ok(CudaBatch {
