@@ -18,6 +18,9 @@ type Decoded = (Vec<u32>, Vec<Vec<f32>>);
 fn run(mega: bool, prompts: &[Vec<u32>], kv: KvDType) -> (Vec<Decoded>, u64) {
     let be = CudaBackend::with_kernels(0, KernelSet::Fused).unwrap();
     be.set_megakernel(mega);
+    // The megakernel's attention op is the per-head item: compare it with
+    // the graph path running the same kernel.
+    be.set_attention_dec(false);
     let be = Arc::new(be);
     let model = Model::load(&common::default_model(), be.clone()).unwrap();
     let got = prompts

@@ -32,7 +32,7 @@ pub(crate) fn full_source() -> String {
     s
 }
 
-fn cache_dir() -> Option<PathBuf> {
+pub(crate) fn cache_dir() -> Option<PathBuf> {
     if let Ok(dir) = std::env::var("KESTREL_KERNEL_CACHE") {
         return Some(PathBuf::from(dir));
     }
@@ -120,6 +120,7 @@ mod tests {
                     "gemv_q4_k_8",
                     "attention",
                     "attention_gqa4",
+                    "attention_dec4",
                     "qk_norm_rope",
                     "argmax_rows",
                     "dequant_f16",

@@ -45,7 +45,7 @@ pub(crate) struct Kernels {
     pdl: bool,
 }
 
-const PLAIN: [&str; 34] = [
+const PLAIN: [&str; 36] = [
     "tokens_from_keys",
     "sample_rows",
     "decode_program",
@@ -80,6 +80,8 @@ const PLAIN: [&str; 34] = [
     "attention_tile2",
     "attention_tile4",
     "attention_tile8",
+    "attention_dec4",
+    "attention_dec8",
 ];
 
 impl Kernels {

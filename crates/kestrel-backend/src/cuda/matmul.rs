@@ -6,6 +6,7 @@ use cudarc::cublas::sys as cb;
 
 use super::buffers::{CudaAct, CudaWeight, DevBuf, Stacked};
 use super::launch::{i32_of, Arg};
+use super::lt_gemm::{gemm_mode, GemmMode, LtGemm, Operands, Shape};
 use super::weights::Format;
 use super::{CudaBackend, KernelSet};
 use crate::error::BackendError;
@@ -286,7 +287,6 @@ impl CudaBackend {
                     .into(),
             ));
         };
-        let handle = self.blas_handle(&mut st)?;
         drop(st);
         self.ensure_f16_operand(x, x16, fresh)?;
         for (w, out) in ws.iter().zip(outs.iter_mut()) {
@@ -305,7 +305,7 @@ impl CudaBackend {
                     w.name, x.rows, x.cols, w.rows, w.cols, out.rows, out.cols
                 )));
             }
-            gemm_f16(handle, w, dense, w.rows, x16, x.rows, out.ptr(), w.rows)?;
+            self.gemm_f16(w, dense, w.rows, x16, x.rows, out.ptr(), w.rows)?;
         }
         Ok(())
     }
@@ -378,11 +378,9 @@ impl CudaBackend {
                     .into(),
             ));
         };
-        let handle = self.blas_handle(&mut st)?;
         drop(st);
         self.ensure_f16_operand(x, x16, fresh)?;
-        gemm_f16(
-            handle,
+        self.gemm_f16(
             ws[0],
             stacked.buf.ptr,
             stacked.rows,
@@ -421,17 +419,18 @@ impl CudaBackend {
         if w_small {
             st.w16 = Some(DevBuf::alloc(&self.dev.stream, need_w, "f16 weight scratch")?);
         }
-        let handle = self.blas_handle(&mut st)?;
+        let w16 = st.w16.as_ref().map(|b| b.ptr);
+        drop(st);
         self.ensure_f16_operand(x, x16, fresh)?;
         let wa = Self::weight_args(w)?;
         let mut r0 = 0;
         while r0 < m_all {
             let m = chunk_rows.min(m_all - r0);
-            let a_ptr = match (&w.dense, &st.w16) {
+            let a_ptr = match (&w.dense, w16) {
                 (Some(d), _) => d.ptr,
                 (None, Some(w16)) => {
                     let mut args = wa.to_vec();
-                    args.extend([Arg::I64(r0 as i64), i32_of(m, "chunk rows")?, Arg::Ptr(w16.ptr)]);
+                    args.extend([Arg::I64(r0 as i64), i32_of(m, "chunk rows")?, Arg::Ptr(w16)]);
                     self.run(
                         "dequant_f16",
                         (super::launch::grid_for(m * k).min(4096), 1, 1),
@@ -439,15 +438,66 @@ impl CudaBackend {
                         0,
                         &args,
                     )?;
-                    w16.ptr
+                    w16
                 }
                 (None, None) => return Err(BackendError::Cuda("weight scratch missing".into())),
             };
             let c_ptr = out.ptr() + (r0 * 4) as u64;
-            gemm_f16(handle, w, a_ptr, m, x16, t, c_ptr, m_all)?;
+            self.gemm_f16(w, a_ptr, m, x16, t, c_ptr, m_all)?;
             r0 += m;
         }
         Ok(())
+    }
+}
+
+impl CudaBackend {
+    /// `C[t, m] (row stride ldc) = X16[t, k] · A[m, k]ᵀ` with f16 inputs and
+    /// f32 accumulation and output (`w` names the product and gives k),
+    /// through cuBLAS or cuBLASLt (`KESTREL_GEMM`, see lt_gemm.rs).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_f16(
+        &self,
+        w: &CudaWeight,
+        a_ptr: u64,
+        m: usize,
+        x16: u64,
+        t: usize,
+        c_ptr: u64,
+        ldc: usize,
+    ) -> Result<(), BackendError> {
+        let mut st = self.lock()?;
+        let handle = self.blas_handle(&mut st)?;
+        let mode = gemm_mode();
+        if mode == GemmMode::Cublas {
+            drop(st);
+            return gemm_ex_f16(handle, w, a_ptr, m, x16, t, c_ptr, ldc);
+        }
+        let ws = st
+            .blas_ws
+            .as_ref()
+            .map(|b| (b.ptr, b.bytes))
+            .ok_or_else(|| BackendError::Cuda("cuBLAS workspace missing".into()))?;
+        let may_time = mode == GemmMode::Tune && !st.capturing;
+        if st.lt.is_none() {
+            if st.capturing {
+                return Err(BackendError::Unsupported(
+                    "first cuBLASLt use inside a graph capture: run the step once before capturing".into(),
+                ));
+            }
+            st.lt = Some(LtGemm::new(&self.dev.name)?);
+        }
+        let shape = Shape { m, t, k: w.cols, ldc };
+        let ops = Operands {
+            a: a_ptr,
+            x: x16,
+            c: c_ptr,
+            workspace: ws.0,
+            workspace_bytes: ws.1,
+        };
+        match st.lt.as_mut() {
+            Some(lt) => lt.gemm(&self.dev.stream, shape, ops, may_time, &w.name),
+            None => Err(BackendError::Cuda("cuBLASLt handle missing".into())),
+        }
     }
 }
 
@@ -456,7 +506,7 @@ impl CudaBackend {
 /// op(A)[m, k] · B[k, t], where the row-major [m, k] rows are a transposed
 /// k × m column-major matrix and X16 [t, k] row-major is k × t column-major.
 #[allow(clippy::too_many_arguments)]
-fn gemm_f16(
+fn gemm_ex_f16(
     handle: cb::cublasHandle_t,
     w: &CudaWeight,
     a_ptr: u64,

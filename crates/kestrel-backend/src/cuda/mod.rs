@@ -15,6 +15,7 @@ mod device;
 mod fused;
 mod graph;
 mod launch;
+mod lt_gemm;
 mod matmul;
 mod megakernel;
 mod meta;
@@ -65,6 +66,10 @@ fn attn_items_per_sm() -> usize {
     })
 }
 
+/// Block-table entries a decode-tile attention item keeps in shared memory
+/// (`ATT_TBL` in attention.cu).
+pub(crate) const ATT_TBL: usize = 64;
+
 /// Grouped-query decode attention kernels by log2 of the query heads per KV head.
 const ATTENTION_GQA: [&str; 4] = [
     "attention_gqa1",
@@ -85,6 +90,33 @@ const ATTENTION_TILE: [&str; 4] = [
 /// Whether steps with several query rows per sequence (prefill) take the
 /// key-per-lane kernels (tuning knob `KESTREL_ATTN_TILE=0` keeps the
 /// per-head / grouped ones).
+/// Whether decode steps may use the shared-memory-tile decode kernels
+/// (`attention_dec*`; tuning knob `KESTREL_ATTN_DEC=0` keeps the
+/// key-per-warp kernels, for A/B runs).
+fn dec_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("KESTREL_ATTN_DEC").map_or(true, |v| v.trim() != "0"))
+}
+
+/// Dynamic shared memory of an `attention_dec*` item (`dec_smem_bytes` in
+/// attention.cu): K and V tiles of 8 warps × 32/G keys, the tile's scores,
+/// per-head state and the block-table copy.
+/// Tile items resident per SM (see `attention` for the split count).
+const DEC_ITEMS_PER_SM: usize = 2;
+
+/// Decode steps with fewer (row, KV head) items than this keep the
+/// key-per-warp kernel: a tile item's fixed cost (a chain of barriers and
+/// shuffles) is larger. H200, default model (one KV head), decode tok/s
+/// tile / key-per-warp: 1 sequence 17 / 10 us per layer; 32 sequences
+/// 30,831 / 32,331; 64: 55,953 / 55,350; 128: 93,671 / 91,406; 256:
+/// 144,187 / 111,923.
+const DEC_MIN_ITEMS: usize = 64;
+
+pub(crate) fn attention_dec_smem(group: usize, head_dim: usize) -> usize {
+    let t = 8 * (32 / group);
+    t * head_dim * 4 + (t * group + 36 * group + 1) * 4 + ATT_TBL * 4
+}
+
 fn tile_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("KESTREL_ATTN_TILE").map_or(true, |v| v.trim() != "0"))
@@ -128,6 +160,8 @@ pub(crate) struct State {
     x16: Option<DevBuf>,
     w16: Option<DevBuf>,
     blas: Option<cudarc::cublas::CudaBlas>,
+    /// cuBLASLt handle and per-shape plans (`KESTREL_GEMM=lt|tune`).
+    lt: Option<lt_gemm::LtGemm>,
     gather: Option<DevBuf>,
     ids: Option<DevBuf>,
     /// Partial results of split attention, and per-(row, head) counters of
@@ -152,6 +186,8 @@ pub struct CudaBackend {
     dev: Device,
     /// Upper bound of the key splits of decode attention (tuning knob).
     max_attn_splits: std::sync::atomic::AtomicUsize,
+    /// Whether decode steps may take the `attention_dec*` kernels.
+    attn_dec: std::sync::atomic::AtomicBool,
     _module: Arc<CudaModule>,
     k: Kernels,
     kernels: KernelSet,
@@ -228,6 +264,10 @@ impl CudaBackend {
         let dev = Device::open(ordinal)?;
         let module = compile::load_module(&dev.ctx, dev.cc)?;
         let k = Kernels::load(&module, dev.cc)?;
+        // The decode tiles need more than the default 48 KiB of shared memory.
+        for (name, group) in [("attention_dec4", 4), ("attention_dec8", 8)] {
+            k.set_max_dynamic_smem(name, attention_dec_smem(group, 256) as u32)?;
+        }
         let fx_counter = DevBuf::alloc(&dev.stream, 4, "gemv_fx block counter")?;
         let fx = std::env::var("KESTREL_FX")
             .ok()
@@ -252,6 +292,7 @@ impl CudaBackend {
             fx: std::sync::atomic::AtomicU8::new(fx),
             dev,
             max_attn_splits: std::sync::atomic::AtomicUsize::new(32),
+            attn_dec: std::sync::atomic::AtomicBool::new(dec_enabled()),
             _module: module,
             k,
             kernels,
@@ -276,6 +317,15 @@ impl CudaBackend {
     pub fn set_max_attention_splits(&self, n: usize) {
         self.max_attn_splits
             .store(n.clamp(1, 32), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Lets decode steps use (or not) the shared-memory-tile decode
+    /// attention (default on; `KESTREL_ATTN_DEC=0` starts it off). Off, decode
+    /// attention runs the per-head kernel whose bits the decode megakernel
+    /// reproduces (its test compares the two). Graphs captured before a
+    /// change keep the old kernel.
+    pub fn set_attention_dec(&self, on: bool) {
+        self.attn_dec.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn kernel_set(&self) -> KernelSet {
@@ -1070,9 +1120,20 @@ impl Backend for CudaBackend {
         // tok/s); in decode steps they lose (64 sequences: 49,906 ->
         // 41,636), there the per-head or grouped kernel runs.
         let tile = groupable && tile_enabled() && q.rows > batch.num_seqs;
-        let grouped = tile || (groupable && gqa_enabled() && q.rows * p.n_heads > target);
+        // Decode steps of many sequences with 16-bit KV and 4 or 8 query
+        // heads per KV head take the shared-memory tiles.
+        let dec = groupable
+            && !tile
+            && self.attn_dec.load(std::sync::atomic::Ordering::Relaxed)
+            && q.rows == batch.num_seqs
+            && q.rows * p.n_kv_heads >= DEC_MIN_ITEMS
+            && matches!(group, 4 | 8)
+            && matches!(pool.spec.dtype, crate::KvDType::F16 | crate::KvDType::Bf16);
+        let grouped = dec || tile || (groupable && gqa_enabled() && q.rows * p.n_heads > target);
         // att_smem_floats / att_gqa_smem_floats in attention.cu.
-        let smem = if grouped {
+        let smem = if dec {
+            attention_dec_smem(group, p.head_dim) as u32
+        } else if grouped {
             ((5 * group * p.head_dim + 41 * group + 1) * 4) as u32
         } else {
             ((5 * p.head_dim + 8 + 34) * 4) as u32
@@ -1082,7 +1143,15 @@ impl Backend for CudaBackend {
         let heads = if grouped { p.n_kv_heads } else { p.n_heads };
         let blocks = q.rows * heads;
         let cap = self.max_attn_splits.load(std::sync::atomic::Ordering::Relaxed);
-        let splits = target.div_ceil(blocks.max(1)).clamp(1, cap);
+        let splits = if dec {
+            // Two 256-thread tile items fit an SM (128 registers, 67 KB of
+            // shared memory at head_dim 256): split only as far as one wave
+            // holds (H200, 64 sequences: 5 splits ran 320 items, 1.21 waves,
+            // 36 us per layer in ncu).
+            (DEC_ITEMS_PER_SM * self.dev.sm_count.max(1) as usize / blocks.max(1)).clamp(1, cap)
+        } else {
+            target.div_ceil(blocks.max(1)).clamp(1, cap)
+        };
         let (part, counters) = if splits > 1 {
             // Partials per query head; counters per item (at most one per query head).
             let blocks = q.rows * p.n_heads;
@@ -1104,7 +1173,13 @@ impl Backend for CudaBackend {
         // The Wo GEMM of a batched step reads the output in f16.
         let out16 = self.f16_side_output(out)?;
         args.push(Arg::Ptr(out16));
-        let name = if tile {
+        let name = if dec {
+            if group == 4 {
+                "attention_dec4"
+            } else {
+                "attention_dec8"
+            }
+        } else if tile {
             ATTENTION_TILE[group.trailing_zeros() as usize]
         } else if grouped {
             ATTENTION_GQA[group.trailing_zeros() as usize]
@@ -1114,7 +1189,7 @@ impl Backend for CudaBackend {
         self.run(
             name,
             (q.rows as u32, heads as u32, splits as u32),
-            128,
+            if dec { 256 } else { 128 },
             smem,
             &args,
         )?;

@@ -466,8 +466,16 @@ fn paged_attention() {
             (KvDType::Bf16, 32, None, None, 8, 8),
             (KvDType::Bf16, 64, None, Some(30.0f32), 4, 2),
             (KvDType::F16, 128, Some(7u32), Some(20.0f32), 2, 2),
+            // 4 query heads per KV head at head_dim 256 (the default model's
+            // shape), enough (row, KV head) items (>= 64) for the
+            // shared-memory-tile decode kernel in the decode-only step;
+            // capped scores.
+            (KvDType::F16, 256, None, Some(30.0f32), 96, 24),
+            // The same with 8 query heads per KV head.
+            (KvDType::F16, 64, None, None, 256, 32),
             // Decode rows x query heads above twice the SMs (132-SM GPUs):
-            // the grouped key-per-warp kernels in the decode-only step.
+            // the grouped decode kernels in the decode-only step (key per
+            // warp below 64 (row, KV head) items, tiles from there).
             (KvDType::F16, 32, None, None, 128, 16),
             (KvDType::Bf16, 32, Some(25u32), None, 96, 24),
             // head_dim not a multiple of 8: the scalar-load path.
