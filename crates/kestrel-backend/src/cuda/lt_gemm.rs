@@ -6,14 +6,20 @@
 //! CTAs on a 132-SM GPU (ncu, H200: 5-6 us for 1-5 MB of weights, a tenth of
 //! the bandwidth). cuBLASLt lists its candidates (tile shapes, split-K) for
 //! a shape; in mode `tune` (the default) they are timed on the real operands
-//! at the shape's first, uncaptured use and the fastest is kept (H200,
-//! default model, decode at 64 sequences: 55,853 -> 57,288 tok/s).
+//! at the first, uncaptured use of a decode-sized shape and the fastest is
+//! kept (H200, default model, decode at 64 sequences: 55,853 -> 57,288
+//! tok/s in one run, 56,955 in another). Products of more than
+//! `TUNE_MAX_ROWS` activation rows (prefill) stay on `cublasGemmEx`.
 //!
-//! Different algorithms round differently, so a choice must not change
-//! between runs: choices are stored in the kernel cache directory, per GPU
-//! model and cuBLASLt version (`gemm-<gpu>-<version>.txt`, one line per
-//! shape: `m t k ldc index-in-the-heuristic-list`), and a later process
-//! takes the stored choice instead of timing again.
+//! A choice serves every row count of its bucket (rounded up to a multiple
+//! of 16), checked by `cublasLtMatmulAlgoCheck` for the exact shape: timing
+//! every row count a server meets (each costs ~150 timed launches) cost a
+//! first serving run a third of its throughput. Different algorithms round
+//! differently, so a choice must not change between runs either: choices are
+//! stored in the kernel cache directory, per GPU model and cuBLASLt version
+//! (`gemm-<gpu>-<version>.txt`, one line per bucket: `m t k ldc` and the
+//! eight words of the opaque cublasLtMatmulAlgo_t), and a later process
+//! takes the stored algorithm instead of timing again.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -46,10 +52,25 @@ pub(crate) fn gemm_mode() -> GemmMode {
     })
 }
 
-/// Stored algorithm choices: shape -> index in cuBLASLt's heuristic list.
+/// Row counts up to which f16 GEMMs go through cuBLASLt's tuned choices
+/// (decode steps; graphs exist up to 256 rows).
+pub(crate) const TUNE_MAX_ROWS: usize = 256;
+
+/// Row-count granularity of stored choices.
+const BUCKET_ROWS: usize = 16;
+
+/// The bucket a shape's choice is stored under.
+fn bucket(s: Shape) -> Shape {
+    Shape {
+        t: s.t.next_multiple_of(BUCKET_ROWS),
+        ..s
+    }
+}
+
+/// Stored algorithm choices: bucket shape -> the algorithm's opaque words.
 #[derive(Debug, Default, PartialEq)]
 pub(crate) struct Choices {
-    map: HashMap<Shape, usize>,
+    map: HashMap<Shape, [u64; 8]>,
 }
 
 impl Choices {
@@ -58,9 +79,18 @@ impl Choices {
     pub(crate) fn parse(text: &str) -> Choices {
         let mut map = HashMap::new();
         for line in text.lines() {
-            let v: Vec<usize> = line.split_whitespace().filter_map(|w| w.parse().ok()).collect();
-            if let [m, t, k, ldc, i] = v[..] {
-                map.insert(Shape { m, t, k, ldc }, i);
+            let v: Vec<u64> = line.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+            if v.len() == 12 {
+                let dim = |i: usize| v[i] as usize;
+                let mut algo = [0u64; 8];
+                algo.copy_from_slice(&v[4..]);
+                let shape = Shape {
+                    m: dim(0),
+                    t: dim(1),
+                    k: dim(2),
+                    ldc: dim(3),
+                };
+                map.insert(shape, algo);
             }
         }
         Choices { map }
@@ -71,7 +101,10 @@ impl Choices {
         let mut lines: Vec<String> = self
             .map
             .iter()
-            .map(|(s, i)| format!("{} {} {} {} {}", s.m, s.t, s.k, s.ldc, i))
+            .map(|(s, a)| {
+                let words: Vec<String> = a.iter().map(|w| w.to_string()).collect();
+                format!("{} {} {} {} {}", s.m, s.t, s.k, s.ldc, words.join(" "))
+            })
             .collect();
         lines.sort();
         lines.iter().map(|l| format!("{l}\n")).collect()
@@ -177,8 +210,8 @@ impl LtGemm {
 
     /// Adds a choice and rewrites the file (write, then rename, so that a
     /// reader never sees half a file). Failing to write is not an error.
-    fn remember(&mut self, shape: Shape, index: usize) {
-        self.choices.map.insert(shape, index);
+    fn remember(&mut self, shape: Shape, algo: [u64; 8]) {
+        self.choices.map.insert(shape, algo);
         let Some(path) = &self.path else { return };
         // Another process may have stored shapes meanwhile: keep them too.
         if let Ok(text) = std::fs::read_to_string(path) {
@@ -208,10 +241,10 @@ impl LtGemm {
         what: &str,
     ) -> Result<(), BackendError> {
         if !self.plans.contains_key(&shape) {
-            let stored = self.choices.map.get(&shape).copied();
+            let stored = self.choices.map.get(&bucket(shape)).copied();
             let (plan, timed) = self.make_plan(stream, shape, ops, stored, may_time, what)?;
-            if let Some(index) = timed {
-                self.remember(shape, index);
+            if let Some(algo) = timed {
+                self.remember(bucket(shape), algo);
             }
             self.plans.insert(shape, plan);
         }
@@ -252,18 +285,19 @@ impl LtGemm {
         }
     }
 
-    /// The shape's plan: the stored choice when there is one (and the list
-    /// still has it), else the fastest candidate when `may_time`, else the
-    /// first. Also returns the index when it was chosen by timing.
+    /// The shape's plan: the stored choice of its bucket when there is one
+    /// and cuBLASLt accepts it for this exact shape, else the fastest
+    /// candidate when `may_time`, else the first. Also returns the algorithm
+    /// when it was chosen by timing.
     fn make_plan(
         &self,
         stream: &Arc<CudaStream>,
         s: Shape,
         ops: Operands,
-        stored: Option<usize>,
+        stored: Option<[u64; 8]>,
         may_time: bool,
         what: &str,
-    ) -> Result<(Plan, Option<usize>), BackendError> {
+    ) -> Result<(Plan, Option<[u64; 8]>), BackendError> {
         use sys::cudaDataType::{CUDA_R_16F, CUDA_R_32F};
         // Column-major terms, as for cublasGemmEx: C[m, t] = op(A)[m, k] ·
         // X[k, t], A stored as k × m (row-major [m, k] weights), X as k × t.
@@ -295,6 +329,29 @@ impl LtGemm {
         plan.lx = layout(CUDA_R_16F, s.k, s.t, s.k)?;
         plan.lc = layout(CUDA_R_32F, s.m, s.t, s.ldc)?;
 
+        if let Some(words) = stored {
+            let algo = sys::cublasLtMatmulAlgo_t { data: words };
+            // SAFETY: the plan's descriptors are live; result is plain data.
+            let fits = unsafe {
+                let mut r: sys::cublasLtMatmulHeuristicResult_t = std::mem::zeroed();
+                let st = sys::cublasLtMatmulAlgoCheck(
+                    self.handle,
+                    plan.desc,
+                    plan.la,
+                    plan.lx,
+                    plan.lc,
+                    plan.lc,
+                    &algo,
+                    &mut r,
+                );
+                st == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS && r.workspaceSize <= ops.workspace_bytes
+            };
+            if fits {
+                tracing::debug!("GEMM '{what}' {s:?}: stored choice");
+                plan.algo = algo;
+                return Ok((plan, None));
+            }
+        }
         let pref = lt::create_matmul_pref().map_err(|e| lt_err("preference", e))?;
         let ws = ops.workspace_bytes as u64;
         // SAFETY: pref is live; the attribute is a u64; pref destroyed below.
@@ -338,10 +395,7 @@ impl LtGemm {
         };
         let mut pick = 0;
         let mut timed = None;
-        if let Some(i) = stored.filter(|&i| i < found.len()) {
-            pick = i;
-            tracing::debug!("GEMM '{what}' {s:?}: stored candidate {i} of {}", found.len());
-        } else if may_time && found.len() > 1 {
+        if may_time && found.len() > 1 {
             let mut times = Vec::with_capacity(found.len());
             for r in &found {
                 times.push(self.time_algo(stream, &plan, &r.algo, ops)?);
@@ -353,7 +407,7 @@ impl LtGemm {
                     pick = i;
                 }
             }
-            timed = Some(pick);
+            timed = Some(found[pick].algo.data);
             tracing::debug!(
                 "GEMM '{what}' {s:?}: candidate {pick} of {} ({:.2} us; first {:.2} us; waves {:.2})",
                 found.len(),
@@ -415,21 +469,37 @@ mod tests {
 
     #[test]
     fn stored_choices_round_trip_and_skip_bad_lines() {
-        let text = "640 64 2048 640 3\n1536 64 640 1536 0\nnot a line\n1 2 3\n";
+        let text = "640 64 2048 640 1 2 3 4 5 6 7 18446744073709551615\n\
+                    1536 64 640 1536 0 0 0 0 0 0 0 9\nnot a line\n1 2 3 4 5\n";
         let c = Choices::parse(text);
         assert_eq!(c.map.len(), 2);
-        assert_eq!(
-            c.map.get(&Shape {
-                m: 640,
-                t: 64,
-                k: 2048,
-                ldc: 640
-            }),
-            Some(&3)
-        );
+        let s = Shape {
+            m: 640,
+            t: 64,
+            k: 2048,
+            ldc: 640,
+        };
+        assert_eq!(c.map.get(&s), Some(&[1, 2, 3, 4, 5, 6, 7, u64::MAX]));
         // Sorted text: parsing what was rendered gives the same choices.
         let again = Choices::parse(&c.render());
         assert_eq!(again, c);
-        assert_eq!(c.render(), "1536 64 640 1536 0\n640 64 2048 640 3\n");
+        assert_eq!(
+            c.render(),
+            "1536 64 640 1536 0 0 0 0 0 0 0 9\n640 64 2048 640 1 2 3 4 5 6 7 18446744073709551615\n"
+        );
+    }
+
+    #[test]
+    fn row_counts_share_a_bucket_of_16() {
+        let s = |t| Shape {
+            m: 640,
+            t,
+            k: 1024,
+            ldc: 640,
+        };
+        assert_eq!(bucket(s(49)), s(64));
+        assert_eq!(bucket(s(64)), s(64));
+        assert_eq!(bucket(s(65)).t, 80);
+        assert_eq!(bucket(s(5)).t, 16);
     }
 }

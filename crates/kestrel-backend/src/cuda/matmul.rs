@@ -6,7 +6,7 @@ use cudarc::cublas::sys as cb;
 
 use super::buffers::{CudaAct, CudaWeight, DevBuf, Stacked};
 use super::launch::{i32_of, Arg};
-use super::lt_gemm::{gemm_mode, GemmMode, LtGemm, Operands, Shape};
+use super::lt_gemm::{gemm_mode, GemmMode, LtGemm, Operands, Shape, TUNE_MAX_ROWS};
 use super::weights::Format;
 use super::{CudaBackend, KernelSet};
 use crate::error::BackendError;
@@ -468,7 +468,7 @@ impl CudaBackend {
         let mut st = self.lock()?;
         let handle = self.blas_handle(&mut st)?;
         let mode = gemm_mode();
-        if mode == GemmMode::Cublas {
+        if mode == GemmMode::Cublas || (mode == GemmMode::Tune && t > TUNE_MAX_ROWS) {
             drop(st);
             return gemm_ex_f16(handle, w, a_ptr, m, x16, t, c_ptr, ldc);
         }
