@@ -5,11 +5,14 @@
 //! GEMMs (64-256 activation rows by a 640-4096 wide weight) runs 40-100
 //! CTAs on a 132-SM GPU (ncu, H200: 5-6 us for 1-5 MB of weights, a tenth of
 //! the bandwidth). cuBLASLt lists its candidates (tile shapes, split-K) for
-//! a shape; in mode `tune` (the default) they are timed on the real operands
-//! at the first, uncaptured use of a decode-sized shape and the fastest is
-//! kept (H200, default model, decode at 64 sequences: 55,853 -> 57,288
-//! tok/s in one run, 56,955 in another). Products of more than
-//! `TUNE_MAX_ROWS` activation rows (prefill) stay on `cublasGemmEx`.
+//! a shape; in mode `tune` (`KESTREL_GEMM=tune`, opt-in) they are timed on
+//! the real operands at the first, uncaptured use of a decode-sized shape
+//! and the fastest is kept (H200, default model, decode at 64 sequences,
+//! an earlier form that tuned every exact shape: 55,853 -> 57,288 tok/s in
+//! one run, 56,955 in another). Products of more than `TUNE_MAX_ROWS`
+//! activation rows (prefill) stay on `cublasGemmEx`. Not the default yet:
+//! the bucketed form below was not run on a GPU (the session's GPU time
+//! ran out); the default is `cublasGemmEx` for every product.
 //!
 //! A choice serves every row count of its bucket (rounded up to a multiple
 //! of 16), checked by `cublasLtMatmulAlgoCheck` for the exact shape: timing
@@ -42,13 +45,13 @@ pub(crate) enum GemmMode {
     Tune,
 }
 
-/// `KESTREL_GEMM=cublas|lt|tune` (default tune; other values: tune).
+/// `KESTREL_GEMM=cublas|lt|tune` (default and other values: cublas).
 pub(crate) fn gemm_mode() -> GemmMode {
     static MODE: std::sync::OnceLock<GemmMode> = std::sync::OnceLock::new();
     *MODE.get_or_init(|| match std::env::var("KESTREL_GEMM").as_deref().map(str::trim) {
-        Ok("cublas") => GemmMode::Cublas,
         Ok("lt") => GemmMode::Lt,
-        _ => GemmMode::Tune,
+        Ok("tune") => GemmMode::Tune,
+        _ => GemmMode::Cublas,
     })
 }
 
