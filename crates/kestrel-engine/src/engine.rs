@@ -536,10 +536,20 @@ impl<B: Backend> Engine<B> {
     /// while the device works.
     fn step_overlapped(&mut self, prev: InFlight, t0: Instant) -> Result<StepReport, EngineError> {
         let mut report = StepReport::default();
-        let plan = if self.overlap && self.lookahead_allowed(&prev.ids) {
+        let planned = if self.overlap && self.lookahead_allowed(&prev.ids) {
             self.sched.schedule_lookahead(&prev.ids, PLACEHOLDER_TOKEN)
         } else {
-            None
+            Ok(None)
+        };
+        let plan = match planned {
+            Ok(p) => p,
+            Err(e) => {
+                let msg = format!("the scheduler failed on this step: {e}");
+                for &id in &prev.ids {
+                    self.fail(id, &msg);
+                }
+                return Err(e.into());
+            }
         };
         report.times.schedule = t0.elapsed();
         let mut next = None;

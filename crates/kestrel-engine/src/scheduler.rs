@@ -558,33 +558,44 @@ impl Scheduler {
     /// sequences, in order, all fully computed) decodes the token being
     /// sampled now, held as `placeholder` until [`set_last_token`]
     /// (Self::set_last_token) replaces it. This is the plan `schedule`
-    /// would make once the tokens are appended. `None`, with nothing
+    /// would make once the tokens are appended. `Ok(None)`, with nothing
     /// changed, where that is not certain: a sequence waits to be admitted,
     /// the token budget is short, or the pool lacks a block (preemption).
-    pub fn schedule_lookahead(&mut self, ids: &[SeqId], placeholder: u32) -> Option<StepPlan> {
+    /// `Err` only if the block manager refuses a block counted free just
+    /// before (an internal inconsistency): no placeholder is pushed then,
+    /// and blocks already taken stay with their sequences until they end.
+    pub fn schedule_lookahead(
+        &mut self,
+        ids: &[SeqId],
+        placeholder: u32,
+    ) -> Result<Option<StepPlan>, SchedulerError> {
         if !self.waiting.is_empty() || self.running != ids || ids.len() > self.cfg.max_num_batched_tokens {
-            return None;
+            return Ok(None);
         }
         let bs = self.blocks.block_size();
         let mut need = 0;
         for id in ids {
-            let s = self.seqs.get(id)?;
+            let (Some(s), Some(table)) = (self.seqs.get(id), self.blocks.block_table(*id)) else {
+                return Ok(None);
+            };
             if s.num_computed != s.tokens.len() || s.prompt_logprobs_from.is_some() {
-                return None;
+                return Ok(None);
             }
-            let have = self.blocks.block_table(*id)?.len();
-            need += (s.tokens.len() + 1).div_ceil(bs).saturating_sub(have);
+            need += (s.tokens.len() + 1).div_ceil(bs).saturating_sub(table.len());
         }
         if need > self.blocks.num_free_blocks() {
-            return None;
+            return Ok(None);
+        }
+        // Blocks first (the only step that can fail), then the placeholders.
+        for &id in ids {
+            let slots = self.seqs.get(&id).map_or(0, |s| s.tokens.len() + 1);
+            self.blocks.append_slots(id, slots)?;
         }
         let mut scheduled = Vec::with_capacity(ids.len());
         for &id in ids {
-            let s = self.seqs.get_mut(&id)?;
-            s.tokens.push(placeholder);
-            let slots = s.tokens.len();
-            // Cannot fail: the blocks were counted above.
-            self.blocks.append_slots(id, slots).ok()?;
+            if let Some(s) = self.seqs.get_mut(&id) {
+                s.tokens.push(placeholder);
+            }
             scheduled.push(Scheduled {
                 id,
                 num_tokens: 1,
@@ -593,13 +604,13 @@ impl Scheduler {
             });
         }
         let (layout, logit_rows, prompt_rows) = self.build_layout(&scheduled);
-        Some(StepPlan {
+        Ok(Some(StepPlan {
             layout,
             logit_rows,
             scheduled,
             prompt_rows,
             preempted: Vec::new(),
-        })
+        }))
     }
 
     /// Replaces a sequence's last token (the placeholder of

@@ -412,3 +412,66 @@ proptest! {
         prop_assert_eq!(sim.s.blocks().num_free_blocks(), num_blocks);
     }
 }
+
+/// Two schedulers fed the same requests: one plans each decode step ahead
+/// with placeholders (`schedule_lookahead`, then `set_last_token`), the
+/// other appends the sampled token and plans normally. Their plans must
+/// agree step for step (slots, positions, block tables), and a lookahead
+/// that is not certain (a request waiting) must change nothing.
+#[test]
+fn lookahead_plans_what_schedule_would_and_declines_without_change() {
+    let cfg = SchedulerConfig {
+        max_num_seqs: 2,
+        max_num_batched_tokens: 64,
+        max_prompt_logprob_rows: 0,
+    };
+    let new = || Scheduler::new(cfg, BlockManager::new(12, BS, true));
+    let (mut ahead, mut plain) = (new(), new());
+    for (id, len) in [(1u64, 5usize), (2, 7)] {
+        ahead.add(id, prompt(len, id as u32)).unwrap();
+        plain.add(id, prompt(len, id as u32)).unwrap();
+    }
+    // The prefill step, alike in both.
+    let first = ahead.schedule();
+    assert_eq!(plain.schedule().layout, first.layout);
+    ahead.complete_step(&first).unwrap();
+    plain.complete_step(&first).unwrap();
+    let ids: Vec<SeqId> = ahead.running().to_vec();
+    for step in 0..6u32 {
+        // The tokens "sampled" by the step in flight.
+        let sampled: Vec<u32> = ids.iter().map(|&id| 100 + step + id as u32).collect();
+        let plan = ahead
+            .schedule_lookahead(&ids, 999)
+            .unwrap()
+            .expect("certain: nobody waits, blocks to spare");
+        assert!(plan.layout.tokens.iter().all(|&t| t == 999));
+        for (&id, &t) in ids.iter().zip(&sampled) {
+            ahead.set_last_token(id, t).unwrap();
+            plain.append_token(id, t).unwrap();
+        }
+        let want = plain.schedule();
+        assert_eq!(plan.layout.slot_mapping, want.layout.slot_mapping, "step {step}");
+        assert_eq!(plan.layout.positions, want.layout.positions, "step {step}");
+        assert_eq!(plan.layout.seqs, want.layout.seqs, "step {step}");
+        assert_eq!(want.layout.tokens, sampled);
+        ahead.complete_step(&plan).unwrap();
+        plain.complete_step(&want).unwrap();
+        ahead.blocks().check_invariants().unwrap();
+    }
+    // A third request waits (two running at most): not certain.
+    ahead.add(3, prompt(4, 3)).unwrap();
+    let lens: Vec<usize> = ids
+        .iter()
+        .map(|&id| ahead.seq(id).unwrap().tokens.len())
+        .collect();
+    let free = ahead.blocks().num_free_blocks();
+    assert!(ahead.schedule_lookahead(&ids, 999).unwrap().is_none());
+    let after: Vec<usize> = ids
+        .iter()
+        .map(|&id| ahead.seq(id).unwrap().tokens.len())
+        .collect();
+    assert_eq!(after, lens);
+    assert_eq!(ahead.blocks().num_free_blocks(), free);
+    // Not the running set: declined too.
+    assert!(ahead.schedule_lookahead(&ids[..1], 999).unwrap().is_none());
+}

@@ -467,16 +467,24 @@ impl CudaBackend {
     ) -> Result<(), BackendError> {
         let mut st = self.lock()?;
         let handle = self.blas_handle(&mut st)?;
-        let mode = gemm_mode();
-        if mode == GemmMode::Cublas || (mode == GemmMode::Tune && t > TUNE_MAX_ROWS) {
-            drop(st);
-            return gemm_ex_f16(handle, w, a_ptr, m, x16, t, c_ptr, ldc);
-        }
         let ws = st
             .blas_ws
             .as_ref()
             .map(|b| (b.ptr, b.bytes))
             .ok_or_else(|| BackendError::Cuda("cuBLAS workspace missing".into()))?;
+        let shape = Shape { m, t, k: w.cols, ldc };
+        let ops = Operands {
+            a: a_ptr,
+            x: x16,
+            c: c_ptr,
+            workspace: ws.0,
+            workspace_bytes: ws.1,
+        };
+        let mode = gemm_mode();
+        if mode == GemmMode::Cublas || (mode == GemmMode::Tune && t > TUNE_MAX_ROWS) {
+            drop(st);
+            return gemm_ex_f16(handle, &w.name, shape, ops);
+        }
         let may_time = mode == GemmMode::Tune && !st.capturing;
         if st.lt.is_none() {
             if st.capturing {
@@ -486,14 +494,6 @@ impl CudaBackend {
             }
             st.lt = Some(LtGemm::new(&self.dev.name)?);
         }
-        let shape = Shape { m, t, k: w.cols, ldc };
-        let ops = Operands {
-            a: a_ptr,
-            x: x16,
-            c: c_ptr,
-            workspace: ws.0,
-            workspace_bytes: ws.1,
-        };
         match st.lt.as_mut() {
             Some(lt) => lt.gemm(&self.dev.stream, shape, ops, may_time, &w.name),
             None => Err(BackendError::Cuda("cuBLASLt handle missing".into())),
@@ -501,22 +501,14 @@ impl CudaBackend {
     }
 }
 
-/// `C[t, m] (row stride ldc) = X16[t, k] · A[m, k]ᵀ` with f16 inputs and f32
-/// accumulation and output, in cuBLAS's column-major terms: C[m, t] =
-/// op(A)[m, k] · B[k, t], where the row-major [m, k] rows are a transposed
-/// k × m column-major matrix and X16 [t, k] row-major is k × t column-major.
-#[allow(clippy::too_many_arguments)]
-fn gemm_ex_f16(
-    handle: cb::cublasHandle_t,
-    w: &CudaWeight,
-    a_ptr: u64,
-    m: usize,
-    x16: u64,
-    t: usize,
-    c_ptr: u64,
-    ldc: usize,
-) -> Result<(), BackendError> {
-    let k = w.cols;
+/// `C[t, m] (row stride ldc) = X16[t, k] · A[m, k]ᵀ` (shape `sh`) with f16
+/// inputs and f32 accumulation and output, in cuBLAS's column-major terms:
+/// C[m, t] = op(A)[m, k] · B[k, t], where the row-major [m, k] rows are a
+/// transposed k × m column-major matrix and X16 [t, k] row-major is k × t
+/// column-major. `ops.workspace` is the handle's own (set at creation).
+fn gemm_ex_f16(handle: cb::cublasHandle_t, what: &str, sh: Shape, ops: Operands) -> Result<(), BackendError> {
+    let Shape { m, t, k, ldc } = sh;
+    let (a_ptr, x16, c_ptr) = (ops.a, ops.x, ops.c);
     let (alpha, beta) = (1.0f32, 0.0f32);
     // SAFETY: the callers pass live device buffers of the sizes named above.
     unsafe {
@@ -542,5 +534,5 @@ fn gemm_ex_f16(
             cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )
     }
-    .map_err(|e| BackendError::Cuda(format!("cublasGemmEx for '{}': {e}", w.name)))
+    .map_err(|e| BackendError::Cuda(format!("cublasGemmEx for '{what}': {e}")))
 }

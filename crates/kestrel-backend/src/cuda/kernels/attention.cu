@@ -290,6 +290,52 @@ __host__ __device__ constexpr int att_gqa_smem_floats(int g, int head_dim) {
     return 5 * g * head_dim + 41 * g + 1;
 }
 
+// The split merge of the grouped kernels, run by all `nthr` threads of an
+// item once its partials (max, sum, unnormalised values per head) are in
+// `part`: the last item of its (row, KV head) to finish (counted in
+// `counter`, which it resets to 0 for the next launch or graph replay)
+// combines every split's partials into `out` (and `out16` when not null).
+// wz holds [G][32] floats, misc G + 1.
+template <int G>
+__device__ __forceinline__ void att_merge_splits(int tid, int nthr, long long rh0, int splits, int head_dim,
+                                                 const float* part, u32* counter, float* wz, float* misc,
+                                                 float* out, u16* out16) {
+    const float NEG_INF = -__int_as_float(0x7f800000);
+    int lane = tid & 31, warp = tid >> 5;
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) misc[G] = __int_as_float(atomicAdd(counter, 1u) == (u32)(splits - 1));
+    __syncthreads();
+    if (!__float_as_int(misc[G])) return;
+    __threadfence();
+    for (int g = warp; g < G; g += nthr / 32) {
+        const float* p = part + (rh0 + g) * splits * (head_dim + 2);
+        int zz = lane;
+        float lz = zz < splits ? __ldcg(p + zz * (head_dim + 2) + 1) : 0.0f;
+        bool ok = lz > 0.0f;
+        float mz = ok ? __ldcg(p + zz * (head_dim + 2)) : NEG_INF;
+        float mx = warp_max(mz);
+        float w = ok ? expf(mz - mx) : 0.0f;
+        float lsum = warp_sum(lz * w);
+        wz[g * 32 + zz] = w;
+        if (zz == 0) misc[g] = lsum > 0.0f ? 1.0f / lsum : 0.0f;
+    }
+    __syncthreads();
+    #pragma unroll
+    for (int g = 0; g < G; g++) {
+        const float* p = part + (rh0 + g) * splits * (head_dim + 2);
+        float* orow = out + (rh0 + g) * head_dim;
+        for (int d = tid; d < head_dim; d += nthr) {
+            float v = 0.0f;
+            #pragma unroll 8
+            for (int zz = 0; zz < splits; zz++) v += wz[g * 32 + zz] * __ldcg(p + zz * (head_dim + 2) + 2 + d);
+            orow[d] = v * misc[g];
+            if (out16) out16[(rh0 + g) * head_dim + d] = f2h(orow[d]);
+        }
+    }
+    if (tid == 0) *counter = 0u;
+}
+
 template <int KVT, int G, int U, int MODE>
 __device__ __forceinline__ void attention_gqa_impl(int row, int kvh, int z, float* sm, const float* q,
                                                    const void* pool, long long layer_off, long long v_off,
@@ -479,39 +525,8 @@ __device__ __forceinline__ void attention_gqa_impl(int row, int kvh, int z, floa
             prow[2 + d] = v;
         }
     }
-    __threadfence();
-    __syncthreads();
-    u32* counter = counters + (long long)row * n_kv_heads + kvh;
-    if (tid == 0) misc[G] = __int_as_float(atomicAdd(counter, 1u) == (u32)(splits - 1));
-    __syncthreads();
-    if (!__float_as_int(misc[G])) return;
-    __threadfence();
-    for (int g = warp; g < G; g += ATT_WARPS) {
-        const float* p = part + (rh0 + g) * splits * (head_dim + 2);
-        int zz = lane;
-        float lz = zz < splits ? __ldcg(p + zz * (head_dim + 2) + 1) : 0.0f;
-        bool ok = lz > 0.0f;
-        float mz = ok ? __ldcg(p + zz * (head_dim + 2)) : NEG_INF;
-        float mx = warp_max(mz);
-        float w = ok ? expf(mz - mx) : 0.0f;
-        float lsum = warp_sum(lz * w);
-        wz[g * 32 + zz] = w;
-        if (zz == 0) misc[g] = lsum > 0.0f ? 1.0f / lsum : 0.0f;
-    }
-    __syncthreads();
-    #pragma unroll
-    for (int g = 0; g < G; g++) {
-        const float* p = part + (rh0 + g) * splits * (head_dim + 2);
-        float* orow = out + (rh0 + g) * head_dim;
-        for (int d = tid; d < head_dim; d += ATT_THREADS) {
-            float v = 0.0f;
-            #pragma unroll 8
-            for (int zz = 0; zz < splits; zz++) v += wz[g * 32 + zz] * __ldcg(p + zz * (head_dim + 2) + 2 + d);
-            orow[d] = v * misc[g];
-            if (out16) out16[(rh0 + g) * head_dim + d] = f2h(orow[d]);
-        }
-    }
-    if (tid == 0) *counter = 0u;
+    att_merge_splits<G>(tid, ATT_THREADS, rh0, splits, head_dim, part,
+                        counters + (long long)row * n_kv_heads + kvh, wz, misc, out, out16);
 }
 
 // grid = (rows, n_kv_heads, splits), block = ATT_THREADS, dynamic shared
@@ -785,40 +800,8 @@ __device__ __forceinline__ void attention_dec_impl(int row, int kvh, int z, unsi
             prow[2 + tid] = acc[g];
         }
     }
-    __threadfence();
-    __syncthreads();
-    u32* counter = counters + (long long)row * n_kv_heads + kvh;
-    if (tid == 0) misc[G] = __int_as_float(atomicAdd(counter, 1u) == (u32)(splits - 1));
-    __syncthreads();
-    if (!__float_as_int(misc[G])) return;
-    __threadfence();
-    if (warp < G) {
-        int g = warp;
-        const float* p = part + (rh0 + g) * splits * (head_dim + 2);
-        int zz = lane;
-        float lz = zz < splits ? __ldcg(p + zz * (head_dim + 2) + 1) : 0.0f;
-        bool ok = lz > 0.0f;
-        float mz = ok ? __ldcg(p + zz * (head_dim + 2)) : NEG_INF;
-        float mx = warp_max(mz);
-        float w = ok ? expf(mz - mx) : 0.0f;
-        float lsum = warp_sum(lz * w);
-        wz[g * 32 + zz] = w;
-        if (zz == 0) misc[g] = lsum > 0.0f ? 1.0f / lsum : 0.0f;
-    }
-    __syncthreads();
-    if (tid < head_dim) {
-        #pragma unroll
-        for (int g = 0; g < G; g++) {
-            const float* p = part + (rh0 + g) * splits * (head_dim + 2);
-            float o = 0.0f;
-            #pragma unroll 8
-            for (int zz = 0; zz < splits; zz++) o += wz[g * 32 + zz] * __ldcg(p + zz * (head_dim + 2) + 2 + tid);
-            o *= misc[g];
-            out[(rh0 + g) * head_dim + tid] = o;
-            if (out16) out16[(rh0 + g) * head_dim + tid] = f2h(o);
-        }
-    }
-    if (tid == 0) *counter = 0u;
+    att_merge_splits<G>(tid, DEC_THREADS, rh0, splits, head_dim, part,
+                        counters + (long long)row * n_kv_heads + kvh, wz, misc, out, out16);
 }
 
 // grid = (rows, n_kv_heads, splits), block = DEC_THREADS, dynamic shared
