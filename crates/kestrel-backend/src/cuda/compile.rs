@@ -68,11 +68,22 @@ pub(crate) fn compile_ptx(src: &str, arch: &str) -> Result<String, BackendError>
     })
 }
 
-/// Compiles (or loads from the cache) the kernel module for `cc`.
-pub(crate) fn load_module(ctx: &Arc<CudaContext>, cc: (i32, i32)) -> Result<Arc<CudaModule>, BackendError> {
-    let arch = format!("compute_{}{}", cc.0, cc.1);
+/// The module's PTX for `arch`, computed once per process: read from the
+/// disk cache or compiled (and stored there). Backends created on several
+/// threads at once (the CUDA test programs) wait for the first compile
+/// instead of each running NVRTC on the whole source: on a fresh GPU machine
+/// that made a test program run for minutes (25 compiles at once).
+fn module_ptx(arch: &str) -> Result<Arc<str>, BackendError> {
+    static MEMO: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, Arc<str>>>> =
+        std::sync::OnceLock::new();
+    let memo = MEMO.get_or_init(Default::default);
+    // A panic while compiling leaves nothing inserted: the map stays usable.
+    let mut memo = memo.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(ptx) = memo.get(arch) {
+        return Ok(ptx.clone());
+    }
     let src = full_source();
-    let opts = options(&arch);
+    let opts = options(arch);
     let mut h = Sha256::new();
     h.update(src.as_bytes());
     h.update(opts.join(" ").as_bytes());
@@ -83,7 +94,7 @@ pub(crate) fn load_module(ctx: &Arc<CudaContext>, cc: (i32, i32)) -> Result<Arc<
     let ptx_text = match cached {
         Some(t) => t,
         None => {
-            let t = compile_ptx(&src, &arch)?;
+            let t = compile_ptx(&src, arch)?;
             if let Some(p) = &path {
                 // The cache is an optimisation: failing to write it is not an error.
                 if let Some(dir) = p.parent() {
@@ -97,6 +108,15 @@ pub(crate) fn load_module(ctx: &Arc<CudaContext>, cc: (i32, i32)) -> Result<Arc<
             t
         }
     };
+    let ptx: Arc<str> = ptx_text.into();
+    memo.insert(arch.to_string(), ptx.clone());
+    Ok(ptx)
+}
+
+/// Compiles (or loads from the cache) the kernel module for `cc`.
+pub(crate) fn load_module(ctx: &Arc<CudaContext>, cc: (i32, i32)) -> Result<Arc<CudaModule>, BackendError> {
+    let arch = format!("compute_{}{}", cc.0, cc.1);
+    let ptx_text = module_ptx(&arch)?.to_string();
     guarded("loading the kernel module", || {
         ctx.load_module(Ptx::from_src(ptx_text))
             .map_err(|e| BackendError::Cuda(format!("loading PTX for {arch}: {e}")))
@@ -136,5 +156,24 @@ mod tests {
             Err(e) if e.to_string().contains("libnvrtc.so not found") => eprintln!("SKIP: no NVRTC: {e}"),
             Err(e) => panic!("{e}"),
         }
+    }
+
+    /// Loaders on several threads get one PTX, computed once (read from the
+    /// disk cache or compiled), not one compile each.
+    #[test]
+    fn concurrent_loaders_share_one_ptx() {
+        // SAFETY: only probes for the library with dlopen.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            eprintln!("SKIP: no NVRTC");
+            return;
+        }
+        let got: Vec<Arc<str>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..4).map(|_| s.spawn(|| module_ptx("compute_90"))).collect();
+            hs.into_iter()
+                .map(|h| h.join().expect("thread").expect("ptx"))
+                .collect()
+        });
+        assert!(got.windows(2).all(|w| Arc::ptr_eq(&w[0], &w[1])));
+        assert!(got[0].contains(".entry attention_dec4("));
     }
 }
