@@ -40,6 +40,19 @@ pub(crate) fn cache_dir() -> Option<PathBuf> {
     Some(PathBuf::from(home).join(".cache/kestrel/kernels"))
 }
 
+/// Writes a file of the kernel cache directory: to a temporary name, then
+/// renamed, so that a reader (another process) never sees half a file. The
+/// cache is an optimisation: failing to write it is not an error.
+pub(crate) fn store_cache_file(path: &std::path::Path, contents: &str) {
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    if std::fs::write(&tmp, contents).is_ok() {
+        let _ = std::fs::rename(&tmp, path);
+    }
+}
+
 fn options(arch: &str) -> Vec<String> {
     vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()]
 }
@@ -96,14 +109,7 @@ fn module_ptx(arch: &str) -> Result<Arc<str>, BackendError> {
         None => {
             let t = compile_ptx(&src, arch)?;
             if let Some(p) = &path {
-                // The cache is an optimisation: failing to write it is not an error.
-                if let Some(dir) = p.parent() {
-                    let _ = std::fs::create_dir_all(dir);
-                }
-                let tmp = p.with_extension(format!("tmp{}", std::process::id()));
-                if std::fs::write(&tmp, &t).is_ok() {
-                    let _ = std::fs::rename(&tmp, p);
-                }
+                store_cache_file(p, &t);
             }
             t
         }

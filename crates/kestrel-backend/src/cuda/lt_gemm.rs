@@ -162,7 +162,8 @@ struct Plan {
 
 impl Drop for Plan {
     fn drop(&mut self) {
-        // SAFETY: created in `Plan::new`, destroyed once here.
+        // SAFETY: created in `make_plan` (layouts possibly still null if it
+        // failed half way: cuBLASLt refuses those), destroyed once here.
         unsafe {
             let _ = lt::destroy_matrix_layout(self.lc);
             let _ = lt::destroy_matrix_layout(self.lx);
@@ -211,8 +212,7 @@ impl LtGemm {
         })
     }
 
-    /// Adds a choice and rewrites the file (write, then rename, so that a
-    /// reader never sees half a file). Failing to write is not an error.
+    /// Adds a choice and rewrites the file (see `store_cache_file`).
     fn remember(&mut self, shape: Shape, algo: [u64; 8]) {
         self.choices.map.insert(shape, algo);
         let Some(path) = &self.path else { return };
@@ -222,13 +222,7 @@ impl LtGemm {
                 self.choices.map.entry(s).or_insert(i);
             }
         }
-        if let Some(dir) = path.parent() {
-            let _ = std::fs::create_dir_all(dir);
-        }
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        if std::fs::write(&tmp, self.choices.render()).is_ok() {
-            let _ = std::fs::rename(&tmp, path);
-        }
+        super::compile::store_cache_file(path, &self.choices.render());
     }
 
     /// Runs the product on `stream`. The shape's plan is made at its first

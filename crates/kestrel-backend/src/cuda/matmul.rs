@@ -448,9 +448,7 @@ impl CudaBackend {
         }
         Ok(())
     }
-}
 
-impl CudaBackend {
     /// `C[t, m] (row stride ldc) = X16[t, k] · A[m, k]ᵀ` with f16 inputs and
     /// f32 accumulation and output (`w` names the product and gives k),
     /// through cuBLAS or cuBLASLt (`KESTREL_GEMM`, see lt_gemm.rs).
@@ -485,19 +483,23 @@ impl CudaBackend {
             drop(st);
             return gemm_ex_f16(handle, &w.name, shape, ops);
         }
-        let may_time = mode == GemmMode::Tune && !st.capturing;
-        if st.lt.is_none() {
-            if st.capturing {
+        let capturing = st.capturing;
+        let lt = match &mut st.lt {
+            Some(lt) => lt,
+            None if capturing => {
                 return Err(BackendError::Unsupported(
                     "first cuBLASLt use inside a graph capture: run the step once before capturing".into(),
-                ));
+                ))
             }
-            st.lt = Some(LtGemm::new(&self.dev.name)?);
-        }
-        match st.lt.as_mut() {
-            Some(lt) => lt.gemm(&self.dev.stream, shape, ops, may_time, &w.name),
-            None => Err(BackendError::Cuda("cuBLASLt handle missing".into())),
-        }
+            None => st.lt.insert(LtGemm::new(&self.dev.name)?),
+        };
+        lt.gemm(
+            &self.dev.stream,
+            shape,
+            ops,
+            mode == GemmMode::Tune && !capturing,
+            &w.name,
+        )
     }
 }
 

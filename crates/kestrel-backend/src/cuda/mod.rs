@@ -87,9 +87,6 @@ const ATTENTION_TILE: [&str; 4] = [
     "attention_tile8",
 ];
 
-/// Whether steps with several query rows per sequence (prefill) take the
-/// key-per-lane kernels (tuning knob `KESTREL_ATTN_TILE=0` keeps the
-/// per-head / grouped ones).
 /// Whether decode steps may use the shared-memory-tile decode kernels
 /// (`attention_dec*`; tuning knob `KESTREL_ATTN_DEC=0` keeps the
 /// key-per-warp kernels, for A/B runs).
@@ -98,9 +95,6 @@ fn dec_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("KESTREL_ATTN_DEC").map_or(true, |v| v.trim() != "0"))
 }
 
-/// Dynamic shared memory of an `attention_dec*` item (`dec_smem_bytes` in
-/// attention.cu): K and V tiles of 8 warps × 32/G keys, the tile's scores,
-/// per-head state and the block-table copy.
 /// Tile items resident per SM (see `attention` for the split count).
 const DEC_ITEMS_PER_SM: usize = 2;
 
@@ -112,11 +106,17 @@ const DEC_ITEMS_PER_SM: usize = 2;
 /// 144,187 / 111,923.
 const DEC_MIN_ITEMS: usize = 64;
 
+/// Dynamic shared memory of an `attention_dec*` item (`dec_smem_bytes` in
+/// attention.cu): K and V tiles of 8 warps × 32/G keys, the tile's scores,
+/// per-head state and the block-table copy.
 pub(crate) fn attention_dec_smem(group: usize, head_dim: usize) -> usize {
     let t = 8 * (32 / group);
     t * head_dim * 4 + (t * group + 36 * group + 1) * 4 + ATT_TBL * 4
 }
 
+/// Whether steps with several query rows per sequence (prefill) take the
+/// key-per-lane kernels (tuning knob `KESTREL_ATTN_TILE=0` keeps the
+/// per-head / grouped ones).
 fn tile_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("KESTREL_ATTN_TILE").map_or(true, |v| v.trim() != "0"))

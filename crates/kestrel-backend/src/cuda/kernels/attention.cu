@@ -601,7 +601,7 @@ extern "C" __global__ void attention_ref(const float* q, const void* pool, long 
 
 // Decode attention with K/V tiles in shared memory: one (row, KV head,
 // split z) item per DEC_THREADS-thread block serves the G query heads that
-// share the KV head (K/V read once). Per tile of DEC_T(G) keys:
+// share the KV head (K/V read once). Per tile of dec_tile(G) keys:
 //   1. every thread issues its 16-byte cp.async copies of the tile's K and
 //      V rows at once (one memory latency per tile, instead of one per
 //      round of 4 keys per warp as in the key-per-warp kernels, where the
