@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Packs what a GPU check needs into .gpu/ (git-ignored: add `.gpu/` to
 # .git/info/exclude): stripped release binaries of kestrel and of the CUDA
-# test programs in .gpu/bin, and the default model in 40 MB pieces in
+# test programs in .gpu/bin, and the default model in 32 MiB pieces in
 # .gpu/model (a device call carries at most 64 MiB, the tree included).
 # On the device: one call per piece (`mkdir -p /root/models && mv
 # .gpu/model/xaN /root/models/`, carry [".gpu/model/xaN"]), back to back
@@ -20,6 +20,6 @@ done
 strip .gpu/bin/*
 model=$(bash scripts/fetch-model.sh | tail -1 | sed "s/^[^:]*: //")
 if [ ! -f .gpu/model/xaa ]; then
-  (cd .gpu/model && split -b 40M "$model")
+  (cd .gpu/model && split -b 32M "$model")
 fi
 du -sh .gpu/bin .gpu/model

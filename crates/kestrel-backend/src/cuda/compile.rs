@@ -12,12 +12,13 @@ use super::device::guarded;
 use crate::error::BackendError;
 
 /// All kernels form one translation unit: the helpers come first.
-const SOURCES: [(&str, &str); 7] = [
+const SOURCES: [(&str, &str); 8] = [
     ("common.cu", include_str!("kernels/common.cu")),
     ("dequant.cu", include_str!("kernels/dequant.cu")),
     ("elementwise.cu", include_str!("kernels/elementwise.cu")),
     ("attention.cu", include_str!("kernels/attention.cu")),
     ("gemv.cu", include_str!("kernels/gemv.cu")),
+    ("mma_q8.cu", include_str!("kernels/mma_q8.cu")),
     ("megakernel.cu", include_str!("kernels/megakernel.cu")),
     ("sampling.cu", include_str!("kernels/sampling.cu")),
 ];
@@ -144,6 +145,7 @@ mod tests {
                 }
                 for k in [
                     "gemv_q4_k_8",
+                    "mma_q8_0_8",
                     "attention",
                     "attention_gqa4",
                     "attention_dec4",

@@ -95,6 +95,7 @@ impl Kernels {
         for t in [1, 2, 4, 8] {
             names.push(format!("gemv3_{t}"));
             names.push(format!("gemv_fx_{t}"));
+            names.push(format!("mma_q8_0_{t}"));
         }
         let mut funcs = HashMap::new();
         for n in names {

@@ -66,6 +66,43 @@ pub(crate) fn gemv_cap(n: usize) -> usize {
 /// Q8_0 matrices at least this tall use 4 rows per warp.
 const Q8_TALL: usize = 16_384;
 
+/// Most activation rows of one `mma_q8_0` launch (8 tiles of 8); taller
+/// batches keep cuBLAS on the f16 mirror, which reads the weights once
+/// instead of once per 64 rows.
+const MMA_MAX_ROWS: usize = 64;
+/// Dynamic shared memory the `mma_q8_0` kernels may use: x of 64 rows in
+/// f16 up to ~800 columns, two blocks per SM on Hopper.
+pub(crate) const MMA_SMEM_MAX: usize = 100 * 1024;
+
+/// Shared memory of an `mma_q8_0_{tiles}` launch (x in f16, rows padded
+/// by 32 bytes: `mma_x_stride` in mma_q8.cu).
+fn mma_q8_smem(tiles: usize, cols: usize) -> usize {
+    8 * tiles * (2 * cols + 32)
+}
+
+/// Fewest activation rows that take `mma_q8_0` (tuning knob
+/// `KESTREL_Q8_MMA_MIN`, 0 = never; default: the first row count past the
+/// GEMV path, where the LM head used to run through cuBLAS on the mirror).
+fn mma_min_rows() -> usize {
+    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| {
+        std::env::var("KESTREL_Q8_MMA_MIN")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .map_or(gemv_direct_rows() + 1, |n| if n == 0 { usize::MAX } else { n })
+    })
+}
+
+/// Whether `t` activation rows by `w` take the tensor-core Q8_0 kernel: tall
+/// Q8_0 matrices (the LM head) whose columns fit its layout.
+pub(crate) fn mma_q8_takes(t: usize, w: &CudaWeight) -> bool {
+    w.format == Format::Q8_0
+        && w.rows >= Q8_TALL
+        && w.cols.is_multiple_of(64)
+        && mma_q8_smem(8, w.cols) <= MMA_SMEM_MAX
+        && (mma_min_rows()..=MMA_MAX_ROWS).contains(&t)
+}
+
 /// Kernel family and output rows per warp for a weight.
 pub(crate) fn gemv_kernel(w: &CudaWeight, cap: usize) -> (&'static str, usize) {
     match w.format {
@@ -111,6 +148,9 @@ impl CudaBackend {
             args.extend([Arg::Ptr(x.ptr()), i32_of(t, "rows")?, Arg::Ptr(out.ptr())]);
             return self.run("matmul_ref", (n.div_ceil(128) as u32, 1, 1), 128, 0, &args);
         }
+        if mma_q8_takes(t, w) {
+            return self.mma_q8(w, x.ptr(), t, out.ptr());
+        }
         if gemv_takes(t, &[w]) {
             let mut r0 = 0;
             while r0 < t {
@@ -146,6 +186,28 @@ impl CudaBackend {
             Arg::Ptr(out),
         ];
         self.run(&name, (blocks, 1, 1), 256, 0, &args)
+    }
+
+    /// `out[t, rows] = x[t, :] · Wᵀ` for `t <= 64` rows through the
+    /// tensor-core Q8_0 kernel (see mma_q8.cu): persistent blocks, about two
+    /// per SM, each converting x to f16 once.
+    fn mma_q8(&self, w: &CudaWeight, x: u64, t: usize, out: u64) -> Result<(), BackendError> {
+        let tiles = t.div_ceil(8).next_power_of_two();
+        let (p0, _, p2) = w.ptrs();
+        let units = w.rows.div_ceil(32);
+        let sms = self.dev.sm_count.max(1) as usize;
+        let blocks = units.div_ceil(8).min(2 * sms) as u32;
+        let args = [
+            Arg::Ptr(p0),
+            Arg::Ptr(p2),
+            i32_of(w.rows, "weight rows")?,
+            i32_of(w.cols, "weight cols")?,
+            Arg::Ptr(x),
+            i32_of(t, "rows")?,
+            Arg::Ptr(out),
+        ];
+        let smem = mma_q8_smem(tiles, w.cols) as u32;
+        self.run(&format!("mma_q8_0_{tiles}"), (blocks, 1, 1), 256, smem, &args)
     }
 
     /// Where a producer kernel (residual norm, gated activation) should also

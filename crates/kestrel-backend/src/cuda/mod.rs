@@ -268,6 +268,9 @@ impl CudaBackend {
         for (name, group) in [("attention_dec4", 4), ("attention_dec8", 8)] {
             k.set_max_dynamic_smem(name, attention_dec_smem(group, 256) as u32)?;
         }
+        for tiles in [1, 2, 4, 8] {
+            k.set_max_dynamic_smem(&format!("mma_q8_0_{tiles}"), matmul::MMA_SMEM_MAX as u32)?;
+        }
         let fx_counter = DevBuf::alloc(&dev.stream, 4, "gemv_fx block counter")?;
         let fx = std::env::var("KESTREL_FX")
             .ok()

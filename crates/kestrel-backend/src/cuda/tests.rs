@@ -170,6 +170,49 @@ fn matmul_every_dtype() {
     }
 }
 
+/// The tensor-core Q8_0 kernel (tall matrices, 5..64 rows: the LM head of a
+/// batched decode step) against f64 on the operands it is specified to use:
+/// weights rounded to f16 as in the f16 mirror (f16(q * d)) and x rounded to
+/// f16; only the f32 accumulation order differs, so the error is tiny.
+/// Heights not a multiple of the 32-row unit, every tile count (1, 2, 4, 8
+/// tiles of 8 rows) with partial tiles, and widths of one and ten spans.
+#[test]
+fn mma_q8_tall_matches_f64_on_f16_operands() {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let Some(be) = backend(KernelSet::Fused) else {
+        return;
+    };
+    let f16r = |v: f32| half::f16::from_f32(v).to_f64();
+    for (rows, cols) in [(16_384 + 37, 640), (16_400, 64)] {
+        let (bytes, deq) = make_weight(&mut rng, DType::Q8_0, rows, cols);
+        let shape = [rows, cols];
+        let w = be
+            .upload_matrix(&view("w", DType::Q8_0, &shape, &bytes))
+            .expect("upload");
+        for t in [5usize, 8, 9, 16, 23, 33, 64] {
+            assert!(
+                super::matmul::mma_q8_takes(t, &w),
+                "{t} rows should take mma_q8_0"
+            );
+            let x = rvec(&mut rng, t * cols, 2.0);
+            let xa = act(&be, t, cols, &x);
+            let mut out = poisoned(&be, t, rows);
+            be.matmul(&xa, &w, &mut out).expect("matmul");
+            let got = be.read_act(&out).expect("read");
+            let mut want = vec![0f64; t * rows];
+            for r in 0..t {
+                for o in 0..rows {
+                    want[r * rows + o] = (0..cols)
+                        .map(|i| f16r(deq[o * cols + i]) * f16r(x[r * cols + i]))
+                        .sum();
+                }
+            }
+            let err = rel_err(&got, &want);
+            assert!(err < 1e-5, "mma_q8_0 [{rows}x{cols}] rows={t}: rel err {err:e}");
+        }
+    }
+}
+
 #[test]
 fn embed_tables() {
     let mut rng = ChaCha8Rng::seed_from_u64(2);

@@ -1,0 +1,196 @@
+// Tensor-core product of a tall Q8_0 matrix (the tied embedding used as LM
+// head: 262,144 x 640 for Gemma 3) with 5..64 activation rows.
+//
+// Why by hand: cuBLAS needs the weights in f16, so the LM head of a batched
+// decode step read the 335 MB f16 mirror (108 us at 64 rows on an H200);
+// this kernel reads the 178 MB of Q8_0 quants and scales and converts them
+// in registers, to exactly the values of the mirror: f16(q * d), rounded
+// once (the f32 product is exact, so one f16 multiply gives the same bits).
+//
+// Shape: out[t, row] = W[row, :] . x[t, :] for t < nt <= 8 * NT. Each block
+// first converts x (f32) into f16 in shared memory, then every warp takes
+// units of 32 weight rows (two m16 tiles) and runs mma.m16n8k16 over the
+// whole K for NT n8 tiles of activation rows. Blocks are persistent (about
+// two per SM) so x is converted once per block, not once per 128 rows.
+//
+// K is walked in spans of 64 (two Q8_0 blocks). Within a span, lane
+// (g = lane / 4, t = lane % 4) loads 16 bytes of weight rows g and g + 8 at
+// k = 16t .. 16t + 15 (one 16-byte load, inside one Q8_0 block) and uses
+// them over four k16 steps: step s takes k = 16t + 4s + (0..3) as the
+// fragment's logical k = 2t, 2t+1, 2t+8, 2t+9. The dot product does not
+// depend on the order of k, so the activations are stored with the same
+// permutation: element 16t + 4s + j of a span sits at 16s + 4t + j, where
+// step s of the four lanes of a group reads 32 contiguous bytes. Rows of x
+// are 2 * cols + 32 bytes apart (cols % 64 == 0), so the four rows of a
+// half-warp fall on distinct banks.
+
+#define MMA_WARPS 8
+#define MMA_ROWS_PER_WARP 32
+
+// Bytes of dynamic shared memory for NT activation tiles of `cols` columns
+// (must match `mma_q8_smem` on the Rust side).
+__device__ __forceinline__ int mma_x_stride(int cols) { return cols + 16; } // in halves
+
+// Four signed bytes of `w` as two f16x2 pairs (bytes 0,1 and 2,3), each
+// scaled by d2 (f16x2 of the block scale): 1024 + (q + 128) is exact in f16
+// (exponent 10, the byte as mantissa), minus 1152 is q, times d rounds once.
+__device__ __forceinline__ void q8x4_to_f16x2(u32 w, u32 d2, u32& lo, u32& hi) {
+    u32 u = w ^ 0x80808080u;
+    u32 a = __byte_perm(u, 0x64646464u, 0x7170); // halves (0x64, b0), (0x64, b1)
+    u32 b = __byte_perm(u, 0x64646464u, 0x7372); // halves (0x64, b2), (0x64, b3)
+    const u32 bias = 0x64806480u;                // 1152.0 in both halves
+    asm("sub.rn.f16x2 %0, %0, %1;" : "+r"(a) : "r"(bias));
+    asm("sub.rn.f16x2 %0, %0, %1;" : "+r"(b) : "r"(bias));
+    asm("mul.rn.f16x2 %0, %0, %1;" : "+r"(a) : "r"(d2));
+    asm("mul.rn.f16x2 %0, %0, %1;" : "+r"(b) : "r"(d2));
+    lo = a;
+    hi = b;
+}
+
+__device__ __forceinline__ void mma16816(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// One span's weights of a lane: rows g, g+8, 16+g, 24+g of the unit (index
+// m), 16 bytes each, and the f16x2 scale of each.
+struct Q8Span {
+    uint4 raw[4];
+    u32 d2[4];
+};
+
+// Rows are addressed by 32-bit offsets from the unit's first row (fewer live
+// registers than four 64-bit pointers: the 8-tile kernel is at the limit).
+__device__ __forceinline__ void q8_span_load(Q8Span& sp, const u8* wb, const u16* sb, const int (&roff)[4], int cols,
+                                             int t, int p) {
+    int nb = cols >> 5;
+    #pragma unroll
+    for (int m = 0; m < 4; m++) {
+        sp.raw[m] = *(const uint4*)(wb + roff[m] * cols + p * 64 + t * 16);
+        u32 d = sb[roff[m] * nb + 2 * p + (t >> 1)];
+        sp.d2[m] = d | (d << 16);
+    }
+}
+
+template <int NT>
+__device__ __forceinline__ void mma_q8_unit(const u8* p0, const u16* p2, int wrows, int cols, const u16* xs,
+                                            int nt, float* out, long long row0) {
+    int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    int stride = mma_x_stride(cols), nsp = cols >> 6;
+    const u8* wb = p0 + row0 * cols;
+    const u16* sb = p2 + row0 * (cols >> 5);
+    int last = (int)min((long long)MMA_ROWS_PER_WARP, wrows - row0) - 1;
+    int roff[4];
+    #pragma unroll
+    for (int m = 0; m < 4; m++) roff[m] = min(g + 8 * m, last); // past the end: not stored
+    float acc[2][NT][4];
+    #pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+        #pragma unroll
+        for (int q = 0; q < NT; q++)
+            #pragma unroll
+            for (int i = 0; i < 4; i++) acc[mt][q][i] = 0.0f;
+    // With up to 4 tiles the next span's loads are issued before this
+    // span's products (double buffer); 8 tiles have no registers left for
+    // it (ptxas: 120 bytes of spills) and rely on the other warps instead.
+    const bool ahead = NT <= 4;
+    Q8Span cur, nxt;
+    q8_span_load(cur, wb, sb, roff, cols, t, 0);
+    for (int p = 0; p < nsp; p++) {
+        if (ahead && p + 1 < nsp) q8_span_load(nxt, wb, sb, roff, cols, t, p + 1);
+        #pragma unroll
+        for (int s = 0; s < 4; s++) {
+            // A fragments of both m16 tiles: rows (g, g+8) and (16+g, 24+g).
+            u32 a[2][4];
+            #pragma unroll
+            for (int mt = 0; mt < 2; mt++) {
+                u32 w0 = s == 0 ? cur.raw[2 * mt].x : s == 1 ? cur.raw[2 * mt].y : s == 2 ? cur.raw[2 * mt].z : cur.raw[2 * mt].w;
+                u32 w1 = s == 0 ? cur.raw[2 * mt + 1].x : s == 1 ? cur.raw[2 * mt + 1].y : s == 2 ? cur.raw[2 * mt + 1].z : cur.raw[2 * mt + 1].w;
+                q8x4_to_f16x2(w0, cur.d2[2 * mt], a[mt][0], a[mt][2]);
+                q8x4_to_f16x2(w1, cur.d2[2 * mt + 1], a[mt][1], a[mt][3]);
+            }
+            const u16* xb = xs + p * 64 + s * 16 + t * 4;
+            #pragma unroll
+            for (int q = 0; q < NT; q++) {
+                uint2 b = *(const uint2*)(xb + (q * 8 + g) * stride);
+                mma16816(acc[0][q], a[0][0], a[0][1], a[0][2], a[0][3], b.x, b.y);
+                mma16816(acc[1][q], a[1][0], a[1][1], a[1][2], a[1][3], b.x, b.y);
+            }
+        }
+        if (p + 1 < nsp) {
+            if (ahead) cur = nxt;
+            else q8_span_load(cur, wb, sb, roff, cols, t, p + 1);
+        }
+    }
+    #pragma unroll
+    for (int mt = 0; mt < 2; mt++) {
+        #pragma unroll
+        for (int q = 0; q < NT; q++) {
+            #pragma unroll
+            for (int i = 0; i < 4; i++) {
+                long long row = row0 + 16 * mt + g + (i >= 2 ? 8 : 0);
+                int n = q * 8 + 2 * t + (i & 1);
+                if (n < nt && row < wrows) out[(long long)n * wrows + row] = acc[mt][q][i];
+            }
+        }
+    }
+}
+
+template <int NT>
+__device__ __forceinline__ void mma_q8_body(const u8* p0, const u16* p2, int wrows, int cols, const float* x, int nt,
+                                            float* out) {
+    extern __shared__ __align__(16) u16 xs[];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    long long units = (wrows + MMA_ROWS_PER_WARP - 1) / MMA_ROWS_PER_WARP;
+    long long first = (long long)blockIdx.x * MMA_WARPS + warp;
+    // The first unit's weights do not depend on the previous kernel.
+    if (first < units) {
+        long long row0 = first * MMA_ROWS_PER_WARP;
+        int rows = (int)min((long long)MMA_ROWS_PER_WARP, wrows - row0);
+        long long bytes = (long long)rows * cols;
+        for (long long off = (long long)lane * 128; off < bytes; off += 32 * 128)
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(p0 + row0 * cols + off));
+    }
+    pdl_entry();
+    // x -> f16 in the permuted layout; rows nt .. 8 NT are zero. Eight
+    // loads are issued before their stores, so the fill costs a few L2
+    // round trips rather than one per element group.
+    int stride = mma_x_stride(cols), q4 = cols >> 2, items = 8 * NT * q4;
+    for (int i0 = threadIdx.x; i0 < items; i0 += 8 * blockDim.x) {
+        float4 v[8];
+        #pragma unroll
+        for (int j = 0; j < 8; j++) {
+            int i = i0 + j * blockDim.x, n = i / q4;
+            v[j] = i < items && n < nt ? *(const float4*)(x + (long long)i * 4) : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+        #pragma unroll
+        for (int j = 0; j < 8; j++) {
+            int i = i0 + j * blockDim.x;
+            if (i >= items) break;
+            int n = i / q4, k4 = i - n * q4;
+            int span = k4 >> 4, r4 = k4 & 15; // r4 = 4t + s within the span
+            int dst = span * 64 + ((r4 & 3) * 4 + (r4 >> 2)) * 4;
+            uint2 h;
+            h.x = (u32)f2h(v[j].x) | ((u32)f2h(v[j].y) << 16);
+            h.y = (u32)f2h(v[j].z) | ((u32)f2h(v[j].w) << 16);
+            *(uint2*)(xs + n * stride + dst) = h;
+        }
+    }
+    __syncthreads();
+    for (long long u = first; u < units; u += (long long)gridDim.x * MMA_WARPS)
+        mma_q8_unit<NT>(p0, p2, wrows, cols, xs, nt, out, u * MMA_ROWS_PER_WARP);
+}
+
+#define MMA_Q8_ENTRY(NT)                                                                           \
+    extern "C" __global__ void __launch_bounds__(256, 2) mma_q8_0_##NT(                            \
+        const u8* p0, const u16* p2, int wrows, int cols, const float* x, int nt, float* out) {    \
+        mma_q8_body<NT>(p0, p2, wrows, cols, x, nt, out);                                          \
+    }
+
+MMA_Q8_ENTRY(1)
+MMA_Q8_ENTRY(2)
+MMA_Q8_ENTRY(4)
+MMA_Q8_ENTRY(8)
