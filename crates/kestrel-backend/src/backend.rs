@@ -306,7 +306,55 @@ pub trait Backend: Send + Sync {
         r: ResidualNorm<'_, Self>,
     ) -> Result<()> {
         self.gated_ffn(h, w, act, gate, up, act_out, out)?;
-        residual_norm_unfused_into(self, out, r)
+        residual_norm_unfused_into(self, out, r).map(|_| ())
+    }
+
+    /// A layer's attention block up to the output projection: the block's
+    /// input (`input`, resolved by its residual step when it has one), the
+    /// QKV projections into `rows`, q/k norm (epsilon `eps`) + RoPE + K/V
+    /// store, attention
+    /// into `out`. One call so that a backend may run the residual step
+    /// inside the projection's launch and the RoPE step inside attention's
+    /// (CUDA at decode sizes); the contents of `rows.q` / `rows.k` and of
+    /// the input's `out` are then unspecified afterwards.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_block(
+        &self,
+        input: BlockInput<'_, Self>,
+        w: [&Self::Weight; 3],
+        bias: [Option<&Self::Vector>; 3],
+        rows: QkvRows<'_, Self>,
+        norms: [Option<&Self::Vector>; 2],
+        eps: f32,
+        rope: &Self::Rope,
+        pool: &mut Self::KvPool,
+        layer: usize,
+        batch: &Self::Batch,
+        p: &AttnParams,
+        out: &mut Self::Act,
+    ) -> Result<()> {
+        attention_block_unfused(
+            self, input, w, bias, rows, norms, eps, rope, pool, layer, batch, p, out,
+        )
+    }
+
+    /// A layer's feed-forward block: its input (resolved by its residual
+    /// step when it has one), then `gated_ffn` into `out`. On GPUs at decode
+    /// sizes the residual step runs inside the gate/up launch (the input's
+    /// `out` is then left unwritten).
+    #[allow(clippy::too_many_arguments)]
+    fn ffn_block(
+        &self,
+        input: BlockInput<'_, Self>,
+        w: [&Self::Weight; 3],
+        act: Activation,
+        gate: &mut Self::Act,
+        up: &mut Self::Act,
+        act_out: &mut Self::Act,
+        out: &mut Self::Act,
+    ) -> Result<()> {
+        let h = input.resolve(self)?;
+        self.gated_ffn(h, w, act, gate, up, act_out, out)
     }
 
     // ---- memory -------------------------------------------------------------
@@ -370,6 +418,65 @@ pub struct ResidualNorm<'a, B: Backend + ?Sized> {
     /// Scratch of the shape of `x`, for backends that need it.
     pub tmp: &'a mut B::Act,
     pub out: &'a mut B::Act,
+}
+
+/// The input of a transformer block: a normalized activation, or the
+/// residual step that produces it from the previous block's output
+/// (`delta`), which a backend may fuse into the block's first launch.
+pub enum BlockInput<'a, B: Backend + ?Sized> {
+    Normed(&'a B::Act),
+    Residual {
+        delta: &'a B::Act,
+        step: ResidualNorm<'a, B>,
+    },
+}
+
+impl<'a, B: Backend + ?Sized> BlockInput<'a, B> {
+    /// The normalized activation, running the residual step if there is one.
+    pub fn resolve(self, be: &B) -> Result<&'a B::Act> {
+        match self {
+            BlockInput::Normed(h) => Ok(h),
+            BlockInput::Residual { delta, step } => residual_norm_unfused_into(be, delta, step),
+        }
+    }
+}
+
+/// `attention_block` from the backend's own operations.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_block_unfused<B: Backend + ?Sized>(
+    be: &B,
+    input: BlockInput<'_, B>,
+    w: [&B::Weight; 3],
+    bias: [Option<&B::Vector>; 3],
+    rows: QkvRows<'_, B>,
+    norms: [Option<&B::Vector>; 2],
+    eps: f32,
+    rope: &B::Rope,
+    pool: &mut B::KvPool,
+    layer: usize,
+    batch: &B::Batch,
+    p: &AttnParams,
+    out: &mut B::Act,
+) -> Result<()> {
+    let h = input.resolve(be)?;
+    let QkvRows {
+        q,
+        k,
+        v,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+    } = rows;
+    let r = QkvRows {
+        q: &mut *q,
+        k,
+        v,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+    };
+    be.qkv_rope_store(h, w, bias, r, norms, eps, rope, pool, layer, batch)?;
+    be.attention(q, pool, layer, batch, p, out)
 }
 
 /// A captured sequence of operations (backend-specific inside).
@@ -437,13 +544,15 @@ pub fn residual_norm_unfused<B: Backend + ?Sized>(
     }
 }
 
-/// `residual_norm` (the backend's own, fused or not) of `r` on `delta`.
-pub fn residual_norm_unfused_into<B: Backend + ?Sized>(
+/// `residual_norm` (the backend's own, fused or not) of `r` on `delta`;
+/// returns the normalized output `r.out`.
+pub fn residual_norm_unfused_into<'a, B: Backend + ?Sized>(
     be: &B,
     delta: &B::Act,
-    r: ResidualNorm<'_, B>,
-) -> Result<()> {
-    be.residual_norm(r.x, delta, r.post_norm, r.next_norm, r.eps, r.tmp, r.out)
+    r: ResidualNorm<'a, B>,
+) -> Result<&'a B::Act> {
+    be.residual_norm(r.x, delta, r.post_norm, r.next_norm, r.eps, r.tmp, r.out)?;
+    Ok(r.out)
 }
 
 /// `matmul_residual_norm` as `matmul` then `residual_norm`.
@@ -455,5 +564,5 @@ pub fn matmul_residual_norm_unfused<B: Backend + ?Sized>(
     r: ResidualNorm<'_, B>,
 ) -> Result<()> {
     be.matmul(a, w, delta)?;
-    residual_norm_unfused_into(be, delta, r)
+    residual_norm_unfused_into(be, delta, r).map(|_| ())
 }

@@ -8,6 +8,6 @@ pub mod cuda;
 pub mod error;
 pub mod layout;
 
-pub use backend::{Activation, Backend, Graph, QkvRows, ResidualNorm, Result};
+pub use backend::{Activation, Backend, BlockInput, Graph, QkvRows, ResidualNorm, Result};
 pub use error::BackendError;
 pub use layout::{AttnParams, BatchLayout, DeviceSample, KvDType, KvSpec, RopeParams, RopeStyle, SeqLayout};

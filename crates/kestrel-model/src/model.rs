@@ -7,7 +7,9 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use kestrel_backend::{AttnParams, Backend, BatchLayout, Graph, KvDType, KvSpec, QkvRows, ResidualNorm};
+use kestrel_backend::{
+    AttnParams, Backend, BatchLayout, BlockInput, Graph, KvDType, KvSpec, QkvRows, ResidualNorm,
+};
 use kestrel_formats::{DType, ModelFile, TensorView};
 
 use crate::config::ModelConfig;
@@ -67,16 +69,17 @@ struct Scratch<B: Backend> {
     x: B::Act,
     /// Normed input of the attention block (and of the LM head).
     h: B::Act,
-    /// Normed input of the feed-forward block: a buffer apart from `h`
-    /// because the residual step after the FFN writes the next `h` while
-    /// the FFN's own input is still an operand of the same (fused) call.
+    /// Normed input of the feed-forward block.
     hf: B::Act,
     t: B::Act,
     q: B::Act,
     k: B::Act,
     v: B::Act,
     attn: B::Act,
+    /// Output of the attention block's projection (Wo).
     o: B::Act,
+    /// Output of the feed-forward block (down projection).
+    f: B::Act,
     gate: B::Act,
     up: B::Act,
     act: B::Act,
@@ -390,6 +393,7 @@ impl<B: Backend> Model<B> {
             v: be.alloc_act(rows, c.kv_dim())?,
             attn: be.alloc_act(rows, c.q_dim())?,
             o: be.alloc_act(rows, c.hidden)?,
+            f: be.alloc_act(rows, c.hidden)?,
             gate: be.alloc_act(rows, c.ffn_dim)?,
             up: be.alloc_act(rows, c.ffn_dim)?,
             act: be.alloc_act(rows, c.ffn_dim)?,
@@ -564,8 +568,12 @@ impl<B: Backend> Model<B> {
         let be = self.backend.as_ref();
         be.embed(&self.embed, batch, c.embed_scale, &mut s.x)?;
         be.rms_norm(&s.x, &self.layers[0].attn_norm, c.rms_eps, &mut s.h)?;
+        // Each residual step (post-norm, add, next norm) is handed to the
+        // operation that consumes its output, so that a backend may run it
+        // inside that operation's launch (CUDA at decode sizes).
         for (i, (lw, lc)) in self.layers.iter().zip(&c.layers).enumerate() {
-            // Attention block: projections, q/k norm + RoPE, K/V store.
+            // Attention block: projections, q/k norm + RoPE, K/V store; from
+            // the second layer on, after the previous FFN's residual step.
             let rows = QkvRows {
                 q: &mut s.q,
                 k: &mut s.k,
@@ -574,18 +582,24 @@ impl<B: Backend> Model<B> {
                 n_kv_heads: c.n_kv_heads,
                 head_dim: c.head_dim,
             };
-            be.qkv_rope_store(
-                &s.h,
-                [&lw.wq, &lw.wk, &lw.wv],
-                [lw.bq.as_ref(), lw.bk.as_ref(), lw.bv.as_ref()],
-                rows,
-                [lw.q_norm.as_ref(), lw.k_norm.as_ref()],
-                c.rms_eps,
-                &self.ropes[lc.rope],
-                kv,
-                i,
-                batch,
-            )?;
+            let w = [&lw.wq, &lw.wk, &lw.wv];
+            let bias = [lw.bq.as_ref(), lw.bk.as_ref(), lw.bv.as_ref()];
+            let norms = [lw.q_norm.as_ref(), lw.k_norm.as_ref()];
+            let rope = &self.ropes[lc.rope];
+            let input = match i.checked_sub(1).map(|p| &self.layers[p]) {
+                None => BlockInput::Normed(&s.h),
+                Some(prev) => BlockInput::Residual {
+                    delta: &s.f,
+                    step: ResidualNorm {
+                        x: &mut s.x,
+                        post_norm: prev.post_ffn_norm.as_ref(),
+                        next_norm: &lw.attn_norm,
+                        eps: c.rms_eps,
+                        tmp: &mut s.t,
+                        out: &mut s.h,
+                    },
+                },
+            };
             let p = AttnParams {
                 n_heads: c.n_heads,
                 n_kv_heads: c.n_kv_heads,
@@ -594,9 +608,23 @@ impl<B: Backend> Model<B> {
                 window: lc.window,
                 softcap: c.attn_softcap,
             };
-            be.attention(&s.q, kv, i, batch, &p, &mut s.attn)?;
-            // Output projection, residual add and the FFN norm (one launch
-            // on GPUs).
+            be.attention_block(
+                input,
+                w,
+                bias,
+                rows,
+                norms,
+                c.rms_eps,
+                rope,
+                kv,
+                i,
+                batch,
+                &p,
+                &mut s.attn,
+            )?;
+            be.matmul(&s.attn, &lw.wo, &mut s.o)?;
+
+            // Feed-forward block after the attention block's residual step.
             let res = ResidualNorm {
                 x: &mut s.x,
                 post_norm: lw.post_attn_norm.as_ref(),
@@ -605,35 +633,34 @@ impl<B: Backend> Model<B> {
                 tmp: &mut s.t,
                 out: &mut s.hf,
             };
-            be.matmul_residual_norm(&s.attn, &lw.wo, &mut s.o, res)?;
-
-            // Feed-forward block, its residual add and the next norm: the
-            // next layer's attention norm, or the final norm after the last
-            // layer.
-            let next_norm = match self.layers.get(i + 1) {
-                Some(next) => &next.attn_norm,
-                None => &self.output_norm,
-            };
-            let res = ResidualNorm {
-                x: &mut s.x,
-                post_norm: lw.post_ffn_norm.as_ref(),
-                next_norm,
-                eps: c.rms_eps,
-                tmp: &mut s.t,
-                out: &mut s.h,
-            };
             let w = [&lw.w_gate, &lw.w_up, &lw.w_down];
-            be.gated_ffn_residual_norm(
-                &s.hf,
+            be.ffn_block(
+                BlockInput::Residual {
+                    delta: &s.o,
+                    step: res,
+                },
                 w,
                 c.activation,
                 &mut s.gate,
                 &mut s.up,
                 &mut s.act,
-                &mut s.o,
-                res,
+                &mut s.f,
             )?;
         }
+        // The last FFN's residual step and the final norm.
+        let last = self
+            .layers
+            .last()
+            .ok_or_else(|| ModelError::Request("model has no layers".into()))?;
+        be.residual_norm(
+            &mut s.x,
+            &s.f,
+            last.post_ffn_norm.as_ref(),
+            &self.output_norm,
+            c.rms_eps,
+            &mut s.t,
+            &mut s.h,
+        )?;
 
         // Only the rows that need logits go through the (large) LM head.
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);

@@ -146,6 +146,8 @@ mod tests {
                 for k in [
                     "gemv_q4_k_8",
                     "mma_q8_0_8",
+                    "gemvp_4",
+                    "attention_rope",
                     "attention",
                     "attention_gqa4",
                     "attention_dec4",

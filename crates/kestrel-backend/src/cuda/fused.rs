@@ -1,14 +1,13 @@
 //! Fused operations of the decode path: several GEMVs in one launch (QKV,
-//! gate + up), q/k norm + RoPE + KV store in one kernel, and the residual
-//! step (post-norm, add, next norm) in one kernel, and K-quant GEMVs that
-//! form their activation on the load (act(gate) * up) and run the residual
-//! step in their last block (`gemv_fx`). The reference kernel set composes
-//! the plain kernels instead (see `backend.rs`).
+//! gate + up), q/k norm + RoPE + KV store in one kernel, the residual step
+//! (post-norm, add, next norm) in one kernel, and GEMVs that form their own
+//! activation (the residual step, or act(gate) * up) in every block instead
+//! of a launch before them (`gemv_prologue`). The reference kernel set
+//! composes the plain kernels instead (see `backend.rs`).
 
 use super::buffers::{CudaAct, CudaBatch, CudaKvPool, CudaRope, CudaVector, CudaWeight};
 use super::launch::{i32_of, Arg};
 use super::matmul::{gemv_cap, gemv_kernel, GEMV_MAX_ROWS};
-use super::weights::Format;
 use super::{shape_err, CudaBackend};
 use crate::backend::Activation;
 use crate::error::BackendError;
@@ -37,114 +36,178 @@ pub(crate) const GEMV_FAMILIES: [&str; 12] = [
     "gemv_q6_k",
 ];
 
-/// Family code of `gemv_fx_*` in gemv.cu (K-quants only).
-fn fx_family(w: &CudaWeight) -> Option<i32> {
-    match w.format {
-        Format::Q4K => Some(0),
-        Format::Q5K => Some(1),
-        Format::Q6K => Some(2),
-        _ => None,
-    }
+/// How a `gemvp` launch forms its activation rows (see gemv.cu).
+pub(crate) enum Prologue<'a> {
+    /// `act(gate) * up` (what `gated_activation` computes).
+    Gated {
+        gate: &'a CudaAct,
+        up: &'a CudaAct,
+        act: Activation,
+    },
+    /// The residual step of `residual_norm`: `res += post ? rms_norm(delta)
+    /// * post : delta`, activation `rms_norm(res) * norm`.
+    Residual {
+        res: &'a mut CudaAct,
+        delta: &'a CudaAct,
+        post: Option<&'a CudaVector>,
+        norm: &'a CudaVector,
+        eps: f32,
+    },
 }
 
-/// The residual step run by the last block of `gemv_fx`:
-/// `x += post ? rms_norm(delta, post) : delta; out = rms_norm(x, next)`.
-pub(crate) struct FxResidual<'a> {
-    pub x: &'a mut CudaAct,
-    pub post: Option<&'a CudaVector>,
-    pub next: &'a CudaVector,
-    pub eps: f32,
-    pub out: &'a mut CudaAct,
-}
+/// Most activation rows of a `gemvp` launch (its kernels exist for 1, 2, 4).
+pub(crate) const PROLOGUE_MAX_ROWS: usize = 4;
+/// Shared memory a `gemvp` launch may use without opting in (48 KiB).
+const PROLOGUE_SMEM: usize = 48 << 10;
 
 impl CudaBackend {
-    /// Whether `gemv_fx` takes weight `w` with activations of `rows` rows
-    /// (one launch: at most `GEMV_MAX_ROWS`).
-    pub(crate) fn gemv_fx_fits(w: &CudaWeight, rows: usize) -> bool {
-        (1..=GEMV_MAX_ROWS).contains(&rows) && fx_family(w).is_some()
+    /// Whether `gemv_prologue` takes `t` activation rows of `cols` columns
+    /// by the weights `ws` (with the residual step when `residual`): the
+    /// fused set at GEMV sizes, the fusion switched on, and the rows fit in
+    /// shared memory. Off while captures record a decode megakernel, which
+    /// runs the unfused sequence.
+    pub(crate) fn prologue_takes(&self, t: usize, cols: usize, ws: &[&CudaWeight], residual: bool) -> bool {
+        let copies = if residual { 2 } else { 1 };
+        self.kernels == super::KernelSet::Fused
+            && self.prologue_on()
+            && !self.mega.load(std::sync::atomic::Ordering::Relaxed)
+            && (1..=PROLOGUE_MAX_ROWS).contains(&t)
+            && cols.is_multiple_of(4)
+            && copies * t * cols * 4 <= PROLOGUE_SMEM
+            && ws.iter().all(|w| w.cols == cols)
+            && Self::multi_gemv_fits(t, ws)
     }
 
-    /// `delta = W · a` where `a = x`, or `a = act(x) * up` with `gated`;
-    /// then, with `res`, the residual step on `delta` in the same launch.
-    pub(crate) fn gemv_fx(
+    /// `outs[i] = W_i · x` for up to three weights, where every block forms
+    /// x itself by `p` (see `Prologue`); one launch.
+    pub(crate) fn gemv_prologue(
         &self,
-        x: &CudaAct,
-        gated: Option<(&CudaAct, Activation)>,
-        w: &CudaWeight,
-        delta: &mut CudaAct,
-        res: Option<FxResidual<'_>>,
+        p: Prologue<'_>,
+        ws: &[&CudaWeight],
+        outs: &mut [&mut CudaAct],
     ) -> Result<()> {
-        let fam = fx_family(w).ok_or_else(|| {
-            BackendError::Unsupported(format!(
-                "gemv_fx of '{}' ({:?} is not a K-quant)",
-                w.name, w.format
-            ))
-        })?;
-        let t = x.rows;
-        if !(1..=GEMV_MAX_ROWS).contains(&t) {
-            return Err(shape_err(
-                "gemv_fx",
-                format!("{t} activation rows (1..={GEMV_MAX_ROWS} taken)"),
-            ));
-        }
-        if x.cols != w.cols || delta.rows != t || delta.cols != w.rows {
-            return Err(shape_err(
-                "gemv_fx",
-                format!(
-                    "x [{t}, {}] · '{}' [{}, {}]ᵀ does not fit delta [{}, {}]",
-                    x.cols, w.name, w.rows, w.cols, delta.rows, delta.cols
-                ),
-            ));
-        }
-        let (up, act) = match gated {
-            Some((u, a)) => {
-                super::same_shape("gemv_fx (gate, up)", x, u)?;
-                (u.ptr(), super::act_code(a))
+        let (t, cols) = match &p {
+            Prologue::Gated { gate, up, .. } => {
+                super::same_shape("gemvp (gate, up)", gate, up)?;
+                (gate.rows, gate.cols)
             }
-            None => (0, 0),
+            Prologue::Residual {
+                res,
+                delta,
+                post,
+                norm,
+                ..
+            } => {
+                super::same_shape("gemvp (residual, delta)", res, delta)?;
+                if norm.len != res.cols || post.is_some_and(|w| w.len != res.cols) {
+                    return Err(shape_err(
+                        "gemvp",
+                        format!("norm weights do not have {} elements", res.cols),
+                    ));
+                }
+                (res.rows, res.cols)
+            }
         };
-        let mut res_args = [
-            Arg::Ptr(0),
-            Arg::Ptr(0),
-            Arg::Ptr(0),
-            Arg::F32(0.0),
-            Arg::Ptr(0),
-            Arg::Ptr(0),
-        ];
-        if let Some(r) = res {
-            super::same_shape("gemv_fx (residual)", r.x, delta)?;
-            super::same_shape("gemv_fx (residual out)", r.out, delta)?;
-            if r.next.len != delta.cols || r.post.is_some_and(|p| p.len != delta.cols) {
+        let residual = matches!(p, Prologue::Residual { .. });
+        if !self.prologue_takes(t, cols, ws, residual) {
+            return Err(shape_err(
+                "gemvp",
+                format!("{t} rows of {cols} columns by {} weights are not taken", ws.len()),
+            ));
+        }
+        let out_ptrs: Vec<u64> = outs.iter().map(|o| o.ptr()).collect();
+        for (w, o) in ws.iter().zip(outs.iter()) {
+            if o.rows != t || o.cols != w.rows {
                 return Err(shape_err(
-                    "gemv_fx",
-                    format!("norm weights do not have {} elements", delta.cols),
+                    "gemvp",
+                    format!(
+                        "'{}' [{}, {}] does not fit an output [{}, {}]",
+                        w.name, w.rows, w.cols, o.rows, o.cols
+                    ),
                 ));
             }
-            res_args = [
-                Arg::Ptr(r.x.ptr()),
-                Arg::Ptr(r.post.map(|p| p.buf.ptr).unwrap_or(0)),
-                Arg::Ptr(r.next.buf.ptr),
-                Arg::F32(r.eps),
-                Arg::Ptr(r.out.ptr()),
-                Arg::Ptr(self.fx_counter.ptr),
-            ];
         }
-        let (p0, _, p2) = w.ptrs();
-        let mut args = vec![
-            Arg::I32(fam),
-            Arg::Ptr(p0),
-            Arg::Ptr(p2),
-            i32_of(w.rows, "weight rows")?,
-            i32_of(w.cols, "weight cols")?,
-            Arg::Ptr(x.ptr()),
-            Arg::Ptr(up),
-            Arg::I32(act),
-            i32_of(t, "rows")?,
-            Arg::Ptr(delta.ptr()),
-        ];
-        args.extend(res_args);
-        let blocks = w.rows.div_ceil(8) as u32;
-        self.run(&format!("gemv_fx_{}", gemv_cap(t)), (blocks, 1, 1), 256, 0, &args)
+        let cap = gemv_cap(t);
+        let mut args = match p {
+            Prologue::Gated { gate, up, act } => vec![
+                Arg::I32(1),
+                Arg::Ptr(gate.ptr()),
+                Arg::Ptr(up.ptr()),
+                Arg::Ptr(0),
+                Arg::Ptr(0),
+                Arg::F32(0.0),
+                Arg::I32(0),
+                Arg::Ptr(0),
+                Arg::Ptr(0),
+                Arg::I32(super::act_code(act)),
+            ],
+            Prologue::Residual {
+                res,
+                delta,
+                post,
+                norm,
+                eps,
+            } => vec![
+                Arg::I32(2),
+                Arg::Ptr(0),
+                Arg::Ptr(delta.ptr()),
+                Arg::Ptr(post.map(|w| w.buf.ptr).unwrap_or(0)),
+                Arg::Ptr(norm.buf.ptr),
+                Arg::F32(eps),
+                // residual_norm's block size: its sums are grouped by it.
+                Arg::I32(Self::norm_threads(cols) as i32),
+                Arg::Ptr(res.ptr()),
+                Arg::Ptr(self.gp_counter.ptr),
+                Arg::I32(0),
+            ],
+        };
+        args.extend([i32_of(t, "rows")?, i32_of(cols, "cols")?]);
+        let (groups, total) = Self::gemv_groups(ws, &out_ptrs, cap)?;
+        args.extend(groups);
+        let smem = (if residual { 2 } else { 1 }) * t * cols * 4;
+        self.run(&format!("gemvp_{cap}"), (total, 1, 1), 256, smem as u32, &args)
+    }
+
+    /// The three weight groups of a `gemv3` / `gemvp` launch (absent ones
+    /// zero) and the launch's block count.
+    fn gemv_groups(ws: &[&CudaWeight], outs: &[u64], cap: usize) -> Result<(Vec<Arg>, u32)> {
+        let mut args = Vec::with_capacity(20);
+        let mut total = 0u32;
+        for i in 0..3 {
+            match (ws.get(i), outs.get(i)) {
+                (Some(w), Some(&o)) => {
+                    let (family, rpw) = gemv_kernel(w, cap);
+                    let (p0, p1, p2) = w.ptrs();
+                    let nb = w.rows.div_ceil(8 * rpw) as u32;
+                    total += nb;
+                    args.extend([
+                        Arg::I32(gemv_kind(family).unwrap_or(11)),
+                        Arg::Ptr(p0),
+                        Arg::Ptr(p1),
+                        Arg::Ptr(p2),
+                        i32_of(w.rows, "weight rows")?,
+                        Arg::Ptr(o),
+                    ]);
+                    if i < 2 {
+                        args.push(Arg::I32(nb as i32));
+                    }
+                }
+                _ => {
+                    args.extend([
+                        Arg::I32(0),
+                        Arg::Ptr(0),
+                        Arg::Ptr(0),
+                        Arg::Ptr(0),
+                        Arg::I32(0),
+                        Arg::Ptr(0),
+                    ]);
+                    if i < 2 {
+                        args.push(Arg::I32(0));
+                    }
+                }
+            }
+        }
+        Ok((args, total))
     }
 
     /// Whether `multi_gemv` takes activations of `rows` rows by `ws`
@@ -195,41 +258,13 @@ impl CudaBackend {
                 i32_of(n, "rows")?,
                 i32_of(x.cols, "cols")?,
             ];
-            let mut total = 0u32;
-            for i in 0..3 {
-                match (ws.get(i), outs.get(i)) {
-                    (Some(w), Some(&o)) => {
-                        let (family, rpw) = gemv_kernel(w, cap);
-                        let (p0, p1, p2) = w.ptrs();
-                        let nb = w.rows.div_ceil(8 * rpw) as u32;
-                        total += nb;
-                        args.extend([
-                            Arg::I32(gemv_kind(family).unwrap_or(11)),
-                            Arg::Ptr(p0),
-                            Arg::Ptr(p1),
-                            Arg::Ptr(p2),
-                            i32_of(w.rows, "weight rows")?,
-                            Arg::Ptr(o + (r0 * w.rows * 4) as u64),
-                        ]);
-                        if i < 2 {
-                            args.push(Arg::I32(nb as i32));
-                        }
-                    }
-                    _ => {
-                        args.extend([
-                            Arg::I32(0),
-                            Arg::Ptr(0),
-                            Arg::Ptr(0),
-                            Arg::Ptr(0),
-                            Arg::I32(0),
-                            Arg::Ptr(0),
-                        ]);
-                        if i < 2 {
-                            args.push(Arg::I32(0));
-                        }
-                    }
-                }
-            }
+            let shifted: Vec<u64> = outs
+                .iter()
+                .zip(ws)
+                .map(|(&o, w)| o + (r0 * w.rows * 4) as u64)
+                .collect();
+            let (groups, total) = Self::gemv_groups(ws, &shifted, cap)?;
+            args.extend(groups);
             self.run(&format!("gemv3_{cap}"), (total, 1, 1), 256, 0, &args)?;
             r0 += n;
         }

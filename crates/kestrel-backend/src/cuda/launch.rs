@@ -45,7 +45,7 @@ pub(crate) struct Kernels {
     pdl: bool,
 }
 
-const PLAIN: [&str; 36] = [
+const PLAIN: [&str; 37] = [
     "tokens_from_keys",
     "sample_rows",
     "decode_program",
@@ -82,6 +82,7 @@ const PLAIN: [&str; 36] = [
     "attention_tile8",
     "attention_dec4",
     "attention_dec8",
+    "attention_rope",
 ];
 
 impl Kernels {
@@ -94,8 +95,10 @@ impl Kernels {
         }
         for t in [1, 2, 4, 8] {
             names.push(format!("gemv3_{t}"));
-            names.push(format!("gemv_fx_{t}"));
             names.push(format!("mma_q8_0_{t}"));
+        }
+        for t in [1, 2, 4] {
+            names.push(format!("gemvp_{t}"));
         }
         let mut funcs = HashMap::new();
         for n in names {

@@ -37,8 +37,8 @@ pub use buffers::{CudaAct, CudaBatch, CudaKvPool, CudaRope, CudaVector, CudaWeig
 pub use graph::DecodeGraph;
 
 use crate::backend::{
-    matmul_residual_norm_unfused, qk_norm_rope_store_unfused, qkv_unfused, residual_norm_unfused,
-    residual_norm_unfused_into, Activation, Backend, Graph, QkvRows, ResidualNorm, Result,
+    attention_block_unfused, qk_norm_rope_store_unfused, qkv_unfused, residual_norm_unfused, Activation,
+    Backend, BlockInput, Graph, QkvRows, Result,
 };
 use crate::error::BackendError;
 use crate::layout::{AttnParams, BatchLayout, KvSpec, RopeParams, RopeStyle};
@@ -192,15 +192,14 @@ pub struct CudaBackend {
     k: Kernels,
     kernels: KernelSet,
     state: Mutex<State>,
-    /// Finished-block counter of `gemv_fx` launches (zero between launches:
-    /// the last block resets it).
-    fx_counter: DevBuf,
-    /// Which `gemv_fx` fusions the fused set uses: bit 0 the gated
-    /// activation load of the down projection, bit 1 the residual step
-    /// after Wo and down. From `KESTREL_FX`; default 0 (off): with both on,
-    /// one H200 run decoded at 1,027 tok/s against 1,361 without, a
-    /// regression not yet explained (benchmarks/NOTES-cuda.md, v3).
-    fx: std::sync::atomic::AtomicU8,
+    /// Ticket counter of `gemvp` launches with the residual step (zero
+    /// between launches: the last block resets it). One stream, so one
+    /// counter serves every launch.
+    gp_counter: DevBuf,
+    /// Whether decode GEMVs form their activation in the launch
+    /// (`gemv_prologue`) instead of after a residual-step or gated-activation
+    /// launch. `KESTREL_PROLOGUE=0` starts it off (A/B runs).
+    prologue: std::sync::atomic::AtomicBool,
     /// Device bytes still allowed for f16 weight mirrors (see
     /// `CudaWeight::dense`); set from `KESTREL_DENSE_WEIGHTS` (MiB, 0 = off),
     /// by default an eighth of the device's memory.
@@ -271,11 +270,8 @@ impl CudaBackend {
         for tiles in [1, 2, 4, 8] {
             k.set_max_dynamic_smem(&format!("mma_q8_0_{tiles}"), matmul::MMA_SMEM_MAX as u32)?;
         }
-        let fx_counter = DevBuf::alloc(&dev.stream, 4, "gemv_fx block counter")?;
-        let fx = std::env::var("KESTREL_FX")
-            .ok()
-            .and_then(|v| v.trim().parse::<u8>().ok())
-            .unwrap_or(0);
+        let gp_counter = DevBuf::alloc(&dev.stream, 4, "gemvp ticket counter")?;
+        let prologue = std::env::var("KESTREL_PROLOGUE").map_or(true, |v| v.trim() != "0");
         let dense_budget = match std::env::var("KESTREL_DENSE_WEIGHTS") {
             Ok(v) => v.trim().parse::<usize>().map(|mib| mib << 20).map_err(|_| {
                 BackendError::Other(format!(
@@ -291,8 +287,8 @@ impl CudaBackend {
             recorder: Mutex::new(None),
             recording: std::sync::atomic::AtomicBool::new(false),
             mega_launches: std::sync::atomic::AtomicU64::new(0),
-            fx_counter,
-            fx: std::sync::atomic::AtomicU8::new(fx),
+            gp_counter,
+            prologue: std::sync::atomic::AtomicBool::new(prologue),
             dev,
             max_attn_splits: std::sync::atomic::AtomicUsize::new(32),
             attn_dec: std::sync::atomic::AtomicBool::new(dec_enabled()),
@@ -303,15 +299,15 @@ impl CudaBackend {
         })
     }
 
-    /// Selects the `gemv_fx` fusions (bits as for `KESTREL_FX`: 1 = gated
-    /// activation load, 2 = residual step; 3 = both). Graphs captured before
-    /// a change keep the old kernels.
-    pub fn set_fused_projections(&self, bits: u8) {
-        self.fx.store(bits & 3, std::sync::atomic::Ordering::Relaxed);
+    /// Switches the GEMVs that form their own activation (`gemv_prologue`)
+    /// on or off (default on; `KESTREL_PROLOGUE=0` starts it off). Graphs
+    /// captured before a change keep the old kernels.
+    pub fn set_prologue(&self, on: bool) {
+        self.prologue.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
-    fn fx_bits(&self) -> u8 {
-        self.fx.load(std::sync::atomic::Ordering::Relaxed)
+    pub(crate) fn prologue_on(&self) -> bool {
+        self.prologue.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Caps how many blocks split one query row's keys in fused attention
@@ -628,6 +624,312 @@ impl CudaBackend {
 
     fn norm_threads(cols: usize) -> u32 {
         (cols.div_ceil(32) * 32).clamp(32, 1024) as u32
+    }
+}
+
+/// The q/k norm + RoPE + K/V store that `attention_rope` runs inside
+/// attention: this step's raw k and v, the norms and the RoPE table.
+pub(crate) struct RopeFusion<'a> {
+    k: &'a CudaAct,
+    v: &'a CudaAct,
+    norms: [Option<&'a CudaVector>; 2],
+    eps: f32,
+    rope: &'a CudaRope,
+}
+
+impl CudaBackend {
+    /// `attention`, or with `fusion` (whose caller holds the pool
+    /// exclusively) the q/k norm + RoPE + K/V store of this step's raw q, k,
+    /// v inside the same launch (`attention_rope`): only where the per-head
+    /// kernel runs (`rope_attention_takes`), an error otherwise.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_with(
+        &self,
+        q: &CudaAct,
+        pool: &CudaKvPool,
+        layer: usize,
+        batch: &CudaBatch,
+        p: &AttnParams,
+        out: &mut CudaAct,
+        fusion: Option<RopeFusion<'_>>,
+    ) -> Result<()> {
+        self.check_batch(batch)?;
+        same_shape("attention", q, out)?;
+        if p.head_dim != pool.spec.head_dim || p.n_kv_heads != pool.spec.n_kv_heads {
+            return Err(shape_err(
+                "attention",
+                format!("params {p:?} do not match the pool {:?}", pool.spec),
+            ));
+        }
+        if p.n_heads.checked_rem(p.n_kv_heads) != Some(0) {
+            return Err(shape_err(
+                "attention",
+                format!("{} heads not a multiple of {} KV heads", p.n_heads, p.n_kv_heads),
+            ));
+        }
+        if q.cols != p.n_heads * p.head_dim || q.rows != batch.num_tokens {
+            return Err(shape_err(
+                "attention",
+                format!(
+                    "q [{}, {}] is not [{} tokens, {}×{}]",
+                    q.rows, q.cols, batch.num_tokens, p.n_heads, p.head_dim
+                ),
+            ));
+        }
+        if layer >= pool.spec.n_layers {
+            return Err(shape_err(
+                "attention",
+                format!("layer {layer} of {}", pool.spec.n_layers),
+            ));
+        }
+        if batch.block_size != pool.spec.block_size {
+            return Err(shape_err(
+                "attention",
+                format!(
+                    "batch block_size {} but pool block_size {}",
+                    batch.block_size, pool.spec.block_size
+                ),
+            ));
+        }
+        if batch.num_seqs > 0 && batch.max_block as usize >= pool.spec.num_blocks {
+            return Err(shape_err(
+                "attention",
+                format!(
+                    "block id {} beyond the pool's {}",
+                    batch.max_block, pool.spec.num_blocks
+                ),
+            ));
+        }
+        let (lo, vo) = pool.offsets(layer);
+        let window = p.window.map(|w| w.min(i32::MAX as u32) as i32).unwrap_or(0);
+        let cap = p.softcap.unwrap_or(0.0);
+        let mut args = vec![
+            Arg::Ptr(q.ptr()),
+            Arg::Ptr(pool.buf.ptr),
+            Arg::I64(lo),
+            Arg::I64(vo),
+            Arg::I32(pool.dtype_code()),
+            Arg::Ptr(batch.positions),
+            Arg::Ptr(batch.token_seq),
+            Arg::Ptr(batch.block_tables),
+            i32_of(batch.bt_stride, "bt_stride")?,
+            i32_of(batch.block_size, "block_size")?,
+        ];
+        if self.kernels == KernelSet::Reference {
+            args.push(i32_of(q.rows, "rows")?);
+        }
+        args.extend([
+            i32_of(p.n_heads, "n_heads")?,
+            i32_of(p.n_kv_heads, "n_kv_heads")?,
+            i32_of(p.head_dim, "head_dim")?,
+            Arg::F32(p.scale),
+            Arg::I32(window),
+            Arg::F32(cap),
+            Arg::Ptr(out.ptr()),
+        ]);
+        if self.kernels == KernelSet::Reference {
+            let n = q.rows * p.n_heads * p.head_dim;
+            return self.run("attention_ref", (n.div_ceil(128) as u32, 1, 1), 128, 0, &args);
+        }
+        if p.head_dim > 256 {
+            return Err(BackendError::Unsupported(format!(
+                "fused attention with head_dim {} (max 256)",
+                p.head_dim
+            )));
+        }
+        let group = p.n_heads / p.n_kv_heads.max(1);
+        let (grouped, dec, tile) = self.attention_kind(q.rows, batch, p, pool);
+        let target = attn_items_per_sm() * self.dev.sm_count.max(1) as usize;
+        if fusion.is_some() && grouped {
+            return Err(BackendError::Other(
+                "attention_rope: the step does not take the per-head kernel".into(),
+            ));
+        }
+        // att_smem_floats / att_gqa_smem_floats in attention.cu.
+        let smem = if dec {
+            attention_dec_smem(group, p.head_dim) as u32
+        } else if grouped {
+            ((5 * group * p.head_dim + 41 * group + 1) * 4) as u32
+        } else if fusion.is_some() {
+            // attention_rope's head buffer after the item's memory.
+            ((6 * p.head_dim + 8 + 34) * 4) as u32
+        } else {
+            ((5 * p.head_dim + 8 + 34) * 4) as u32
+        };
+        // Split the keys over enough blocks to fill the GPU twice; the count
+        // depends only on the launch shape, so captured graphs stay valid.
+        let heads = if grouped { p.n_kv_heads } else { p.n_heads };
+        let blocks = q.rows * heads;
+        let cap = self.max_attn_splits.load(std::sync::atomic::Ordering::Relaxed);
+        let splits = if dec {
+            // Two 256-thread tile items fit an SM (128 registers, 67 KB of
+            // shared memory at head_dim 256): split only as far as one wave
+            // holds (H200, 64 sequences: 5 splits ran 320 items, 1.21 waves,
+            // 36 us per layer in ncu).
+            (DEC_ITEMS_PER_SM * self.dev.sm_count.max(1) as usize / blocks.max(1)).clamp(1, cap)
+        } else {
+            target.div_ceil(blocks.max(1)).clamp(1, cap)
+        };
+        let (part, counters) = if splits > 1 {
+            // Partials per query head; counters per item (at most one per query head).
+            let blocks = q.rows * p.n_heads;
+            let bytes = blocks * splits * (p.head_dim + 2) * 4;
+            let mut st = self.lock()?;
+            let part = self.graph_scratch(&mut st, |s| &mut s.att_part, bytes, "attention partials")?;
+            // A fresh (zeroed) counter buffer whenever it must grow.
+            let counters = self.graph_scratch(
+                &mut st,
+                |s| &mut s.att_count,
+                blocks * 4,
+                "attention split counters",
+            )?;
+            (part, counters)
+        } else {
+            (0, 0)
+        };
+        args.extend([Arg::I32(splits as i32), Arg::Ptr(part), Arg::Ptr(counters)]);
+        // The Wo GEMM of a batched step reads the output in f16.
+        let out16 = self.f16_side_output(out)?;
+        args.push(Arg::Ptr(out16));
+        let name = if dec {
+            if group == 4 {
+                "attention_dec4"
+            } else {
+                "attention_dec8"
+            }
+        } else if tile {
+            ATTENTION_TILE[group.trailing_zeros() as usize]
+        } else if grouped {
+            ATTENTION_GQA[group.trailing_zeros() as usize]
+        } else if fusion.is_some() {
+            "attention_rope"
+        } else {
+            "attention"
+        };
+        if let Some(f) = fusion {
+            args.remove(0);
+            args.extend(self.rope_fusion_args(q, f, pool, layer, batch, p)?);
+        }
+        self.run(
+            name,
+            (q.rows as u32, heads as u32, splits as u32),
+            if dec { 256 } else { 128 },
+            smem,
+            &args,
+        )?;
+        self.mark_f16_side_output(out, out16);
+        Ok(())
+    }
+
+    /// Which attention kernel a step takes: (grouped, decode tiles, key
+    /// tiles); none of them means the per-head kernel.
+    fn attention_kind(
+        &self,
+        rows: usize,
+        batch: &CudaBatch,
+        p: &AttnParams,
+        pool: &CudaKvPool,
+    ) -> (bool, bool, bool) {
+        // One item per KV head serves its whole query-head group (K/V read
+        // once) where the grouped kernel fits; the per-head kernel otherwise,
+        // and while a step is recorded for the decode megakernel, whose
+        // attention op is the per-head item (same bits, see attention.cu).
+        let group = p.n_heads / p.n_kv_heads.max(1);
+        // The grouped kernel has G times fewer items, each G times the
+        // work: it wins only once the per-head grid fills the GPU twice
+        // without splitting keys (H200, default model, 4 query heads per KV
+        // head: engine decode at 128 sequences 67,348 -> 79,127 tok/s; at 64,
+        // where the per-head grid still splits, 50,335 -> 47,238; at one row
+        // 9 -> 19 us per call).
+        let target = attn_items_per_sm() * self.dev.sm_count.max(1) as usize;
+        let groupable = p.head_dim.is_multiple_of(8)
+            && p.n_heads.is_multiple_of(p.n_kv_heads.max(1))
+            && matches!(group, 1 | 2 | 4 | 8)
+            && !self.recording.load(std::sync::atomic::Ordering::Relaxed);
+        // Steps with more query rows than sequences (prefill, chunked
+        // prefill) take the key tiles (H200, pp512: 142,157 -> 196,007
+        // tok/s); in decode steps they lose (64 sequences: 49,906 ->
+        // 41,636), there the per-head or grouped kernel runs.
+        let tile = groupable && tile_enabled() && rows > batch.num_seqs;
+        // Decode steps of many sequences with 16-bit KV and 4 or 8 query
+        // heads per KV head take the shared-memory tiles.
+        let dec = groupable
+            && !tile
+            && self.attn_dec.load(std::sync::atomic::Ordering::Relaxed)
+            && rows == batch.num_seqs
+            && rows * p.n_kv_heads >= DEC_MIN_ITEMS
+            && matches!(group, 4 | 8)
+            && matches!(pool.spec.dtype, crate::KvDType::F16 | crate::KvDType::Bf16);
+        let grouped = dec || tile || (groupable && gqa_enabled() && rows * p.n_heads > target);
+        (grouped, dec, tile)
+    }
+
+    /// Whether `attention_block` can run the q/k norm + RoPE + K/V store
+    /// inside attention (`attention_rope`): a decode step of at most
+    /// `PROLOGUE_MAX_ROWS` sequences that takes the per-head kernel, on the
+    /// fused set with the fusions on.
+    fn rope_attention_takes(
+        &self,
+        rows: usize,
+        batch: &CudaBatch,
+        p: &AttnParams,
+        pool: &CudaKvPool,
+        rope: &CudaRope,
+    ) -> bool {
+        self.kernels == KernelSet::Fused
+            && self.prologue_on()
+            && !self.mega.load(std::sync::atomic::Ordering::Relaxed)
+            && !self.recording.load(std::sync::atomic::Ordering::Relaxed)
+            && (1..=fused::PROLOGUE_MAX_ROWS).contains(&rows)
+            && rows == batch.num_seqs
+            && rows == batch.num_tokens
+            && p.head_dim <= 256
+            && 2 * rope.n_pairs <= p.head_dim
+            && self.attention_kind(rows, batch, p, pool) == (false, false, false)
+    }
+
+    /// The arguments `attention_rope` takes after `attention`'s (less q).
+    fn rope_fusion_args(
+        &self,
+        q: &CudaAct,
+        f: RopeFusion<'_>,
+        pool: &CudaKvPool,
+        layer: usize,
+        batch: &CudaBatch,
+        p: &AttnParams,
+    ) -> Result<Vec<Arg>> {
+        let kv_dim = p.n_kv_heads * p.head_dim;
+        same_shape("attention_rope (k, v)", f.k, f.v)?;
+        if f.k.rows != q.rows || f.k.cols != kv_dim {
+            return Err(shape_err(
+                "attention_rope",
+                format!("k [{}, {}] is not [{}, {kv_dim}]", f.k.rows, f.k.cols, q.rows),
+            ));
+        }
+        if f.norms.iter().flatten().any(|w| w.len != p.head_dim) {
+            return Err(shape_err(
+                "attention_rope",
+                format!("q/k norm weights are not of head_dim {}", p.head_dim),
+            ));
+        }
+        check_kv_target("attention_rope", pool, layer, batch)?;
+        let style = match f.rope.style {
+            RopeStyle::Interleaved => 0,
+            RopeStyle::Neox => 1,
+        };
+        Ok(vec![
+            Arg::Ptr(q.ptr()),
+            Arg::Ptr(f.k.ptr()),
+            Arg::Ptr(f.v.ptr()),
+            Arg::Ptr(f.norms[0].map(|w| w.buf.ptr).unwrap_or(0)),
+            Arg::Ptr(f.norms[1].map(|w| w.buf.ptr).unwrap_or(0)),
+            Arg::F32(f.eps),
+            Arg::Ptr(f.rope.buf.ptr),
+            i32_of(f.rope.n_pairs, "pairs")?,
+            Arg::I32(style),
+            Arg::F32(f.rope.mscale),
+            Arg::Ptr(batch.slots),
+        ])
     }
 }
 
@@ -1018,186 +1320,7 @@ impl Backend for CudaBackend {
         p: &AttnParams,
         out: &mut CudaAct,
     ) -> Result<()> {
-        self.check_batch(batch)?;
-        same_shape("attention", q, out)?;
-        if p.head_dim != pool.spec.head_dim || p.n_kv_heads != pool.spec.n_kv_heads {
-            return Err(shape_err(
-                "attention",
-                format!("params {p:?} do not match the pool {:?}", pool.spec),
-            ));
-        }
-        if p.n_heads.checked_rem(p.n_kv_heads) != Some(0) {
-            return Err(shape_err(
-                "attention",
-                format!("{} heads not a multiple of {} KV heads", p.n_heads, p.n_kv_heads),
-            ));
-        }
-        if q.cols != p.n_heads * p.head_dim || q.rows != batch.num_tokens {
-            return Err(shape_err(
-                "attention",
-                format!(
-                    "q [{}, {}] is not [{} tokens, {}×{}]",
-                    q.rows, q.cols, batch.num_tokens, p.n_heads, p.head_dim
-                ),
-            ));
-        }
-        if layer >= pool.spec.n_layers {
-            return Err(shape_err(
-                "attention",
-                format!("layer {layer} of {}", pool.spec.n_layers),
-            ));
-        }
-        if batch.block_size != pool.spec.block_size {
-            return Err(shape_err(
-                "attention",
-                format!(
-                    "batch block_size {} but pool block_size {}",
-                    batch.block_size, pool.spec.block_size
-                ),
-            ));
-        }
-        if batch.num_seqs > 0 && batch.max_block as usize >= pool.spec.num_blocks {
-            return Err(shape_err(
-                "attention",
-                format!(
-                    "block id {} beyond the pool's {}",
-                    batch.max_block, pool.spec.num_blocks
-                ),
-            ));
-        }
-        let (lo, vo) = pool.offsets(layer);
-        let window = p.window.map(|w| w.min(i32::MAX as u32) as i32).unwrap_or(0);
-        let cap = p.softcap.unwrap_or(0.0);
-        let mut args = vec![
-            Arg::Ptr(q.ptr()),
-            Arg::Ptr(pool.buf.ptr),
-            Arg::I64(lo),
-            Arg::I64(vo),
-            Arg::I32(pool.dtype_code()),
-            Arg::Ptr(batch.positions),
-            Arg::Ptr(batch.token_seq),
-            Arg::Ptr(batch.block_tables),
-            i32_of(batch.bt_stride, "bt_stride")?,
-            i32_of(batch.block_size, "block_size")?,
-        ];
-        if self.kernels == KernelSet::Reference {
-            args.push(i32_of(q.rows, "rows")?);
-        }
-        args.extend([
-            i32_of(p.n_heads, "n_heads")?,
-            i32_of(p.n_kv_heads, "n_kv_heads")?,
-            i32_of(p.head_dim, "head_dim")?,
-            Arg::F32(p.scale),
-            Arg::I32(window),
-            Arg::F32(cap),
-            Arg::Ptr(out.ptr()),
-        ]);
-        if self.kernels == KernelSet::Reference {
-            let n = q.rows * p.n_heads * p.head_dim;
-            return self.run("attention_ref", (n.div_ceil(128) as u32, 1, 1), 128, 0, &args);
-        }
-        if p.head_dim > 256 {
-            return Err(BackendError::Unsupported(format!(
-                "fused attention with head_dim {} (max 256)",
-                p.head_dim
-            )));
-        }
-        // One item per KV head serves its whole query-head group (K/V read
-        // once) where the grouped kernel fits; the per-head kernel otherwise,
-        // and while a step is recorded for the decode megakernel, whose
-        // attention op is the per-head item (same bits, see attention.cu).
-        let group = p.n_heads / p.n_kv_heads.max(1);
-        // The grouped kernel has G times fewer items, each G times the
-        // work: it wins only once the per-head grid fills the GPU twice
-        // without splitting keys (H200, default model, 4 query heads per KV
-        // head: engine decode at 128 sequences 67,348 -> 79,127 tok/s; at 64,
-        // where the per-head grid still splits, 50,335 -> 47,238; at one row
-        // 9 -> 19 us per call).
-        let target = attn_items_per_sm() * self.dev.sm_count.max(1) as usize;
-        let groupable = p.head_dim.is_multiple_of(8)
-            && p.n_heads.is_multiple_of(p.n_kv_heads.max(1))
-            && matches!(group, 1 | 2 | 4 | 8)
-            && !self.recording.load(std::sync::atomic::Ordering::Relaxed);
-        // Steps with more query rows than sequences (prefill, chunked
-        // prefill) take the key tiles (H200, pp512: 142,157 -> 196,007
-        // tok/s); in decode steps they lose (64 sequences: 49,906 ->
-        // 41,636), there the per-head or grouped kernel runs.
-        let tile = groupable && tile_enabled() && q.rows > batch.num_seqs;
-        // Decode steps of many sequences with 16-bit KV and 4 or 8 query
-        // heads per KV head take the shared-memory tiles.
-        let dec = groupable
-            && !tile
-            && self.attn_dec.load(std::sync::atomic::Ordering::Relaxed)
-            && q.rows == batch.num_seqs
-            && q.rows * p.n_kv_heads >= DEC_MIN_ITEMS
-            && matches!(group, 4 | 8)
-            && matches!(pool.spec.dtype, crate::KvDType::F16 | crate::KvDType::Bf16);
-        let grouped = dec || tile || (groupable && gqa_enabled() && q.rows * p.n_heads > target);
-        // att_smem_floats / att_gqa_smem_floats in attention.cu.
-        let smem = if dec {
-            attention_dec_smem(group, p.head_dim) as u32
-        } else if grouped {
-            ((5 * group * p.head_dim + 41 * group + 1) * 4) as u32
-        } else {
-            ((5 * p.head_dim + 8 + 34) * 4) as u32
-        };
-        // Split the keys over enough blocks to fill the GPU twice; the count
-        // depends only on the launch shape, so captured graphs stay valid.
-        let heads = if grouped { p.n_kv_heads } else { p.n_heads };
-        let blocks = q.rows * heads;
-        let cap = self.max_attn_splits.load(std::sync::atomic::Ordering::Relaxed);
-        let splits = if dec {
-            // Two 256-thread tile items fit an SM (128 registers, 67 KB of
-            // shared memory at head_dim 256): split only as far as one wave
-            // holds (H200, 64 sequences: 5 splits ran 320 items, 1.21 waves,
-            // 36 us per layer in ncu).
-            (DEC_ITEMS_PER_SM * self.dev.sm_count.max(1) as usize / blocks.max(1)).clamp(1, cap)
-        } else {
-            target.div_ceil(blocks.max(1)).clamp(1, cap)
-        };
-        let (part, counters) = if splits > 1 {
-            // Partials per query head; counters per item (at most one per query head).
-            let blocks = q.rows * p.n_heads;
-            let bytes = blocks * splits * (p.head_dim + 2) * 4;
-            let mut st = self.lock()?;
-            let part = self.graph_scratch(&mut st, |s| &mut s.att_part, bytes, "attention partials")?;
-            // A fresh (zeroed) counter buffer whenever it must grow.
-            let counters = self.graph_scratch(
-                &mut st,
-                |s| &mut s.att_count,
-                blocks * 4,
-                "attention split counters",
-            )?;
-            (part, counters)
-        } else {
-            (0, 0)
-        };
-        args.extend([Arg::I32(splits as i32), Arg::Ptr(part), Arg::Ptr(counters)]);
-        // The Wo GEMM of a batched step reads the output in f16.
-        let out16 = self.f16_side_output(out)?;
-        args.push(Arg::Ptr(out16));
-        let name = if dec {
-            if group == 4 {
-                "attention_dec4"
-            } else {
-                "attention_dec8"
-            }
-        } else if tile {
-            ATTENTION_TILE[group.trailing_zeros() as usize]
-        } else if grouped {
-            ATTENTION_GQA[group.trailing_zeros() as usize]
-        } else {
-            "attention"
-        };
-        self.run(
-            name,
-            (q.rows as u32, heads as u32, splits as u32),
-            if dec { 256 } else { 128 },
-            smem,
-            &args,
-        )?;
-        self.mark_f16_side_output(out, out16);
-        Ok(())
+        self.attention_with(q, pool, layer, batch, p, out, None)
     }
 
     fn gated_activation(
@@ -1458,64 +1581,118 @@ impl Backend for CudaBackend {
         act_out: &mut CudaAct,
         out: &mut CudaAct,
     ) -> Result<()> {
-        if self.kernels == KernelSet::Fused && self.fx_bits() & 1 != 0 && Self::gemv_fx_fits(w[2], h.rows) {
+        // Decode sizes: gate and up in one launch, then the down projection
+        // forming act(gate) * up itself (no gated_act launch; `act_out` is
+        // left unwritten).
+        if Self::multi_gemv_fits(h.rows, &w[..2]) && self.prologue_takes(h.rows, w[2].cols, &w[2..], false) {
             self.gate_up("gated_ffn", h, [w[0], w[1]], gate, up)?;
-            return self.gemv_fx(gate, Some((&*up, act)), w[2], out, None);
+            let p = fused::Prologue::Gated {
+                gate: &*gate,
+                up: &*up,
+                act,
+            };
+            return self.gemv_prologue(p, &w[2..], &mut [out]);
         }
         self.gate_up_act("gated_ffn", h, [w[0], w[1]], act, gate, up, act_out)?;
         self.matmul(act_out, w[2], out)
     }
 
-    fn matmul_residual_norm(
+    #[allow(clippy::too_many_arguments)]
+    fn attention_block(
         &self,
-        a: &CudaAct,
-        w: &CudaWeight,
-        delta: &mut CudaAct,
-        r: ResidualNorm<'_, Self>,
+        input: BlockInput<'_, Self>,
+        w: [&CudaWeight; 3],
+        bias: [Option<&CudaVector>; 3],
+        rows: QkvRows<'_, Self>,
+        norms: [Option<&CudaVector>; 2],
+        eps: f32,
+        rope: &CudaRope,
+        pool: &mut CudaKvPool,
+        layer: usize,
+        batch: &CudaBatch,
+        p: &AttnParams,
+        out: &mut CudaAct,
     ) -> Result<()> {
-        if self.kernels == KernelSet::Fused && self.fx_bits() & 2 != 0 && Self::gemv_fx_fits(w, a.rows) {
-            let res = fused::FxResidual {
-                x: r.x,
-                post: r.post_norm,
-                next: r.next_norm,
-                eps: r.eps,
-                out: r.out,
-            };
-            return self.gemv_fx(a, None, w, delta, Some(res));
+        // Decode steps of a few sequences: QKV in one launch (with the
+        // residual step inside when there is one), then attention with the
+        // q/k norm + RoPE + K/V store inside: two launches instead of four.
+        let t = rows.q.rows;
+        let cols = w[0].cols;
+        if bias.iter().any(|b| b.is_some())
+            || !self.prologue_takes(t, cols, &w, false)
+            || !self.rope_attention_takes(t, batch, p, pool, rope)
+        {
+            return attention_block_unfused(
+                self, input, w, bias, rows, norms, eps, rope, pool, layer, batch, p, out,
+            );
         }
-        matmul_residual_norm_unfused(self, a, w, delta, r)
+        let QkvRows { q, k, v, .. } = rows;
+        match input {
+            BlockInput::Residual { delta, step } if self.prologue_takes(t, cols, &w, true) => {
+                let pr = fused::Prologue::Residual {
+                    res: step.x,
+                    delta,
+                    post: step.post_norm,
+                    norm: step.next_norm,
+                    eps: step.eps,
+                };
+                self.gemv_prologue(pr, &w, &mut [&mut *q, &mut *k, &mut *v])?;
+            }
+            other => {
+                let h = other.resolve(self)?;
+                self.qkv(h, w, bias, q, k, v)?;
+            }
+        }
+        let fusion = RopeFusion {
+            k: &*k,
+            v: &*v,
+            norms,
+            eps,
+            rope,
+        };
+        self.attention_with(q, pool, layer, batch, p, out, Some(fusion))
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn gated_ffn_residual_norm(
+    fn ffn_block(
         &self,
-        h: &CudaAct,
+        input: BlockInput<'_, Self>,
         w: [&CudaWeight; 3],
         act: Activation,
         gate: &mut CudaAct,
         up: &mut CudaAct,
         act_out: &mut CudaAct,
         out: &mut CudaAct,
-        r: ResidualNorm<'_, Self>,
     ) -> Result<()> {
-        let fits = Self::multi_gemv_fits(h.rows, &w[..2]) && Self::gemv_fx_fits(w[2], h.rows);
-        if self.kernels != KernelSet::Fused || self.fx_bits() & 2 == 0 || !fits {
-            self.gated_ffn(h, w, act, gate, up, act_out, out)?;
-            return residual_norm_unfused_into(self, out, r);
-        }
-        self.gate_up("gated_ffn_residual_norm", h, [w[0], w[1]], gate, up)?;
-        let res = fused::FxResidual {
-            x: r.x,
-            post: r.post_norm,
-            next: r.next_norm,
-            eps: r.eps,
-            out: r.out,
+        let (delta, step) = match input {
+            BlockInput::Residual { delta, step }
+                if self.prologue_takes(delta.rows, delta.cols, &w[..2], true) =>
+            {
+                (delta, step)
+            }
+            other => {
+                let h = other.resolve(self)?;
+                return self.gated_ffn(h, w, act, gate, up, act_out, out);
+            }
         };
-        if self.fx_bits() & 1 == 0 {
-            self.gated_activation(gate, up, act, act_out)?;
-            return self.gemv_fx(act_out, None, w[2], out, Some(res));
+        let p = fused::Prologue::Residual {
+            res: step.x,
+            delta,
+            post: step.post_norm,
+            norm: step.next_norm,
+            eps: step.eps,
+        };
+        self.gemv_prologue(p, &w[..2], &mut [&mut *gate, &mut *up])?;
+        if self.prologue_takes(delta.rows, w[2].cols, &w[2..], false) {
+            let p = fused::Prologue::Gated {
+                gate: &*gate,
+                up: &*up,
+                act,
+            };
+            return self.gemv_prologue(p, &w[2..], &mut [out]);
         }
-        self.gemv_fx(gate, Some((&*up, act)), w[2], out, Some(res))
+        self.gated_activation(gate, up, act, act_out)?;
+        self.matmul(act_out, w[2], out)
     }
 
     fn supports_graphs(&self) -> bool {

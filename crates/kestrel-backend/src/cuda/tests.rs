@@ -875,172 +875,154 @@ fn upload_f32_vector(be: &CudaBackend, v: &[f32]) -> super::CudaVector {
         .expect("vector")
 }
 
-/// Checks one residual step's three outputs (delta, x, out) against f64.
-#[allow(clippy::too_many_arguments)]
-fn check_residual(
-    be: &CudaBackend,
-    what: &str,
-    delta: &super::CudaAct,
-    want_delta: &[f64],
-    x0: &[f32],
-    x: &super::CudaAct,
-    out: &super::CudaAct,
-    post: Option<&[f32]>,
-    next: &[f32],
-    hidden: usize,
-) {
-    let got_delta = be.read_act(delta).expect("read delta");
-    let err = rel_err(&got_delta, want_delta);
-    // More than 8 rows: one GEMM with f16 operands (the weight's mirror).
-    let tol = if delta.rows() > super::matmul::gemv_direct_rows() {
-        5e-3
-    } else {
-        2e-5
-    };
-    assert!(err < tol, "{what}: delta rel err {err:e}");
-    let (mut want_x, mut want_out) = (Vec::new(), Vec::new());
-    for (xr, dr) in x0.chunks(hidden).zip(want_delta.chunks(hidden)) {
-        let (nx, o) = residual_ref(xr, dr, post, next, 1e-6);
-        want_x.extend(nx);
-        want_out.extend(o);
-    }
-    let err = rel_err(&be.read_act(x).expect("read x"), &want_x);
-    assert!(err < tol, "{what}: residual rel err {err:e}");
-    let err = rel_err(&be.read_act(out).expect("read out"), &want_out);
-    assert!(err < tol, "{what}: normed out rel err {err:e}");
+/// GELU (tanh) of `g` times `u` in f64.
+fn gelu_mul(g: f64, u: f64) -> f64 {
+    let k = (2.0 / std::f64::consts::PI).sqrt();
+    0.5 * g * (1.0 + (k * (g + 0.044715 * g * g * g)).tanh()) * u
 }
 
-/// `matmul_residual_norm` and `gated_ffn_residual_norm` (on the fused set:
-/// `gemv_fx` with its gated load and last-block residual step; 13 rows take
-/// the unfused path) against f64, for every K-quant, with and without a
-/// post-norm. Many launches in a row also check that the block counter is
-/// reset after each one (a stale count would skip the residual step).
+/// The seams between blocks: `ffn_block` after a residual step, and the
+/// residual step of `attention_block` (`gemv_prologue` with three weights), whose
+/// residual step the fused set runs inside the projection's launch at 1..4
+/// rows. Against f64 (the new residual and the projections) and bit for bit
+/// against the same backend with the fusion off (a `residual_norm` launch,
+/// then plain GEMVs): the fused step keeps residual_norm's arithmetic and
+/// summation order, which the decode megakernel's bit-identity relies on.
+/// 8 and 13 rows take the unfused path. Launches back to back also check
+/// that the ticket counter is reset (a stale count would skip writing x).
 #[test]
-fn fused_projection_residual_steps() {
+fn residual_seams_match_f64_and_unfused_bits() {
     use crate::backend::ResidualNorm;
+    let Some(be) = backend(KernelSet::Fused) else {
+        return;
+    };
     let mut rng = ChaCha8Rng::seed_from_u64(11);
-    let (hidden, inner, ffn) = (203, 512, 768);
-    for (ks, bits) in [
-        (KernelSet::Fused, 3),
-        (KernelSet::Fused, 2),
-        (KernelSet::Reference, 3),
-    ] {
-        let Some(be) = backend(ks) else { return };
-        be.set_fused_projections(bits);
+    let ffn = 768;
+    // hidden 196: no multiple of 32 (F32 projections); 640: the default model's.
+    for (hidden, gdt) in [(196usize, DType::F32), (640, DType::Q5_0)] {
         let post = rvec(&mut rng, hidden, 1.5);
         let next = rvec(&mut rng, hidden, 1.5);
         let (pv, nv) = (upload_f32_vector(&be, &post), upload_f32_vector(&be, &next));
-        // Gate and up in f32 (hidden = 203 is no K-quant width); down and
-        // the output projection in each K-quant.
-        let (gbytes, gdeq) = make_weight(&mut rng, DType::F32, ffn, hidden);
-        let (ubytes, udeq) = make_weight(&mut rng, DType::F32, ffn, hidden);
-        let gshape = [ffn, hidden];
-        let wg = be
-            .upload_matrix(&view("gate", DType::F32, &gshape, &gbytes))
-            .expect("upload");
-        let wu = be
-            .upload_matrix(&view("up", DType::F32, &gshape, &ubytes))
-            .expect("upload");
-        for dtype in [DType::Q4_K, DType::Q5_K, DType::Q6_K] {
-            let (obytes, odeq) = make_weight(&mut rng, dtype, hidden, inner);
-            let oshape = [hidden, inner];
-            let wo = be
-                .upload_matrix(&view("wo", dtype, &oshape, &obytes))
-                .expect("upload");
-            let (dbytes, ddeq) = make_weight(&mut rng, dtype, hidden, ffn);
-            let dshape = [hidden, ffn];
-            let wd = be
-                .upload_matrix(&view("down", dtype, &dshape, &dbytes))
-                .expect("upload");
-            for t in [1usize, 3, 8, 13] {
+        let mut up_w = |name: &str, dt: DType, r: usize, c: usize| {
+            let (bytes, deq) = make_weight(&mut rng, dt, r, c);
+            let shape = [r, c];
+            let w = be.upload_matrix(&view(name, dt, &shape, &bytes)).expect("upload");
+            (w, deq)
+        };
+        let (wg, gdeq) = up_w("gate", gdt, ffn, hidden);
+        let (wu, udeq) = up_w("up", gdt, ffn, hidden);
+        let (wq, _) = up_w("wq", gdt, 256, hidden);
+        let (wk, _) = up_w("wk", gdt, 64, hidden);
+        let (wv, _) = up_w("wv", gdt, 64, hidden);
+        let downs: Vec<_> = [DType::Q4_K, DType::Q5_K, DType::Q6_K]
+            .into_iter()
+            .map(|dt| (dt, up_w("down", dt, hidden, ffn)))
+            .collect();
+        for (ddt, (wd, ddeq)) in &downs {
+            for t in [1usize, 2, 3, 4, 8, 13] {
                 for with_post in [true, false] {
-                    let p = with_post.then_some(post.as_slice());
-                    let what = format!("{ks:?} fx={bits} {dtype} rows={t} post={with_post}");
-
-                    // Output projection + residual step.
-                    let a = rvec(&mut rng, t * inner, 1.0);
+                    let what = format!("hidden {hidden} {gdt} down {ddt} rows={t} post={with_post}");
+                    let pw = with_post.then_some(&pv);
+                    let delta0 = rvec(&mut rng, t * hidden, 1.0);
                     let x0 = rvec(&mut rng, t * hidden, 2.0);
-                    let aa = act(&be, t, inner, &a);
-                    let mut x = act(&be, t, hidden, &x0);
-                    let mut delta = poisoned(&be, t, hidden);
-                    let mut tmp = poisoned(&be, t, hidden);
-                    let mut out = poisoned(&be, t, hidden);
-                    let r = ResidualNorm {
-                        x: &mut x,
-                        post_norm: with_post.then_some(&pv),
-                        next_norm: &nv,
-                        eps: 1e-6,
-                        tmp: &mut tmp,
-                        out: &mut out,
-                    };
-                    be.matmul_residual_norm(&aa, &wo, &mut delta, r)
-                        .expect("matmul_residual_norm");
-                    let a64: Vec<f64> = a.iter().map(|&v| v as f64).collect();
-                    let want = gemv_ref(&odeq, hidden, inner, &a64);
-                    check_residual(
-                        &be,
-                        &format!("{what} wo"),
-                        &delta,
-                        &want,
-                        &x0,
-                        &x,
-                        &out,
-                        p,
-                        &next,
-                        hidden,
-                    );
+                    let (mut want_x, mut want_h) = (Vec::new(), Vec::new());
+                    for (xr, dr) in x0.chunks(hidden).zip(delta0.chunks(hidden)) {
+                        let d64: Vec<f64> = dr.iter().map(|&v| v as f64).collect();
+                        let (nx, h) =
+                            residual_ref(xr, &d64, with_post.then_some(post.as_slice()), &next, 1e-6);
+                        want_x.extend(nx);
+                        want_h.extend(h);
+                    }
+                    let g = gemv_ref(&gdeq, ffn, hidden, &want_h);
+                    let u = gemv_ref(&udeq, ffn, hidden, &want_h);
+                    let a: Vec<f64> = g.iter().zip(&u).map(|(&g, &u)| gelu_mul(g, u)).collect();
+                    let want_out = gemv_ref(ddeq, hidden, ffn, &a);
 
-                    // Gated FFN + residual step.
-                    for act_kind in [Activation::GeluTanh, Activation::Silu] {
-                        let h = rvec(&mut rng, t * hidden, 1.0);
-                        let x0 = rvec(&mut rng, t * hidden, 2.0);
-                        let ha = act(&be, t, hidden, &h);
+                    // Feed-forward seam, fusion on then off.
+                    let mut runs = Vec::new();
+                    for on in [true, false] {
+                        be.set_prologue(on);
                         let mut x = act(&be, t, hidden, &x0);
-                        let mut gate = poisoned(&be, t, ffn);
-                        let mut up = poisoned(&be, t, ffn);
-                        let mut act_out = poisoned(&be, t, ffn);
-                        let mut delta = poisoned(&be, t, hidden);
-                        let mut out = poisoned(&be, t, hidden);
+                        let d = act(&be, t, hidden, &delta0);
+                        let (mut tmp, mut h) = (poisoned(&be, t, hidden), poisoned(&be, t, hidden));
+                        let (mut gate, mut upb) = (poisoned(&be, t, ffn), poisoned(&be, t, ffn));
+                        let (mut act_out, mut out) = (poisoned(&be, t, ffn), poisoned(&be, t, hidden));
                         let r = ResidualNorm {
                             x: &mut x,
-                            post_norm: with_post.then_some(&pv),
+                            post_norm: pw,
                             next_norm: &nv,
                             eps: 1e-6,
                             tmp: &mut tmp,
-                            out: &mut out,
+                            out: &mut h,
                         };
-                        let w = [&wg, &wu, &wd];
-                        be.gated_ffn_residual_norm(
-                            &ha,
-                            w,
-                            act_kind,
+                        be.ffn_block(
+                            crate::backend::BlockInput::Residual { delta: &d, step: r },
+                            [&wg, &wu, wd],
+                            Activation::GeluTanh,
                             &mut gate,
-                            &mut up,
+                            &mut upb,
                             &mut act_out,
-                            &mut delta,
-                            r,
+                            &mut out,
                         )
-                        .expect("gated_ffn_residual_norm");
-                        let h64: Vec<f64> = h.iter().map(|&v| v as f64).collect();
-                        let g = gemv_ref(&gdeq, ffn, hidden, &h64);
-                        let u = gemv_ref(&udeq, ffn, hidden, &h64);
-                        let a: Vec<f64> = g
-                            .iter()
-                            .zip(&u)
-                            .map(|(&g, &u)| {
-                                let act = match act_kind {
-                                    Activation::Silu => g / (1.0 + (-g).exp()),
-                                    Activation::GeluTanh => {
-                                        let k = (2.0 / std::f64::consts::PI).sqrt();
-                                        0.5 * g * (1.0 + (k * (g + 0.044715 * g * g * g)).tanh())
-                                    }
-                                };
-                                act * u
-                            })
-                            .collect();
-                        let want = gemv_ref(&ddeq, hidden, ffn, &a);
-                        let what = format!("{what} ffn {act_kind:?}");
-                        check_residual(&be, &what, &delta, &want, &x0, &x, &out, p, &next, hidden);
+                        .expect("ffn_block");
+                        let (gx, gout) = (be.read_act(&x).expect("x"), be.read_act(&out).expect("out"));
+                        let err = rel_err(&gx, &want_x);
+                        assert!(err < 1e-6, "{what} prologue={on}: x rel err {err:e}");
+                        let tol = if t > super::matmul::gemv_direct_rows() {
+                            5e-3
+                        } else {
+                            2e-5
+                        };
+                        let err = rel_err(&gout, &want_out);
+                        assert!(err < tol, "{what} prologue={on}: ffn out rel err {err:e}");
+                        runs.push((gx, gout));
+                    }
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&runs[0].0),
+                        bits(&runs[1].0),
+                        "{what}: x differs from the unfused bits"
+                    );
+                    assert_eq!(
+                        bits(&runs[0].1),
+                        bits(&runs[1].1),
+                        "{what}: out differs from the unfused bits"
+                    );
+
+                    // Attention seam: the residual step in the QKV launch
+                    // against residual_norm + the three-weight GEMV.
+                    be.set_prologue(true);
+                    let ws = [&wq, &wk, &wv];
+                    if t <= super::fused::PROLOGUE_MAX_ROWS && be.prologue_takes(t, hidden, &ws, true) {
+                        let d = act(&be, t, hidden, &delta0);
+                        let mut x = act(&be, t, hidden, &x0);
+                        let mut o: Vec<_> = [256, 64, 64].iter().map(|&c| poisoned(&be, t, c)).collect();
+                        let p = super::fused::Prologue::Residual {
+                            res: &mut x,
+                            delta: &d,
+                            post: pw,
+                            norm: &nv,
+                            eps: 1e-6,
+                        };
+                        let mut outs: Vec<&mut super::CudaAct> = o.iter_mut().collect();
+                        be.gemv_prologue(p, &ws, &mut outs).expect("gemvp");
+                        let mut x2 = act(&be, t, hidden, &x0);
+                        let (mut tmp, mut h) = (poisoned(&be, t, hidden), poisoned(&be, t, hidden));
+                        be.residual_norm(&mut x2, &d, pw, &nv, 1e-6, &mut tmp, &mut h)
+                            .expect("residual_norm");
+                        let mut o2: Vec<_> = [256, 64, 64].iter().map(|&c| poisoned(&be, t, c)).collect();
+                        let outs2: Vec<u64> = o2.iter_mut().map(|a| a.ptr()).collect();
+                        be.multi_gemv(&h, &ws, &outs2, &[256, 64, 64]).expect("gemv3");
+                        let read = |a: &super::CudaAct| bits(&be.read_act(a).expect("read"));
+                        assert_eq!(read(&x), read(&x2), "{what}: qkv seam x bits");
+                        for (i, n) in ["q", "k", "v"].iter().enumerate() {
+                            assert_eq!(read(&o[i]), read(&o2[i]), "{what}: qkv seam {n} bits");
+                        }
+                    } else {
+                        assert!(
+                            t > super::fused::PROLOGUE_MAX_ROWS,
+                            "{what}: the fused seam was expected"
+                        );
                     }
                 }
             }
@@ -1048,19 +1030,20 @@ fn fused_projection_residual_steps() {
     }
 }
 
-/// `gated_ffn` alone (the fused set folds act(gate) * up into the down
-/// projection's load; its `act_out` scratch is then left untouched).
+/// `gated_ffn` alone (at 1..4 rows the fused set forms act(gate) * up in
+/// the down projection's launch; its `act_out` scratch is then left
+/// untouched).
 #[test]
 fn fused_gated_ffn_matches_f64() {
     let mut rng = ChaCha8Rng::seed_from_u64(12);
     let (hidden, ffn) = (256, 1280);
-    for (ks, bits) in [
-        (KernelSet::Fused, 1),
-        (KernelSet::Fused, 0),
-        (KernelSet::Reference, 1),
+    for (ks, on) in [
+        (KernelSet::Fused, true),
+        (KernelSet::Fused, false),
+        (KernelSet::Reference, true),
     ] {
         let Some(be) = backend(ks) else { return };
-        be.set_fused_projections(bits);
+        be.set_prologue(on);
         let (gbytes, gdeq) = make_weight(&mut rng, DType::Q4_K, ffn, hidden);
         let (ubytes, udeq) = make_weight(&mut rng, DType::Q4_K, ffn, hidden);
         let (dbytes, ddeq) = make_weight(&mut rng, DType::Q6_K, 77, ffn);
@@ -1109,7 +1092,10 @@ fn fused_gated_ffn_matches_f64() {
             } else {
                 2e-5
             };
-            assert!(err < tol, "{ks:?} fx={bits} gated_ffn rows={t}: rel err {err:e}");
+            assert!(
+                err < tol,
+                "{ks:?} prologue={on} gated_ffn rows={t}: rel err {err:e}"
+            );
         }
     }
 }
@@ -1211,6 +1197,176 @@ fn qkv_rope_store_matches_reference() {
             let want: Vec<f64> = reference[i].iter().map(|&x| x as f64).collect();
             let err = rel_err(&fused[i], &want);
             assert!(err < tol, "qkv_rope_store {rows} rows: {what} rel err {err:e}");
+        }
+    }
+}
+
+/// `attention_block` at decode sizes (1..3 sequences): QKV with the residual
+/// step inside (`gemvp`) and the q/k norm + RoPE + K/V store inside
+/// attention (`attention_rope`) give the bits of the unfused sequence
+/// (residual_norm, gemv3, qk_norm_rope_store, attention) step after step,
+/// so the keys they store agree too. Group 4 at head_dim 256 with f16 KV (the
+/// default model's shape) and group 2 at head_dim 64 with f32 KV and a
+/// sliding window; sequences join at different steps, so the row count
+/// changes and each new key lands in a different split.
+#[test]
+fn attention_block_fused_equals_unfused_bits() {
+    use crate::backend::{BlockInput, ResidualNorm};
+    let Some(be) = backend(KernelSet::Fused) else {
+        return;
+    };
+    let hidden = 640;
+    let starts = [0usize, 5, 12];
+    let steps = 45;
+    for (n_heads, n_kv, head_dim, kvd, window) in [
+        (4usize, 1usize, 256usize, KvDType::F16, None),
+        (4, 2, 64, KvDType::F32, Some(5u32)),
+    ] {
+        let mut rng = ChaCha8Rng::seed_from_u64(31 + head_dim as u64);
+        let (q_dim, kv_dim) = (n_heads * head_dim, n_kv * head_dim);
+        let mut upload = |name: &str, r: usize| {
+            let (bytes, _) = make_weight(&mut rng, DType::Q5_0, r, hidden);
+            let shape = [r, hidden];
+            be.upload_matrix(&view(name, DType::Q5_0, &shape, &bytes))
+                .expect("upload")
+        };
+        let (wq, wk, wv) = (upload("wq", q_dim), upload("wk", kv_dim), upload("wv", kv_dim));
+        let vecs: Vec<_> = [head_dim, head_dim, hidden, hidden]
+            .iter()
+            .map(|&n| upload_f32_vector(&be, &rvec(&mut rng, n, 1.5)))
+            .collect();
+        let rope = be
+            .make_rope(&RopeParams {
+                style: RopeStyle::Neox,
+                inv_freq: (0..head_dim / 2)
+                    .map(|i| 10000f32.powf(-2.0 * i as f32 / head_dim as f32))
+                    .collect(),
+                mscale: 1.0,
+            })
+            .expect("rope");
+        let p = AttnParams {
+            n_heads,
+            n_kv_heads: n_kv,
+            head_dim,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            window,
+            softcap: None,
+        };
+        let inputs: Vec<(Vec<f32>, Vec<f32>)> = (0..steps)
+            .map(|i| {
+                let rows = starts.iter().filter(|&&s| s <= i).count();
+                (
+                    rvec(&mut rng, rows * hidden, 2.0),
+                    rvec(&mut rng, rows * hidden, 1.0),
+                )
+            })
+            .collect();
+        let mut runs = Vec::new();
+        for on in [true, false] {
+            be.set_prologue(on);
+            let spec = KvSpec {
+                n_layers: 1,
+                num_blocks: 12,
+                block_size: 16,
+                n_kv_heads: n_kv,
+                head_dim,
+                dtype: kvd,
+            };
+            let mut pool = be.alloc_kv(&spec).expect("pool");
+            let mut got = Vec::new();
+            for (i, (x0, d0)) in inputs.iter().enumerate() {
+                let mut lay = BatchLayout {
+                    block_size: 16,
+                    ..Default::default()
+                };
+                for (s, _) in starts.iter().enumerate().filter(|(_, &st)| st <= i) {
+                    let pos = (i - starts[s]) as u32;
+                    let table: Vec<u32> = (0..4).map(|b| (s * 4 + b) as u32).collect();
+                    lay.tokens.push(0);
+                    lay.positions.push(pos);
+                    lay.slot_mapping.push(table[(pos / 16) as usize] * 16 + pos % 16);
+                    lay.seqs.push(SeqLayout {
+                        block_table: table,
+                        context_len: pos + 1,
+                        query_start: lay.seqs.len() as u32,
+                        query_len: 1,
+                    });
+                }
+                let t = lay.seqs.len();
+                let batch = be.prepare_batch(&lay).expect("batch");
+                if on {
+                    assert!(
+                        be.prologue_takes(t, hidden, &[&wq, &wk, &wv], true)
+                            && be.rope_attention_takes(t, &batch, &p, &pool, &rope),
+                        "step {i}: the fused attention block was expected to apply"
+                    );
+                }
+                let mut x = act(&be, t, hidden, x0);
+                let d = act(&be, t, hidden, d0);
+                let (mut tmp, mut h) = (poisoned(&be, t, hidden), poisoned(&be, t, hidden));
+                let (mut q, mut k, mut v) = (
+                    poisoned(&be, t, q_dim),
+                    poisoned(&be, t, kv_dim),
+                    poisoned(&be, t, kv_dim),
+                );
+                let mut out = poisoned(&be, t, q_dim);
+                let input = BlockInput::Residual {
+                    delta: &d,
+                    step: ResidualNorm {
+                        x: &mut x,
+                        post_norm: Some(&vecs[2]),
+                        next_norm: &vecs[3],
+                        eps: 1e-6,
+                        tmp: &mut tmp,
+                        out: &mut h,
+                    },
+                };
+                let rows = crate::backend::QkvRows {
+                    q: &mut q,
+                    k: &mut k,
+                    v: &mut v,
+                    n_heads,
+                    n_kv_heads: n_kv,
+                    head_dim,
+                };
+                be.attention_block(
+                    input,
+                    [&wq, &wk, &wv],
+                    [None, None, None],
+                    rows,
+                    [Some(&vecs[0]), Some(&vecs[1])],
+                    1e-6,
+                    &rope,
+                    &mut pool,
+                    0,
+                    &batch,
+                    &p,
+                    &mut out,
+                )
+                .expect("attention_block");
+                let o = be.read_act(&out).expect("out");
+                assert!(
+                    o.iter().all(|v| v.is_finite()),
+                    "step {i}: non-finite attention output"
+                );
+                got.push((
+                    o.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    be.read_act(&x)
+                        .expect("x")
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect::<Vec<_>>(),
+                ));
+            }
+            runs.push(got);
+        }
+        be.set_prologue(true);
+        for (i, (a, b)) in runs[0].iter().zip(&runs[1]).enumerate() {
+            assert_eq!(a.1, b.1, "head_dim {head_dim} step {i}: residual differs");
+            assert_eq!(
+                a.0, b.0,
+                "head_dim {head_dim} step {i}: attention output differs from the unfused bits"
+            );
         }
     }
 }

@@ -109,8 +109,11 @@ __device__ __forceinline__ void attention_impl(int row, int h, int z, int tid, i
     int lane = tid & 31, warp = tid >> 5;
     int kvh = h / (n_heads / n_kv_heads);
     int kv_dim = n_kv_heads * head_dim;
-    const float* qr = q + ((long long)row * n_heads + h) * head_dim;
-    for (int d = tid; d < head_dim; d += ATT_THREADS) qs[d] = __ldcg(qr + d) * scale;
+    // q null: the caller has put the scaled query head in qs already.
+    if (q) {
+        const float* qr = q + ((long long)row * n_heads + h) * head_dim;
+        for (int d = tid; d < head_dim; d += ATT_THREADS) qs[d] = __ldcg(qr + d) * scale;
+    }
     bar_sync(bar, ATT_THREADS);
     int pos = (int)positions[row];
     const u32* table = block_tables + (long long)token_seq[row] * bt_stride;
@@ -266,6 +269,47 @@ extern "C" __global__ void attention(const float* q, const void* pool, long long
     attention_item(blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x, 1, sm, q, pool, layer_off, v_off, kvt,
                    positions, token_seq, block_tables, bt_stride, block_size, n_heads, n_kv_heads, head_dim,
                    scale, window, cap, out, splits, part, counters, out16);
+}
+
+// `attention` with the layer's q/k norm + RoPE + K/V store in the same
+// launch (decode steps of a few rows, one per sequence; q, k, v are the
+// QKV projection's raw outputs and are left unchanged). Each (row, head,
+// split) item forms its query head in shared memory by rope_store_item's
+// arithmetic; the items whose keys include the row's own position first
+// norm + rope that key and store it and its value into the pool (the items
+// of query heads sharing a KV head store identical bytes), then read it
+// back like any key. Results are the bits of qk_norm_rope_store followed
+// by `attention`, one launch fewer per layer. Dynamic shared memory:
+// att_smem_floats(head_dim) + head_dim floats.
+extern "C" __global__ void attention_rope(const void* pool, long long layer_off, long long v_off, int kvt,
+                                          const u32* positions, const u32* token_seq, const u32* block_tables,
+                                          int bt_stride, int block_size, int n_heads, int n_kv_heads,
+                                          int head_dim, float scale, int window, float cap, float* out,
+                                          int splits, float* part, u32* counters, u16* out16, float* q,
+                                          float* k, const float* v, const float* qw, const float* kw, float eps,
+                                          const float* inv_freq, int n_pairs, int style, float mscale,
+                                          const u32* slots) {
+    pdl_entry();
+    extern __shared__ float sm[];
+    __shared__ float scratch[32];
+    int row = blockIdx.x, h = blockIdx.y, z = blockIdx.z;
+    float* hbuf = sm + att_smem_floats(head_dim);
+    int pos = (int)positions[row], kbeg, kend;
+    split_keys(pos, window, splits, z, &kbeg, &kend);
+    if (kbeg <= pos && pos <= kend) {
+        int kvh = h / (n_heads / n_kv_heads);
+        rope_store_item(row, n_heads + kvh, ATT_THREADS, hbuf, scratch, q, k, v, n_heads, n_kv_heads, head_dim,
+                        qw, kw, eps, inv_freq, n_pairs, style, mscale, positions, (void*)pool, layer_off, v_off,
+                        kvt, slots, nullptr, 0, nullptr, false);
+        __syncthreads();
+    }
+    rope_store_item(row, h, ATT_THREADS, hbuf, scratch, q, k, v, n_heads, n_kv_heads, head_dim, qw, kw, eps,
+                    inv_freq, n_pairs, style, mscale, positions, (void*)pool, layer_off, v_off, kvt, slots,
+                    nullptr, 0, nullptr, false);
+    for (int d = threadIdx.x; d < head_dim; d += ATT_THREADS) sm[d] = hbuf[d] * scale;
+    attention_item(row, h, z, threadIdx.x, 1, sm, nullptr, pool, layer_off, v_off, kvt, positions, token_seq,
+                   block_tables, bt_stride, block_size, n_heads, n_kv_heads, head_dim, scale, window, cap, out,
+                   splits, part, counters, out16);
 }
 
 // Grouped-query decode attention: one (row, KV head, split z) item serves

@@ -341,7 +341,8 @@ __device__ float logical_block_sum(int n, int nthr, F f, float* scratch) {
 
 // q/k per-head RMSNorm + RoPE and the K/V store of one head (query head y,
 // or KV head y - n_heads: norm + RoPE of K in place, then K and V of that
-// head go to the pool at the row's slot). Loops stride over `nthr` logical
+// head go to the pool at the row's slot). Without write_back the result
+// stays in hbuf (q and k are left as they were; K/V still go to the pool). Loops stride over `nthr` logical
 // threads (extra physical threads idle but take part in the barriers);
 // hbuf holds head_dim floats. q, k, v are read through L2 (see attention.cu).
 #define ROPE_PER 4 // elements per logical thread: head_dim <= ROPE_PER * nthr
@@ -351,7 +352,7 @@ __device__ void rope_store_item(int row, int y, int nthr, float* hbuf, float* sc
                                 const float* kw, float eps, const float* inv_freq, int n_pairs, int style,
                                 float mscale, const u32* positions, void* pool, long long layer_off,
                                 long long v_off, int kvt, const u32* slots, const float* src, int ld,
-                                float* vdst) {
+                                float* vdst, bool write_back = true) {
     int tid = threadIdx.x;
     bool live = tid < nthr;
     bool is_q = y < n_heads;
@@ -417,7 +418,7 @@ __device__ void rope_store_item(int row, int y, int nthr, float* hbuf, float* sc
     for (int j = 0; j < ROPE_PER; j++) {
         int d = tid + j * nthr;
         if (d >= head_dim) continue;
-        h[d] = hbuf[d];
+        if (write_back) h[d] = hbuf[d];
         if (!is_q) {
             kv_store(pool, base + d, kvt, hbuf[d]);
             kv_store(pool, base + v_off + d, kvt, vv[j]);

@@ -46,33 +46,16 @@ __device__ __forceinline__ void gemv_finish(float (&acc)[T], int nt, int row, in
     }
 }
 
-// Four activation elements at x + i (i % 4 == 0). With G (gated), the
-// activation is act(x) * up (x holds the gate; act 0 = SiLU, 1 = GELU tanh),
-// formed on the load: the feed-forward's down projection then needs no
-// separate gated_act launch. The expression matches gated_act's.
-template <bool G>
-__device__ __forceinline__ float4 ldx4(const float* x, const float* up, int act, long long i) {
-    float4 a = *(const float4*)(x + i);
-    if (G) {
-        float4 u = *(const float4*)(up + i);
-        a.x = (act == 0 ? silu(a.x) : gelu_tanh(a.x)) * u.x;
-        a.y = (act == 0 ? silu(a.y) : gelu_tanh(a.y)) * u.y;
-        a.z = (act == 0 ? silu(a.z) : gelu_tanh(a.z)) * u.z;
-        a.w = (act == 0 ? silu(a.w) : gelu_tanh(a.w)) * u.w;
-    }
-    return a;
-}
-
 // 16 consecutive elements of x row t starting at c (c % 4 == 0) against w[16].
-template <int T, bool G = false>
+template <int T>
 __device__ __forceinline__ void fma16(float (&acc)[T], const float* x, int cols, int nt, int c,
-                                      const float* w, float scale, const float* up = nullptr, int act = 0) {
+                                      const float* w, float scale) {
     #pragma unroll
     for (int t = 0; t < T; t++) {
         if (t < nt) {
             long long o = (long long)t * cols + c;
-            float4 a = ldx4<G>(x, up, act, o), b = ldx4<G>(x, up, act, o + 4);
-            float4 e = ldx4<G>(x, up, act, o + 8), f = ldx4<G>(x, up, act, o + 12);
+            const float4* xp = (const float4*)(x + o);
+            float4 a = xp[0], b = xp[1], e = xp[2], f = xp[3];
             float s = dot4(a, w[0], w[1], w[2], w[3]) + dot4(b, w[4], w[5], w[6], w[7]) +
                       dot4(e, w[8], w[9], w[10], w[11]) + dot4(f, w[12], w[13], w[14], w[15]);
             acc[t] += scale * s;
@@ -213,9 +196,8 @@ __device__ void gemv_q45_0(int bid, const u8* p0, const u8* p1, const u16* p2, i
 // Q4_K / Q5_K: 8 lanes per 256-element super-block; lane part s: chunk
 // ch = s / 2 (64 elements), half hh = s % 2 (16 bytes of its 32 nibble bytes),
 // giving 16 elements of sub-block 2ch and 16 of sub-block 2ch+1.
-template <int T, bool Q5, bool G = false>
-__device__ void gemv_q45_k(int bid, const u8* p0, int wrows, int cols, const float* x, int nt, float* out,
-                           const float* up = nullptr, int act = 0) {
+template <int T, bool Q5>
+__device__ void gemv_q45_k(int bid, const u8* p0, int wrows, int cols, const float* x, int nt, float* out) {
     const int BB = Q5 ? 176 : 144;
     int row = bid * GEMV_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= wrows) return;
@@ -261,7 +243,7 @@ __device__ void gemv_q45_k(int bid, const u8* p0, int wrows, int cols, const flo
                 float sa = 0.0f, sb2 = 0.0f, xsa = 0.0f, xsb = 0.0f;
                 #pragma unroll
                 for (int v = 0; v < 4; v++) {
-                    float4 a = ldx4<G>(x, up, act, o + 4 * v), b = ldx4<G>(x, up, act, o + 32 + 4 * v);
+                    float4 a = *(const float4*)(x + o + 4 * v), b = *(const float4*)(x + o + 32 + 4 * v);
                     sa += dot4(a, lo[4 * v], lo[4 * v + 1], lo[4 * v + 2], lo[4 * v + 3]);
                     sb2 += dot4(b, hi[4 * v], hi[4 * v + 1], hi[4 * v + 2], hi[4 * v + 3]);
                     xsa += a.x + a.y + a.z + a.w;
@@ -276,9 +258,8 @@ __device__ void gemv_q45_k(int bid, const u8* p0, int wrows, int cols, const flo
 
 // Q6_K: 4 lanes per super-block; lane part s: half n = s / 2, l0 = 16 * (s % 2)
 // covering elements 128n + {0,32,64,96} + l0 + (0..16).
-template <int T, bool G = false>
-__device__ void gemv_q6_k(int bid, const u8* p0, const u16* p2, int wrows, int cols, const float* x, int nt, float* out,
-                          const float* up = nullptr, int act = 0) {
+template <int T>
+__device__ void gemv_q6_k(int bid, const u8* p0, const u16* p2, int wrows, int cols, const float* x, int nt, float* out) {
     int row = bid * GEMV_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= wrows) return;
     float acc[T];
@@ -307,10 +288,10 @@ __device__ void gemv_q6_k(int bid, const u8* p0, const u16* p2, int wrows, int c
             w3[k] = (float)((int)((bb >> 4) | (((hb >> 6) & 3u) << 4)) - 32);
         }
         int c = sb * 256 + 128 * n + l0;
-        fma16<T, G>(acc, x, cols, nt, c, w0, dsc[0], up, act);
-        fma16<T, G>(acc, x, cols, nt, c + 32, w1, dsc[1], up, act);
-        fma16<T, G>(acc, x, cols, nt, c + 64, w2, dsc[2], up, act);
-        fma16<T, G>(acc, x, cols, nt, c + 96, w3, dsc[3], up, act);
+        fma16<T>(acc, x, cols, nt, c, w0, dsc[0]);
+        fma16<T>(acc, x, cols, nt, c + 32, w1, dsc[1]);
+        fma16<T>(acc, x, cols, nt, c + 64, w2, dsc[2]);
+        fma16<T>(acc, x, cols, nt, c + 96, w3, dsc[3]);
     }
     gemv_finish<T>(acc, nt, row, wrows, out);
 }
@@ -472,76 +453,117 @@ GEMV3_ENTRY(2)
 GEMV3_ENTRY(4)
 GEMV3_ENTRY(8)
 
-// Residual step of one row (what the residual_norm kernel does), run by the
-// last block of a GEMV that produced `delta`: delta' = post_w ? rms_norm(delta)
-// * post_w : delta; x += delta'; out = rms_norm(x) * w. delta was written by
-// other blocks of this launch, so it is read through L2 (__ldcg), never L1.
-__device__ void residual_tail(float* x, const float* delta, const float* post_w, const float* w, float eps,
-                              int cols, float* out, float* scratch) {
+
+// ---- GEMVs whose activation is formed in the launch (decode, 1..4 rows) ---
+// Every block forms the activation rows in shared memory from the previous
+// kernel's outputs, then runs the GEMV families of gemv3 on them: the
+// elementwise launch that would sit between two GEMVs disappears from the
+// chain of dependent launches that bounds a decode step (at one sequence
+// each launch costs ~3 us, its bytes ~0.2 us).
+//
+// mode 1 (gated): x = act(a) * b, gated_act's expression (a = gate, b = up).
+// mode 2 (residual): residual_norm's step with its arithmetic and summation
+//   order (logical_block_sum over nthr = its block size): x_new = res +
+//   (post_w ? rms_norm(b) * post_w : b), x = rms_norm(x_new) * norm_w.
+//   Every block computes the whole step; the last block to have read `res`
+//   (a ticket taken from *counter once the block's reads are done, so the
+//   GEMV hides the atomic's latency) writes x_new back and resets *counter.
+// Shared memory: nt * cols floats (x), and with mode 2 nt * cols more (x_new).
+#define GP_GATED 1
+#define GP_RESIDUAL 2
+// Loads per thread issued before their stores (see mk_stage in megakernel.cu).
+#define GP_PASS 8
+
+__device__ void gp_gated(const float* gate, const float* up, int act, int n, float* xs) {
+    for (int base = 0; base < n; base += GP_PASS * blockDim.x) {
+        float g[GP_PASS], u[GP_PASS];
+        #pragma unroll
+        for (int k = 0; k < GP_PASS; k++) {
+            int c = base + threadIdx.x + k * blockDim.x;
+            g[k] = c < n ? gate[c] : 0.0f;
+            u[k] = c < n ? up[c] : 0.0f;
+        }
+        #pragma unroll
+        for (int k = 0; k < GP_PASS; k++) {
+            int c = base + threadIdx.x + k * blockDim.x;
+            if (c < n) xs[c] = (act == 0 ? silu(g[k]) : gelu_tanh(g[k])) * u[k];
+        }
+    }
+}
+
+// One row of the residual step: h (shared) receives delta, then the
+// normalized row; xn (shared) receives x_new.
+__device__ void gp_residual_row(const float* res, const float* delta, const float* post_w, const float* norm_w,
+                                float eps, int cols, int nthr, float* h, float* xn, float* scratch) {
+    for (int base = 0; base < cols; base += GP_PASS * blockDim.x) {
+        float a[GP_PASS], d[GP_PASS];
+        #pragma unroll
+        for (int k = 0; k < GP_PASS; k++) {
+            int c = base + threadIdx.x + k * blockDim.x;
+            a[k] = c < cols ? res[c] : 0.0f;
+            d[k] = c < cols ? delta[c] : 0.0f;
+        }
+        #pragma unroll
+        for (int k = 0; k < GP_PASS; k++) {
+            int c = base + threadIdx.x + k * blockDim.x;
+            if (c < cols) {
+                xn[c] = a[k];
+                h[c] = d[k];
+            }
+        }
+    }
     float pinv = 1.0f;
     if (post_w) {
-        float ps = 0.0f;
-        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-            float d = __ldcg(delta + c);
-            ps += d * d;
-        }
-        ps = block_sum(ps, scratch);
+        float ps = logical_block_sum(cols, nthr, [&](int c) { return h[c] * h[c]; }, scratch);
         pinv = rsqrtf(ps / (float)cols + eps);
     }
-    float ss = 0.0f;
+    __syncthreads();
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        float d = __ldcg(delta + c);
-        d = post_w ? d * pinv * post_w[c] : d;
-        float v = x[c] + d;
-        x[c] = v;
-        ss += v * v;
+        float d = h[c];
+        d = post_w ? __fmul_rn(__fmul_rn(d, pinv), post_w[c]) : d;
+        xn[c] = __fadd_rn(xn[c], d);
     }
-    ss = block_sum(ss, scratch);
+    float ss = logical_block_sum(cols, nthr, [&](int c) { return xn[c] * xn[c]; }, scratch);
     float inv = rsqrtf(ss / (float)cols + eps);
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) out[c] = x[c] * inv * w[c];
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) h[c] = xn[c] * inv * norm_w[c];
 }
 
-// K-quant GEMV (fam 0 = Q4_K, 1 = Q5_K, 2 = Q6_K) with two optional fusions:
-// - up != 0: the activation is act(x) * up (x = gate), see ldx4;
-// - res != 0: after every block has written `out` (= delta, [nt, wrows]),
-//   the last block to finish (counted in *counter, which it resets to 0 for
-//   the next launch or graph replay) runs the residual step for each row:
-//   res += post-norm(delta); hout = rms_norm(res) * next_w.
-// Replaces gated_act + GEMV + residual_norm (three launches) with one.
-template <int T, bool G>
-__device__ __forceinline__ void gemv_k_any(int fam, int bid, const u8* p0, const u16* p2, int wrows, int cols,
-                                           const float* x, const float* up, int act, int nt, float* out) {
-    switch (fam) {
-    case 0: gemv_q45_k<T, false, G>(bid, p0, wrows, cols, x, nt, out, up, act); break;
-    case 1: gemv_q45_k<T, true, G>(bid, p0, wrows, cols, x, nt, out, up, act); break;
-    default: gemv_q6_k<T, G>(bid, p0, p2, wrows, cols, x, nt, out, up, act); break;
-    }
-}
-
-#define GEMV_FX_ENTRY(T)                                                                           \
-    extern "C" __global__ void __launch_bounds__(256) gemv_fx_##T(                                 \
-        int fam, const u8* p0, const u16* p2, int wrows, int cols, const float* x, const float* up, \
-        int act, int nt, float* out, float* res, const float* post_w, const float* next_w,         \
-        float eps, float* hout, u32* counter) { pdl_entry();                                                    \
+#define GEMVP_ENTRY(T)                                                                             \
+    extern "C" __global__ void __launch_bounds__(256) gemvp_##T(                                   \
+        int mode, const float* a, const float* bsrc, const float* post_w, const float* norm_w,     \
+        float eps, int nthr, float* res, u32* counter, int act, int nt, int cols,                  \
+        int k0, const u8* a0, const u8* a1, const u16* a2, int r0, float* o0, int nb0,             \
+        int k1, const u8* b0, const u8* b1, const u16* b2, int r1, float* o1, int nb1,             \
+        int k2, const u8* c0, const u8* c1, const u16* c2, int r2, float* o2) {                    \
+        extern __shared__ float4 gp_smem[];                                                        \
         __shared__ float scratch[32];                                                              \
         __shared__ int s_last;                                                                     \
-        if (up) gemv_k_any<T, true>(fam, blockIdx.x, p0, p2, wrows, cols, x, up, act, nt, out);    \
-        else gemv_k_any<T, false>(fam, blockIdx.x, p0, p2, wrows, cols, x, up, act, nt, out);      \
-        if (!res) return;                                                                          \
-        __threadfence();                                                                           \
+        float* xs = (float*)gp_smem;                                                               \
+        int b = blockIdx.x;                                                                        \
+        if (b < nb0) prefetch_rows(a0, kind_dt(k0), cols, (long long)b * GEMV_WARPS * kind_nr(k0), GEMV_WARPS * kind_nr(k0), r0); \
+        else if (b < nb0 + nb1) prefetch_rows(b0, kind_dt(k1), cols, (long long)(b - nb0) * GEMV_WARPS * kind_nr(k1), GEMV_WARPS * kind_nr(k1), r1); \
+        else prefetch_rows(c0, kind_dt(k2), cols, (long long)(b - nb0 - nb1) * GEMV_WARPS * kind_nr(k2), GEMV_WARPS * kind_nr(k2), r2); \
+        pdl_entry();                                                                               \
+        int n = nt * cols;                                                                         \
+        if (mode == GP_GATED) gp_gated(a, bsrc, act, n, xs);                                       \
+        else                                                                                       \
+            for (int t = 0; t < nt; t++)                                                           \
+                gp_residual_row(res + (long long)t * cols, bsrc + (long long)t * cols, post_w, norm_w, eps, \
+                                cols, nthr, xs + t * cols, xs + n + t * cols, scratch);            \
         __syncthreads();                                                                           \
-        if (threadIdx.x == 0) s_last = atomicAdd(counter, 1u) == gridDim.x - 1;                    \
+        u32 ticket = 0u;                                                                           \
+        if (mode == GP_RESIDUAL && threadIdx.x == 0) ticket = atomicAdd(counter, 1u);              \
+        if (b < nb0) gemv_any<T>(k0, b, a0, a1, a2, r0, cols, xs, nt, o0);                         \
+        else if (b < nb0 + nb1) gemv_any<T>(k1, b - nb0, b0, b1, b2, r1, cols, xs, nt, o1);        \
+        else gemv_any<T>(k2, b - nb0 - nb1, c0, c1, c2, r2, cols, xs, nt, o2);                     \
+        if (mode != GP_RESIDUAL) return;                                                           \
+        if (threadIdx.x == 0) s_last = ticket == gridDim.x - 1;                                    \
         __syncthreads();                                                                           \
         if (!s_last) return;                                                                       \
-        __threadfence();                                                                           \
-        for (int t = 0; t < nt; t++) {                                                             \
-            long long o = (long long)t * wrows;                                                    \
-            residual_tail(res + o, out + o, post_w, next_w, eps, wrows, hout + o, scratch);        \
-        }                                                                                          \
+        for (int i = threadIdx.x; i < n; i += blockDim.x) res[i] = xs[n + i];                      \
         if (threadIdx.x == 0) *counter = 0u;                                                       \
     }
 
-GEMV_FX_ENTRY(1)
-GEMV_FX_ENTRY(2)
-GEMV_FX_ENTRY(4)
-GEMV_FX_ENTRY(8)
+GEMVP_ENTRY(1)
+GEMVP_ENTRY(2)
+GEMVP_ENTRY(4)
