@@ -97,11 +97,7 @@ fn module_ptx(arch: &str) -> Result<Arc<str>, BackendError> {
         return Ok(ptx.clone());
     }
     let src = full_source();
-    let opts = options(arch);
-    let mut h = Sha256::new();
-    h.update(src.as_bytes());
-    h.update(opts.join(" ").as_bytes());
-    let key: String = h.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect();
+    let key = module_key(arch);
     let path = cache_dir().map(|d| d.join(format!("{key}-{arch}.ptx")));
 
     let cached = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok());
@@ -120,9 +116,35 @@ fn module_ptx(arch: &str) -> Result<Arc<str>, BackendError> {
     Ok(ptx)
 }
 
+/// Cache key of the module compiled for `arch`: the source and the NVRTC
+/// options, hashed.
+pub(crate) fn module_key(arch: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(full_source().as_bytes());
+    h.update(options(arch).join(" ").as_bytes());
+    h.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect()
+}
+
 /// Compiles (or loads from the cache) the kernel module for `cc`.
+///
+/// A cubin in the cache (`{key}-sm_XY.cubin`, made from this source's PTX by
+/// ptxas, e.g. by scripts/gpu-pack.sh) is loaded first: a fresh machine then
+/// skips NVRTC and the driver's JIT of the PTX (two and a half minutes on an
+/// H200 machine for this module). One that fails to load falls back to PTX.
 pub(crate) fn load_module(ctx: &Arc<CudaContext>, cc: (i32, i32)) -> Result<Arc<CudaModule>, BackendError> {
     let arch = format!("compute_{}{}", cc.0, cc.1);
+    let cubin = cache_dir()
+        .map(|d| d.join(format!("{}-sm_{}{}.cubin", module_key(&arch), cc.0, cc.1)))
+        .and_then(|p| std::fs::read(p).ok());
+    if let Some(bytes) = cubin {
+        match guarded("loading the kernel cubin", || {
+            ctx.load_module(Ptx::from_binary(bytes))
+                .map_err(|e| BackendError::Cuda(format!("loading the cached cubin: {e}")))
+        }) {
+            Ok(m) => return Ok(m),
+            Err(e) => tracing::warn!("{e}; compiling the PTX instead"),
+        }
+    }
     let ptx_text = module_ptx(&arch)?.to_string();
     guarded("loading the kernel module", || {
         ctx.load_module(Ptx::from_src(ptx_text))
@@ -140,8 +162,11 @@ mod tests {
         match compile_ptx(&full_source(), "compute_90") {
             Ok(ptx) => {
                 // For reading the PTX (local-memory use, load widths) offline.
+                // With the cache key next to it (`<path>.key`), for making a
+                // cubin with ptxas (scripts/gpu-pack.sh).
                 if let Ok(path) = std::env::var("KESTREL_PTX_OUT") {
                     std::fs::write(&path, &ptx).expect("writing KESTREL_PTX_OUT");
+                    std::fs::write(format!("{path}.key"), module_key("compute_90")).expect("writing the key");
                 }
                 for k in [
                     "gemv_q4_k_8",

@@ -69,7 +69,11 @@ impl CudaBackend {
     pub(crate) fn prologue_takes(&self, t: usize, cols: usize, ws: &[&CudaWeight], residual: bool) -> bool {
         let copies = if residual { 2 } else { 1 };
         self.kernels == super::KernelSet::Fused
-            && self.prologue_on()
+            && self.fusion_on(if residual {
+                super::FUSE_RESIDUAL
+            } else {
+                super::FUSE_GATED
+            })
             && !self.mega.load(std::sync::atomic::Ordering::Relaxed)
             && (1..=PROLOGUE_MAX_ROWS).contains(&t)
             && cols.is_multiple_of(4)

@@ -108,7 +108,37 @@ impl Kernels {
             funcs.insert(n, f);
         }
         let pdl = cc.0 >= 9 && std::env::var("KESTREL_PDL").map_or(true, |v| v.trim() != "0");
-        Ok(Kernels { funcs, pdl })
+        let k = Kernels { funcs, pdl };
+        // One shared-memory carveout preference for every kernel (percent of
+        // the unified L1/shared memory; tuning knob `KESTREL_CARVEOUT`): an
+        // SM changes its carveout only when idle, so consecutive kernels that
+        // ask for different splits cannot overlap under PDL.
+        if let Some(pct) = std::env::var("KESTREL_CARVEOUT")
+            .ok()
+            .and_then(|v| v.trim().parse::<i32>().ok())
+        {
+            for name in k.funcs.keys() {
+                k.set_attribute(
+                    name,
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                    pct.clamp(0, 100),
+                )?;
+            }
+        }
+        Ok(k)
+    }
+
+    fn set_attribute(
+        &self,
+        name: &str,
+        attr: cudarc::driver::sys::CUfunction_attribute,
+        value: i32,
+    ) -> Result<(), BackendError> {
+        let f = self.func(name)?;
+        // SAFETY: a plain attribute set on a loaded function.
+        let r = unsafe { cudarc::driver::sys::cuFuncSetAttribute(f.cu_function(), attr, value) };
+        r.result()
+            .map_err(|e| BackendError::Unsupported(format!("'{name}': attribute {attr:?} = {value}: {e}")))
     }
 
     fn func(&self, name: &str) -> Result<&CudaFunction, BackendError> {
@@ -120,18 +150,11 @@ impl Kernels {
     /// Allows `name` up to `bytes` of dynamic shared memory (above the
     /// default 48 KiB needs this opt-in).
     pub fn set_max_dynamic_smem(&self, name: &str, bytes: u32) -> Result<(), BackendError> {
-        use cudarc::driver::sys;
-        let f = self.func(name)?;
-        // SAFETY: a plain attribute set on a loaded function.
-        let r = unsafe {
-            sys::cuFuncSetAttribute(
-                f.cu_function(),
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                bytes as i32,
-            )
-        };
-        r.result()
-            .map_err(|e| BackendError::Unsupported(format!("'{name}' with {bytes} B of shared memory: {e}")))
+        self.set_attribute(
+            name,
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )
     }
 
     /// Registers and local-memory bytes per thread of `name`.

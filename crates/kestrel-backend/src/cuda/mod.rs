@@ -131,6 +131,19 @@ pub(crate) fn act_code(a: Activation) -> i32 {
     }
 }
 
+/// Decode fusions (bits of `set_fusions` / `KESTREL_PROLOGUE`): the
+/// residual step inside the next GEMV, act(gate) * up inside the down GEMV,
+/// the q/k norm + RoPE + K/V store inside attention.
+pub const FUSE_RESIDUAL: u8 = 1;
+pub const FUSE_GATED: u8 = 2;
+pub const FUSE_ROPE: u8 = 4;
+pub const FUSE_ALL: u8 = 7;
+/// Off by default: measured slower or no faster than the 9-launch layer
+/// (H100 / H200, tg128: all three 1,174 vs 1,471 tok/s; residual alone
+/// 1,190, gated alone 1,406, rope alone 1,471; benchmarks/NOTES-cuda.md,
+/// session 9).
+pub const FUSE_DEFAULT: u8 = 0;
+
 /// Which kernels the backend runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelSet {
@@ -196,10 +209,11 @@ pub struct CudaBackend {
     /// between launches: the last block resets it). One stream, so one
     /// counter serves every launch.
     gp_counter: DevBuf,
-    /// Whether decode GEMVs form their activation in the launch
-    /// (`gemv_prologue`) instead of after a residual-step or gated-activation
-    /// launch. `KESTREL_PROLOGUE=0` starts it off (A/B runs).
-    prologue: std::sync::atomic::AtomicBool,
+    /// Which decode fusions run (bits `FUSE_*`): GEMVs that form their
+    /// activation in the launch (`gemv_prologue`) instead of after a
+    /// residual-step or gated-activation launch, and RoPE inside attention.
+    /// `KESTREL_PROLOGUE=<bits>` sets them at start (default `FUSE_DEFAULT`).
+    prologue: std::sync::atomic::AtomicU8,
     /// Device bytes still allowed for f16 weight mirrors (see
     /// `CudaWeight::dense`); set from `KESTREL_DENSE_WEIGHTS` (MiB, 0 = off),
     /// by default an eighth of the device's memory.
@@ -271,7 +285,10 @@ impl CudaBackend {
             k.set_max_dynamic_smem(&format!("mma_q8_0_{tiles}"), matmul::MMA_SMEM_MAX as u32)?;
         }
         let gp_counter = DevBuf::alloc(&dev.stream, 4, "gemvp ticket counter")?;
-        let prologue = std::env::var("KESTREL_PROLOGUE").map_or(true, |v| v.trim() != "0");
+        let prologue = std::env::var("KESTREL_PROLOGUE")
+            .ok()
+            .and_then(|v| v.trim().parse::<u8>().ok())
+            .unwrap_or(FUSE_DEFAULT);
         let dense_budget = match std::env::var("KESTREL_DENSE_WEIGHTS") {
             Ok(v) => v.trim().parse::<usize>().map(|mib| mib << 20).map_err(|_| {
                 BackendError::Other(format!(
@@ -288,7 +305,7 @@ impl CudaBackend {
             recording: std::sync::atomic::AtomicBool::new(false),
             mega_launches: std::sync::atomic::AtomicU64::new(0),
             gp_counter,
-            prologue: std::sync::atomic::AtomicBool::new(prologue),
+            prologue: std::sync::atomic::AtomicU8::new(prologue & FUSE_ALL),
             dev,
             max_attn_splits: std::sync::atomic::AtomicUsize::new(32),
             attn_dec: std::sync::atomic::AtomicBool::new(dec_enabled()),
@@ -299,15 +316,22 @@ impl CudaBackend {
         })
     }
 
-    /// Switches the GEMVs that form their own activation (`gemv_prologue`)
-    /// on or off (default on; `KESTREL_PROLOGUE=0` starts it off). Graphs
-    /// captured before a change keep the old kernels.
+    /// Switches every decode fusion (`FUSE_ALL`) on or off (default off,
+    /// see `FUSE_DEFAULT`). Graphs captured before a change keep the old
+    /// kernels.
     pub fn set_prologue(&self, on: bool) {
-        self.prologue.store(on, std::sync::atomic::Ordering::Relaxed);
+        self.set_fusions(if on { FUSE_ALL } else { 0 });
     }
 
-    pub(crate) fn prologue_on(&self) -> bool {
-        self.prologue.load(std::sync::atomic::Ordering::Relaxed)
+    /// Selects the decode fusions one by one (bits `FUSE_RESIDUAL`,
+    /// `FUSE_GATED`, `FUSE_ROPE`; `KESTREL_PROLOGUE` gives the same number).
+    pub fn set_fusions(&self, bits: u8) {
+        self.prologue
+            .store(bits & FUSE_ALL, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(crate) fn fusion_on(&self, bit: u8) -> bool {
+        self.prologue.load(std::sync::atomic::Ordering::Relaxed) & bit != 0
     }
 
     /// Caps how many blocks split one query row's keys in fused attention
@@ -877,7 +901,7 @@ impl CudaBackend {
         rope: &CudaRope,
     ) -> bool {
         self.kernels == KernelSet::Fused
-            && self.prologue_on()
+            && self.fusion_on(FUSE_ROPE)
             && !self.mega.load(std::sync::atomic::Ordering::Relaxed)
             && !self.recording.load(std::sync::atomic::Ordering::Relaxed)
             && (1..=fused::PROLOGUE_MAX_ROWS).contains(&rows)
@@ -1618,17 +1642,26 @@ impl Backend for CudaBackend {
         // q/k norm + RoPE + K/V store inside: two launches instead of four.
         let t = rows.q.rows;
         let cols = w[0].cols;
-        if bias.iter().any(|b| b.is_some())
-            || !self.prologue_takes(t, cols, &w, false)
-            || !self.rope_attention_takes(t, batch, p, pool, rope)
-        {
+        let gemv_sized = bias.iter().all(|b| b.is_none()) && Self::multi_gemv_fits(t, &w);
+        let rope_fused = gemv_sized && self.rope_attention_takes(t, batch, p, pool, rope);
+        let qkv_fused = gemv_sized
+            && matches!(input, BlockInput::Residual { .. })
+            && self.prologue_takes(t, cols, &w, true);
+        if !rope_fused && !qkv_fused {
             return attention_block_unfused(
                 self, input, w, bias, rows, norms, eps, rope, pool, layer, batch, p, out,
             );
         }
-        let QkvRows { q, k, v, .. } = rows;
+        let QkvRows {
+            q,
+            k,
+            v,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        } = rows;
         match input {
-            BlockInput::Residual { delta, step } if self.prologue_takes(t, cols, &w, true) => {
+            BlockInput::Residual { delta, step } if qkv_fused => {
                 let pr = fused::Prologue::Residual {
                     res: step.x,
                     delta,
@@ -1642,6 +1675,18 @@ impl Backend for CudaBackend {
                 let h = other.resolve(self)?;
                 self.qkv(h, w, bias, q, k, v)?;
             }
+        }
+        if !rope_fused {
+            let r = QkvRows {
+                q: &mut *q,
+                k,
+                v,
+                n_heads,
+                n_kv_heads,
+                head_dim,
+            };
+            self.qk_norm_rope_store(r, norms, eps, rope, pool, layer, batch)?;
+            return self.attention(q, pool, layer, batch, p, out);
         }
         let fusion = RopeFusion {
             k: &*k,
