@@ -108,24 +108,7 @@ impl Kernels {
             funcs.insert(n, f);
         }
         let pdl = cc.0 >= 9 && std::env::var("KESTREL_PDL").map_or(true, |v| v.trim() != "0");
-        let k = Kernels { funcs, pdl };
-        // One shared-memory carveout preference for every kernel (percent of
-        // the unified L1/shared memory; tuning knob `KESTREL_CARVEOUT`): an
-        // SM changes its carveout only when idle, so consecutive kernels that
-        // ask for different splits cannot overlap under PDL.
-        if let Some(pct) = std::env::var("KESTREL_CARVEOUT")
-            .ok()
-            .and_then(|v| v.trim().parse::<i32>().ok())
-        {
-            for name in k.funcs.keys() {
-                k.set_attribute(
-                    name,
-                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
-                    pct.clamp(0, 100),
-                )?;
-            }
-        }
-        Ok(k)
+        Ok(Kernels { funcs, pdl })
     }
 
     fn set_attribute(
