@@ -55,6 +55,19 @@ pub(crate) enum Prologue<'a> {
     },
 }
 
+impl<'a> Prologue<'a> {
+    /// The residual step `step` on `delta`, run inside the launch.
+    pub(crate) fn residual(delta: &'a CudaAct, step: crate::backend::ResidualNorm<'a, CudaBackend>) -> Self {
+        Prologue::Residual {
+            res: step.x,
+            delta,
+            post: step.post_norm,
+            norm: step.next_norm,
+            eps: step.eps,
+        }
+    }
+}
+
 /// Most activation rows of a `gemvp` launch (its kernels exist for 1, 2, 4).
 pub(crate) const PROLOGUE_MAX_ROWS: usize = 4;
 /// Shared memory a `gemvp` launch may use without opting in (48 KiB).

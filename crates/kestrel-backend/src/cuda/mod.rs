@@ -1662,13 +1662,7 @@ impl Backend for CudaBackend {
         } = rows;
         match input {
             BlockInput::Residual { delta, step } if qkv_fused => {
-                let pr = fused::Prologue::Residual {
-                    res: step.x,
-                    delta,
-                    post: step.post_norm,
-                    norm: step.next_norm,
-                    eps: step.eps,
-                };
+                let pr = fused::Prologue::residual(delta, step);
                 self.gemv_prologue(pr, &w, &mut [&mut *q, &mut *k, &mut *v])?;
             }
             other => {
@@ -1720,13 +1714,7 @@ impl Backend for CudaBackend {
                 return self.gated_ffn(h, w, act, gate, up, act_out, out);
             }
         };
-        let p = fused::Prologue::Residual {
-            res: step.x,
-            delta,
-            post: step.post_norm,
-            norm: step.next_norm,
-            eps: step.eps,
-        };
+        let p = fused::Prologue::residual(delta, step);
         self.gemv_prologue(p, &w[..2], &mut [&mut *gate, &mut *up])?;
         if self.prologue_takes(delta.rows, w[2].cols, &w[2..], false) {
             let p = fused::Prologue::Gated {
