@@ -203,6 +203,16 @@ pub struct CudaRope {
     pub(crate) mscale: f32,
 }
 
+impl CudaRope {
+    /// The kernels' code of the pair layout (`style` in elementwise.cu).
+    pub(crate) fn style_code(&self) -> i32 {
+        match self.style {
+            RopeStyle::Interleaved => 0,
+            RopeStyle::Neox => 1,
+        }
+    }
+}
+
 /// Paged KV pool. Layout per layer: K for every slot (`[slots, kv_dim]`),
 /// then V likewise; slot = block * block_size + offset.
 pub struct CudaKvPool {

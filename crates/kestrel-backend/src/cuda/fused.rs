@@ -11,7 +11,6 @@ use super::matmul::{gemv_cap, gemv_kernel, GEMV_MAX_ROWS};
 use super::{shape_err, CudaBackend};
 use crate::backend::Activation;
 use crate::error::BackendError;
-use crate::layout::RopeStyle;
 
 type Result<T> = std::result::Result<T, BackendError>;
 
@@ -363,24 +362,16 @@ impl CudaBackend {
                 ),
             ));
         }
-        // rope_store_item: at most ROPE_PER (4) elements per thread of 128.
-        if 2 * rope.n_pairs > head_dim || head_dim > 4 * 128 {
-            return Err(shape_err(
-                "qk_norm_rope_store",
-                format!("{} RoPE pairs for head_dim {head_dim}", rope.n_pairs),
-            ));
-        }
-        if norms.iter().flatten().any(|w| w.len != head_dim) {
-            return Err(shape_err(
-                "qk_norm_rope_store",
-                format!("q/k norm weights are not of head_dim {head_dim}"),
-            ));
-        }
-        super::check_kv_target("qk_norm_rope_store", pool, layer, batch)?;
-        let style = match rope.style {
-            RopeStyle::Interleaved => 0,
-            RopeStyle::Neox => 1,
-        };
+        let norm_rope = norm_rope_args(
+            "qk_norm_rope_store",
+            norms,
+            eps,
+            rope,
+            head_dim,
+            pool,
+            layer,
+            batch,
+        )?;
         let (lo, vo) = pool.offsets(layer);
         self.run(
             "qk_norm_rope_store",
@@ -394,13 +385,13 @@ impl CudaBackend {
                 i32_of(n_heads, "n_heads")?,
                 i32_of(n_kv_heads, "n_kv_heads")?,
                 i32_of(head_dim, "head_dim")?,
-                Arg::Ptr(norms[0].map(|w| w.buf.ptr).unwrap_or(0)),
-                Arg::Ptr(norms[1].map(|w| w.buf.ptr).unwrap_or(0)),
-                Arg::F32(eps),
-                Arg::Ptr(rope.buf.ptr),
-                i32_of(rope.n_pairs, "pairs")?,
-                Arg::I32(style),
-                Arg::F32(rope.mscale),
+                norm_rope[0],
+                norm_rope[1],
+                norm_rope[2],
+                norm_rope[3],
+                norm_rope[4],
+                norm_rope[5],
+                norm_rope[6],
                 Arg::Ptr(batch.positions),
                 Arg::Ptr(pool.buf.ptr),
                 Arg::I64(lo),
@@ -415,4 +406,44 @@ impl CudaBackend {
             ],
         )
     }
+}
+
+/// The q/k norm weights, their epsilon and the RoPE table as the kernels
+/// built on `rope_store_item` take them (qw, kw, eps, inv_freq, n_pairs,
+/// style, mscale), once the norms have `head_dim` elements, the table fits
+/// `rope_store_item` (at most ROPE_PER = 4 elements per thread of 128) and
+/// the pool has the layer and the batch's slots.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn norm_rope_args(
+    op: &str,
+    norms: [Option<&CudaVector>; 2],
+    eps: f32,
+    rope: &CudaRope,
+    head_dim: usize,
+    pool: &CudaKvPool,
+    layer: usize,
+    batch: &CudaBatch,
+) -> Result<[Arg; 7]> {
+    if 2 * rope.n_pairs > head_dim || head_dim > 4 * 128 {
+        return Err(shape_err(
+            op,
+            format!("{} RoPE pairs for head_dim {head_dim}", rope.n_pairs),
+        ));
+    }
+    if norms.iter().flatten().any(|w| w.len != head_dim) {
+        return Err(shape_err(
+            op,
+            format!("q/k norm weights are not of head_dim {head_dim}"),
+        ));
+    }
+    super::check_kv_target(op, pool, layer, batch)?;
+    Ok([
+        Arg::Ptr(norms[0].map(|w| w.buf.ptr).unwrap_or(0)),
+        Arg::Ptr(norms[1].map(|w| w.buf.ptr).unwrap_or(0)),
+        Arg::F32(eps),
+        Arg::Ptr(rope.buf.ptr),
+        i32_of(rope.n_pairs, "pairs")?,
+        Arg::I32(rope.style_code()),
+        Arg::F32(rope.mscale),
+    ])
 }

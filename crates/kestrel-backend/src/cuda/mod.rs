@@ -41,7 +41,7 @@ use crate::backend::{
     Backend, BlockInput, Graph, QkvRows, Result,
 };
 use crate::error::BackendError;
-use crate::layout::{AttnParams, BatchLayout, KvSpec, RopeParams, RopeStyle};
+use crate::layout::{AttnParams, BatchLayout, KvSpec, RopeParams};
 use device::Device;
 use launch::{grid_for, i32_of, Arg, Kernels};
 use meta::Meta;
@@ -930,30 +930,20 @@ impl CudaBackend {
                 format!("k [{}, {}] is not [{}, {kv_dim}]", f.k.rows, f.k.cols, q.rows),
             ));
         }
-        if f.norms.iter().flatten().any(|w| w.len != p.head_dim) {
-            return Err(shape_err(
-                "attention_rope",
-                format!("q/k norm weights are not of head_dim {}", p.head_dim),
-            ));
-        }
-        check_kv_target("attention_rope", pool, layer, batch)?;
-        let style = match f.rope.style {
-            RopeStyle::Interleaved => 0,
-            RopeStyle::Neox => 1,
-        };
-        Ok(vec![
-            Arg::Ptr(q.ptr()),
-            Arg::Ptr(f.k.ptr()),
-            Arg::Ptr(f.v.ptr()),
-            Arg::Ptr(f.norms[0].map(|w| w.buf.ptr).unwrap_or(0)),
-            Arg::Ptr(f.norms[1].map(|w| w.buf.ptr).unwrap_or(0)),
-            Arg::F32(f.eps),
-            Arg::Ptr(f.rope.buf.ptr),
-            i32_of(f.rope.n_pairs, "pairs")?,
-            Arg::I32(style),
-            Arg::F32(f.rope.mscale),
-            Arg::Ptr(batch.slots),
-        ])
+        let norm_rope = fused::norm_rope_args(
+            "attention_rope",
+            f.norms,
+            f.eps,
+            f.rope,
+            p.head_dim,
+            pool,
+            layer,
+            batch,
+        )?;
+        let mut args = vec![Arg::Ptr(q.ptr()), Arg::Ptr(f.k.ptr()), Arg::Ptr(f.v.ptr())];
+        args.extend(norm_rope);
+        args.push(Arg::Ptr(batch.slots));
+        Ok(args)
     }
 }
 
@@ -1229,10 +1219,7 @@ impl Backend for CudaBackend {
                 ));
             }
         }
-        let style = match rope.style {
-            RopeStyle::Interleaved => 0,
-            RopeStyle::Neox => 1,
-        };
+        let style = rope.style_code();
         let wptr = norm.map(|w| w.buf.ptr).unwrap_or(0);
         if self.kernels == KernelSet::Reference {
             let heads = x.rows * n_heads;
