@@ -79,6 +79,21 @@ pub trait Backend: Send + Sync {
     fn add(&self, x: &mut Self::Act, y: &Self::Act) -> Result<()>;
     /// `out[t] = W · x[t]` for every row t of x.
     fn matmul(&self, x: &Self::Act, w: &Self::Weight, out: &mut Self::Act) -> Result<()>;
+    /// `matmul` of an LM head whose output only feeds an argmax (a greedy
+    /// step). A backend that can may fold the argmax into the product and
+    /// skip writing the logits: it returns true, `out`'s values are then
+    /// undefined and, once `argmax_ready(out)` has been called, the next
+    /// `argmax_rows` / `queue_argmax` of `out` answers the folded ids.
+    /// Default: a plain `matmul`, false.
+    fn matmul_argmax(&self, x: &Self::Act, w: &Self::Weight, out: &mut Self::Act) -> Result<bool> {
+        self.matmul(x, w, out)?;
+        Ok(false)
+    }
+    /// Declares that the step just run (or replayed) produced `out` by a
+    /// `matmul_argmax` that returned true.
+    fn argmax_ready(&self, _out: &Self::Act) -> Result<()> {
+        Ok(())
+    }
     /// `x[t] += b` for every row.
     fn add_bias(&self, x: &mut Self::Act, b: &Self::Vector) -> Result<()>;
     /// Per-head RMSNorm (when `norm` is given) followed by RoPE at the batch's

@@ -732,16 +732,21 @@ impl<B: Backend> Engine<B> {
         let t0 = Instant::now();
         // A handle of our own: the logits borrow it while `self` streams.
         let model = self.model.clone();
-        let act = model.forward(&plan.layout, &mut self.kv, &plan.logit_rows)?;
+        let all_greedy = plan.prompt_rows.is_empty()
+            && ids
+                .iter()
+                .all(|id| self.outputs.get(id).is_none_or(|o| o.params.is_plain_greedy()));
+        // Only argmax ids leave a greedy step: the LM head may fold it in.
+        let act = if all_greedy {
+            model.forward_greedy(&plan.layout, &mut self.kv, &plan.logit_rows)?
+        } else {
+            model.forward(&plan.layout, &mut self.kv, &plan.logit_rows)?
+        };
         times.forward = t0.elapsed();
         let t1 = Instant::now();
         // The device works on this step: stream the previous step's tokens.
         self.deliver_pending();
         let be = self.model.backend.as_ref();
-        let all_greedy = plan.prompt_rows.is_empty()
-            && ids
-                .iter()
-                .all(|id| self.outputs.get(id).is_none_or(|o| o.params.is_plain_greedy()));
         // Sampled rows whose decision needs nothing but the token (no
         // logprobs) are decided where the logits are, when the backend can.
         let on_device = !all_greedy

@@ -91,14 +91,19 @@ struct LogitBufs<B: Backend> {
     logits: B::Act,
 }
 
+/// A decode graph's key: token count, KV pool, and whether the step is
+/// greedy-only (its LM head may fold in the argmax, `Backend::matmul_argmax`).
+type GraphKey = (usize, u64, bool);
+
 /// Persistent per-model step state: scratch by token count, logits by logit
-/// row count, and decode graphs by (token count, KV pool).
+/// row count, and decode graphs by `GraphKey`, each with whether its LM head
+/// folded in the argmax.
 struct StepState<B: Backend> {
     scratch: HashMap<usize, Scratch<B>>,
     logits: HashMap<usize, LogitBufs<B>>,
-    graphs: HashMap<(usize, u64), Graph>,
+    graphs: HashMap<GraphKey, (Graph, bool)>,
     /// Keys whose capture failed: run them eagerly from then on.
-    no_graph: HashSet<(usize, u64)>,
+    no_graph: HashSet<GraphKey>,
     /// Logit row count of the last step (the buffer `Logits` points at).
     current: usize,
     /// Last use (a step counter) of each scratch size and logits size.
@@ -410,13 +415,26 @@ impl<B: Backend> Model<B> {
         kv: &mut B::KvPool,
         logit_rows: &[u32],
     ) -> Result<Logits<'_, B>, ModelError> {
-        self.forward_impl(layout, kv, logit_rows, None)
+        self.forward_impl(layout, kv, logit_rows, None, false)
+    }
+
+    /// `forward` of a step whose logits only feed an argmax (every row
+    /// greedy, nothing else read from them): the backend may fold the argmax
+    /// into the LM head, and the returned logits may then hold no values;
+    /// read them only through `argmax_rows` or `queue_argmax`.
+    pub fn forward_greedy(
+        &self,
+        layout: &BatchLayout,
+        kv: &mut B::KvPool,
+        logit_rows: &[u32],
+    ) -> Result<Logits<'_, B>, ModelError> {
+        self.forward_impl(layout, kv, logit_rows, None, true)
     }
 
     /// `forward` whose first `fed_rows` input tokens are the ids of the
     /// backend's latest `queue_argmax` (the layout's tokens there are
     /// placeholders): an overlapped greedy decode step, launched before the
-    /// previous step's ids reach the host.
+    /// previous step's ids reach the host. Greedy-only, as `forward_greedy`.
     pub fn forward_fed(
         &self,
         layout: &BatchLayout,
@@ -424,7 +442,7 @@ impl<B: Backend> Model<B> {
         logit_rows: &[u32],
         fed_rows: usize,
     ) -> Result<Logits<'_, B>, ModelError> {
-        self.forward_impl(layout, kv, logit_rows, Some(fed_rows))
+        self.forward_impl(layout, kv, logit_rows, Some(fed_rows), true)
     }
 
     fn forward_impl(
@@ -433,6 +451,7 @@ impl<B: Backend> Model<B> {
         kv: &mut B::KvPool,
         logit_rows: &[u32],
         fed_rows: Option<usize>,
+        greedy: bool,
     ) -> Result<Logits<'_, B>, ModelError> {
         let n = layout.num_tokens();
         if n == 0 {
@@ -508,10 +527,16 @@ impl<B: Backend> Model<B> {
             });
         }
         st.current = m;
-        let key = (n, be.pool_id(kv));
+        let key = (n, be.pool_id(kv), greedy);
         if graphable {
-            if let Some(g) = st.graphs.get(&key) {
+            if let Some((g, folded)) = st.graphs.get(&key) {
                 if be.replay(g)? {
+                    if *folded {
+                        let m = st.current;
+                        if let Some(lb) = st.logits.get(&m) {
+                            be.argmax_ready(&lb.logits)?;
+                        }
+                    }
                     return Ok(Logits {
                         guard: st,
                         holder: &self.holder,
@@ -525,21 +550,21 @@ impl<B: Backend> Model<B> {
             (Some(s), Some(l)) => (s, l),
             _ => return Err(ModelError::Request("step buffers missing".into())),
         };
-        self.step(s, lb, &batch, kv, logit_rows, identity)?;
+        let folded = self.step(s, lb, &batch, kv, logit_rows, identity, greedy)?;
         if graphable && !state.no_graph.contains(&key) {
             // The eager run above sized every lazily grown scratch buffer;
             // record the same step for replay from the next step on.
             be.begin_capture()?;
-            let r = self.step(s, lb, &batch, kv, logit_rows, identity);
+            let r = self.step(s, lb, &batch, kv, logit_rows, identity, greedy);
             let g = be.end_capture();
             match (r, g) {
-                (Ok(()), Ok(g)) => {
+                (Ok(f), Ok(g)) => {
                     // Graphs of pools other than this one are for pools
                     // that are gone or idle: drop them (bounded memory when
                     // callers create pools one after another).
                     state.graphs.retain(|k, _| k.1 == key.1);
                     state.no_graph.retain(|k| k.1 == key.1);
-                    state.graphs.insert(key, g);
+                    state.graphs.insert(key, (g, f));
                 }
                 (r, g) => {
                     let why = r.err().map(|e| e.to_string()).or(g.err().map(|e| e.to_string()));
@@ -548,6 +573,10 @@ impl<B: Backend> Model<B> {
                 }
             }
         }
+        if folded {
+            // Declared after the capture, which records launches only.
+            be.argmax_ready(&lb.logits)?;
+        }
         Ok(Logits {
             guard: st,
             holder: &self.holder,
@@ -555,6 +584,8 @@ impl<B: Backend> Model<B> {
     }
 
     /// The operations of one step (run eagerly or recorded into a graph).
+    /// Returns whether the LM head folded in the argmax (greedy steps only).
+    #[allow(clippy::too_many_arguments)]
     fn step(
         &self,
         s: &mut Scratch<B>,
@@ -563,7 +594,8 @@ impl<B: Backend> Model<B> {
         kv: &mut B::KvPool,
         logit_rows: &[u32],
         identity: bool,
-    ) -> Result<(), ModelError> {
+        greedy: bool,
+    ) -> Result<bool, ModelError> {
         let c = &self.config;
         let be = self.backend.as_ref();
         be.embed(&self.embed, batch, c.embed_scale, &mut s.x)?;
@@ -664,15 +696,21 @@ impl<B: Backend> Model<B> {
 
         // Only the rows that need logits go through the (large) LM head.
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        if identity {
-            be.matmul(&s.h, head, &mut lb.logits)?;
+        let x = if identity {
+            &s.h
         } else {
             be.gather_rows(&s.h, logit_rows, &mut lb.picked)?;
-            be.matmul(&lb.picked, head, &mut lb.logits)?;
+            &lb.picked
+        };
+        // A final softcap could turn distinct logits into equal ones (and so
+        // change which comes first): those models keep the logits.
+        if greedy && c.final_softcap.is_none() {
+            return Ok(be.matmul_argmax(x, head, &mut lb.logits)?);
         }
+        be.matmul(x, head, &mut lb.logits)?;
         if let Some(cap) = c.final_softcap {
             be.softcap(&mut lb.logits, cap)?;
         }
-        Ok(())
+        Ok(false)
     }
 }

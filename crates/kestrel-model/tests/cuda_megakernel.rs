@@ -21,6 +21,7 @@ fn run(mega: bool, prompts: &[Vec<u32>], kv: KvDType) -> (Vec<Decoded>, u64) {
     // The megakernel's attention op is the per-head item: compare it with
     // the graph path running the same kernel.
     be.set_attention_dec(false);
+    be.set_attention_keys_per_split(0);
     let be = Arc::new(be);
     let model = Model::load(&common::default_model(), be.clone()).unwrap();
     let got = prompts

@@ -287,6 +287,21 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// The variant of a norm kernel that reads its constants (norm weights,
+    /// RoPE table, the step's positions and slots) before waiting for the
+    /// previous kernel, unless a step is being recorded for the decode
+    /// megakernel (which knows the plain names) or the tuning knob
+    /// `KESTREL_NORM_PRE=0` asks for the plain one (A/B runs).
+    fn pre_wait_name(&self, plain: &'static str, pre: &'static str) -> &'static str {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let on = *ON.get_or_init(|| std::env::var("KESTREL_NORM_PRE").map_or(true, |v| v.trim() != "0"));
+        if on && !self.recording.load(std::sync::atomic::Ordering::Relaxed) {
+            pre
+        } else {
+            plain
+        }
+    }
+
     pub(crate) fn residual_norm_fused(
         &self,
         x: &mut CudaAct,
@@ -306,7 +321,7 @@ impl CudaBackend {
         }
         let out16 = self.f16_side_output(out)?;
         self.run(
-            "residual_norm",
+            self.pre_wait_name("residual_norm", "residual_norm_pre"),
             (x.rows as u32, 1, 1),
             Self::norm_threads(x.cols),
             0,
@@ -374,7 +389,7 @@ impl CudaBackend {
         )?;
         let (lo, vo) = pool.offsets(layer);
         self.run(
-            "qk_norm_rope_store",
+            self.pre_wait_name("qk_norm_rope_store", "qk_norm_rope_store_pre"),
             (q.rows as u32, (n_heads + n_kv_heads) as u32, 1),
             128,
             (head_dim * 4) as u32,

@@ -45,7 +45,7 @@ pub(crate) struct Kernels {
     pdl: bool,
 }
 
-const PLAIN: [&str; 37] = [
+const PLAIN: [&str; 41] = [
     "tokens_from_keys",
     "sample_rows",
     "decode_program",
@@ -83,6 +83,10 @@ const PLAIN: [&str; 37] = [
     "attention_dec4",
     "attention_dec8",
     "attention_rope",
+    "attention_pre",
+    "residual_norm_pre",
+    "qk_norm_rope_store_pre",
+    "zero_u64",
 ];
 
 impl Kernels {
@@ -96,6 +100,7 @@ impl Kernels {
         for t in [1, 2, 4, 8] {
             names.push(format!("gemv3_{t}"));
             names.push(format!("mma_q8_0_{t}"));
+            names.push(format!("mma_q8_0_argmax_{t}"));
         }
         for t in [1, 2, 4] {
             names.push(format!("gemvp_{t}"));

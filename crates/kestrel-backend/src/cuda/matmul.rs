@@ -93,6 +93,14 @@ fn mma_min_rows() -> usize {
     })
 }
 
+/// Whether greedy steps may fold the argmax into the LM head
+/// (`matmul_argmax`; tuning knob `KESTREL_ARGMAX_HEAD=0` keeps logits and
+/// a separate argmax, for A/B runs).
+fn argmax_head_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("KESTREL_ARGMAX_HEAD").map_or(true, |v| v.trim() != "0"))
+}
+
 /// Whether `t` activation rows by `w` take the tensor-core Q8_0 kernel: tall
 /// Q8_0 matrices (the LM head) whose columns fit its layout.
 pub(crate) fn mma_q8_takes(t: usize, w: &CudaWeight) -> bool {
@@ -191,7 +199,58 @@ impl CudaBackend {
     /// `out[t, rows] = x[t, :] · Wᵀ` for `t <= 64` rows through the
     /// tensor-core Q8_0 kernel (see mma_q8.cu): persistent blocks, about two
     /// per SM, each converting x to f16 once.
+    /// `Backend::matmul_argmax`: where the product takes the tensor-core
+    /// Q8_0 kernel, that kernel keeps each activation row's best logit and
+    /// writes only the argmax keys (into the buffer `launch_argmax` fills),
+    /// skipping the logits' write and the argmax pass over them (at 64 rows
+    /// of Gemma's 262,144-entry vocabulary, 67 MB each way). Otherwise a
+    /// plain `matmul`.
+    pub(crate) fn matmul_argmax_impl(
+        &self,
+        x: &CudaAct,
+        w: &CudaWeight,
+        out: &mut CudaAct,
+    ) -> Result<bool, BackendError> {
+        let fused = self.kernels != KernelSet::Reference
+            && argmax_head_enabled()
+            && x.cols == w.cols
+            && out.cols == w.rows
+            && out.rows == x.rows
+            && mma_q8_takes(x.rows, w);
+        if !fused {
+            self.matmul_impl(x, w, out)?;
+            return Ok(false);
+        }
+        let t = x.rows;
+        let keys = {
+            let mut st = self.lock()?;
+            self.graph_scratch(&mut st, |s| &mut s.ids, t * 8, "argmax keys")?
+        };
+        self.run(
+            "zero_u64",
+            (1, 1, 1),
+            256,
+            0,
+            &[Arg::Ptr(keys), i32_of(t, "rows")?],
+        )?;
+        self.mma_q8_launch(w, x.ptr(), t, keys, "mma_q8_0_argmax")?;
+        Ok(true)
+    }
+
     fn mma_q8(&self, w: &CudaWeight, x: u64, t: usize, out: u64) -> Result<(), BackendError> {
+        self.mma_q8_launch(w, x, t, out, "mma_q8_0")
+    }
+
+    /// One `family_{tiles}` launch of the tensor-core Q8_0 kernel; `out` is
+    /// the logits or (argmax family) the keys.
+    fn mma_q8_launch(
+        &self,
+        w: &CudaWeight,
+        x: u64,
+        t: usize,
+        out: u64,
+        family: &str,
+    ) -> Result<(), BackendError> {
         let tiles = t.div_ceil(8).next_power_of_two();
         let (p0, _, p2) = w.ptrs();
         let units = w.rows.div_ceil(32);
@@ -207,7 +266,7 @@ impl CudaBackend {
             Arg::Ptr(out),
         ];
         let smem = mma_q8_smem(tiles, w.cols) as u32;
-        self.run(&format!("mma_q8_0_{tiles}"), (blocks, 1, 1), 256, smem, &args)
+        self.run(&format!("{family}_{tiles}"), (blocks, 1, 1), 256, smem, &args)
     }
 
     /// Where a producer kernel (residual norm, gated activation) should also

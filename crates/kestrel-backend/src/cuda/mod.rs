@@ -114,6 +114,23 @@ pub(crate) fn attention_dec_smem(group: usize, head_dim: usize) -> usize {
     t * head_dim * 4 + (t * group + 36 * group + 1) * 4 + ATT_TBL * 4
 }
 
+/// Whether decode steps that take the per-head kernel run `attention_pre`,
+/// which reads the position, block table and first keys before waiting for
+/// the previous kernel (tuning knob `KESTREL_ATTN_PRE=0` keeps `attention`,
+/// for A/B runs).
+fn pre_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("KESTREL_ATTN_PRE").map_or(true, |v| v.trim() != "0"))
+}
+
+/// Default of `set_attention_keys_per_split` (tuning knob `KESTREL_ATTN_KPS`).
+fn default_keys_per_split() -> usize {
+    std::env::var("KESTREL_ATTN_KPS")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(16)
+}
+
 /// Whether steps with several query rows per sequence (prefill) take the
 /// key-per-lane kernels (tuning knob `KESTREL_ATTN_TILE=0` keeps the
 /// per-head / grouped ones).
@@ -177,6 +194,10 @@ pub(crate) struct State {
     lt: Option<lt_gemm::LtGemm>,
     gather: Option<DevBuf>,
     ids: Option<DevBuf>,
+    /// (logits address, rows) of a greedy step whose LM head wrote its
+    /// argmax keys into `ids` instead of logits (`matmul_argmax`): the next
+    /// argmax of that buffer uses them instead of launching its own.
+    argmax_ready: Option<(u64, usize)>,
     /// Partial results of split attention, and per-(row, head) counters of
     /// finished splits (zero between launches).
     att_part: Option<DevBuf>,
@@ -201,6 +222,8 @@ pub struct CudaBackend {
     max_attn_splits: std::sync::atomic::AtomicUsize,
     /// Whether decode steps may take the `attention_dec*` kernels.
     attn_dec: std::sync::atomic::AtomicBool,
+    /// Keys per split of `attention_pre` (0: always the launch's splits).
+    attn_kps: std::sync::atomic::AtomicUsize,
     _module: Arc<CudaModule>,
     k: Kernels,
     kernels: KernelSet,
@@ -283,6 +306,7 @@ impl CudaBackend {
         }
         for tiles in [1, 2, 4, 8] {
             k.set_max_dynamic_smem(&format!("mma_q8_0_{tiles}"), matmul::MMA_SMEM_MAX as u32)?;
+            k.set_max_dynamic_smem(&format!("mma_q8_0_argmax_{tiles}"), matmul::MMA_SMEM_MAX as u32)?;
         }
         let gp_counter = DevBuf::alloc(&dev.stream, 4, "gemvp ticket counter")?;
         let prologue = std::env::var("KESTREL_PROLOGUE")
@@ -309,6 +333,7 @@ impl CudaBackend {
             dev,
             max_attn_splits: std::sync::atomic::AtomicUsize::new(32),
             attn_dec: std::sync::atomic::AtomicBool::new(dec_enabled()),
+            attn_kps: std::sync::atomic::AtomicUsize::new(default_keys_per_split()),
             _module: module,
             k,
             kernels,
@@ -349,6 +374,15 @@ impl CudaBackend {
     /// change keep the old kernel.
     pub fn set_attention_dec(&self, on: bool) {
         self.attn_dec.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Visible keys per split of decode attention on the per-head kernel
+    /// (`attention_pre`): a row uses one split per `n` keys, at most the
+    /// launch's split count, so short contexts merge few partials (0: always
+    /// the launch's count, the bits of `attention`; default 16,
+    /// `KESTREL_ATTN_KPS`). Graphs captured before a change keep the old value.
+    pub fn set_attention_keys_per_split(&self, n: usize) {
+        self.attn_kps.store(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn kernel_set(&self) -> KernelSet {
@@ -588,6 +622,9 @@ impl CudaBackend {
     pub fn launch_argmax(&self, x: &CudaAct) -> Result<()> {
         let keys = {
             let mut st = self.lock()?;
+            if st.argmax_ready.take() == Some((x.ptr(), x.rows)) {
+                return Ok(());
+            }
             if st.capturing && st.ids.as_ref().is_none_or(|b| b.bytes < x.rows * 8) {
                 return Err(BackendError::Other(
                     "argmax during capture needs reserve_batch first".into(),
@@ -827,12 +864,23 @@ impl CudaBackend {
             ATTENTION_GQA[group.trailing_zeros() as usize]
         } else if fusion.is_some() {
             "attention_rope"
+        } else if pre_enabled()
+            && q.rows == batch.num_seqs
+            && !self.recording.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            // A decode step: keys other than each row's own position were
+            // stored by earlier steps, so they may be read before the wait.
+            "attention_pre"
         } else {
             "attention"
         };
         if let Some(f) = fusion {
             args.remove(0);
             args.extend(self.rope_fusion_args(q, f, pool, layer, batch, p)?);
+        }
+        if name == "attention_pre" {
+            let kps = self.attn_kps.load(std::sync::atomic::Ordering::Relaxed);
+            args.push(i32_of(kps, "keys per split")?);
         }
         self.run(
             name,
@@ -1060,6 +1108,8 @@ impl Backend for CudaBackend {
                 "prepare_batch inside a graph capture: call it before begin_capture".into(),
             ));
         }
+        // A new step: no earlier step's folded argmax is pending any more.
+        st.argmax_ready = None;
         self.dev
             .ctx
             .bind_to_thread()
@@ -1159,6 +1209,15 @@ impl Backend for CudaBackend {
             n,
             &[Arg::Ptr(x.ptr()), Arg::Ptr(y.ptr()), Arg::I64(n as i64)],
         )
+    }
+
+    fn matmul_argmax(&self, x: &CudaAct, w: &CudaWeight, out: &mut CudaAct) -> Result<bool> {
+        self.matmul_argmax_impl(x, w, out)
+    }
+
+    fn argmax_ready(&self, out: &CudaAct) -> Result<()> {
+        self.lock()?.argmax_ready = Some((out.ptr(), out.rows));
+        Ok(())
     }
 
     fn matmul(&self, x: &CudaAct, w: &CudaWeight, out: &mut CudaAct) -> Result<()> {
@@ -1463,6 +1522,11 @@ impl Backend for CudaBackend {
     }
 
     fn sample_rows(&self, x: &CudaAct, rows: &[crate::layout::DeviceSample]) -> Result<Vec<u32>> {
+        if self.lock()?.argmax_ready.is_some_and(|(p, _)| p == x.ptr()) {
+            return Err(BackendError::Other(
+                "sample_rows: these rows hold no logits (the step computed only argmax ids)".into(),
+            ));
+        }
         self.sample_rows_impl(x, rows)
     }
 

@@ -213,6 +213,60 @@ fn mma_q8_tall_matches_f64_on_f16_operands() {
     }
 }
 
+/// The LM head with the argmax folded in (`matmul_argmax`, greedy steps)
+/// answers exactly the ids of the logits' argmax: random activations at
+/// every tile count, and rows whose logits tie at the maximum (identical
+/// weight rows, far apart: the first must win, as in `argmax_rows`).
+#[test]
+fn mma_q8_folded_argmax_equals_argmax_of_logits() {
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let Some(be) = backend(KernelSet::Fused) else {
+        return;
+    };
+    let (rows, cols) = (16_384 + 37, 640);
+    let (mut bytes, _) = make_weight(&mut rng, DType::Q8_0, rows, cols);
+    // Rows 40, 9,000 and the last: every quant 127 at scale 1/64, so with
+    // positive activations they hold the (equal) largest logit.
+    let row_bytes = cols / 32 * 34;
+    for r in [40, 9_000, rows - 1] {
+        for b in bytes[r * row_bytes..(r + 1) * row_bytes].chunks_exact_mut(34) {
+            b[..2].copy_from_slice(&half::f16::from_f32(1.0 / 64.0).to_le_bytes());
+            b[2..].fill(127);
+        }
+    }
+    let shape = [rows, cols];
+    let w = be
+        .upload_matrix(&view("w", DType::Q8_0, &shape, &bytes))
+        .expect("upload");
+    for t in [5usize, 8, 9, 16, 23, 33, 64] {
+        for positive in [false, true] {
+            let mut x = rvec(&mut rng, t * cols, 2.0);
+            if positive {
+                x.iter_mut().for_each(|v| *v = v.abs() + 0.01);
+            }
+            let xa = act(&be, t, cols, &x);
+            let mut logits = poisoned(&be, t, rows);
+            be.matmul(&xa, &w, &mut logits).expect("matmul");
+            let want = be.argmax_rows(&logits).expect("argmax");
+            let mut out = poisoned(&be, t, rows);
+            let folded = be.matmul_argmax(&xa, &w, &mut out).expect("matmul_argmax");
+            assert!(folded, "{t} rows should fold the argmax into mma_q8_0");
+            be.argmax_ready(&out).expect("ready");
+            let got = be.argmax_rows(&out).expect("folded argmax");
+            assert_eq!(got, want, "rows={t} positive={positive}");
+            if positive {
+                assert!(
+                    got.iter().all(|&i| i == 40),
+                    "ties: the first row wins, got {got:?}"
+                );
+            }
+            // Without the declaration the buffer's (poisoned) values are read.
+            let again = be.argmax_rows(&out).expect("argmax of the buffer");
+            assert_ne!(again, want, "rows={t}: the folded ids are used once");
+        }
+    }
+}
+
 #[test]
 fn embed_tables() {
     let mut rng = ChaCha8Rng::seed_from_u64(2);

@@ -92,14 +92,65 @@ __device__ __forceinline__ void bar_sync(int bar, int nthr) {
     asm volatile("bar.sync %0, %1;" ::"r"(bar), "r"(nthr) : "memory");
 }
 
+// A lane's part of the K and V rows of one key (zeros when `live` is
+// false): dims lane*8.. (VEC) or lane + 32j.
 template <int KVT, bool VEC>
+__device__ __forceinline__ void att_load_key(const void* pool, long long layer_off, long long v_off,
+                                             const u32* table, int block_size, int kv_dim, int kvh, int head_dim,
+                                             int lane, int key, bool live, float (&kk)[ATT_MAXJ],
+                                             float (&vv)[ATT_MAXJ]) {
+    long long base = live ? layer_off + kv_slot(table, block_size, key) * kv_dim + (long long)kvh * head_dim : -1;
+    if (VEC) {
+        if (base >= 0 && lane * 8 < head_dim) {
+            kv_load8<KVT>(pool, base + lane * 8, kk);
+            kv_load8<KVT>(pool, base + v_off + lane * 8, vv);
+        } else {
+            #pragma unroll
+            for (int j = 0; j < ATT_MAXJ; j++) { kk[j] = 0.0f; vv[j] = 0.0f; }
+        }
+    } else {
+        #pragma unroll
+        for (int j = 0; j < ATT_MAXJ; j++) {
+            int d = lane + 32 * j;
+            bool ok = base >= 0 && d < head_dim;
+            kk[j] = ok ? kv_load(pool, base + d, KVT) : 0.0f;
+            vv[j] = ok ? kv_load(pool, base + v_off + d, KVT) : 0.0f;
+        }
+    }
+}
+
+// The K and V of ATT_UNROLL keys of one warp's round (k0, k0 + ATT_WARPS,
+// ...), zeros past kend and for key `skip` (the caller loads that one later).
+template <int KVT, bool VEC>
+__device__ __forceinline__ void att_load_round(const void* pool, long long layer_off, long long v_off,
+                                               const u32* table, int block_size, int kv_dim, int kvh,
+                                               int head_dim, int lane, int k0, int kend, int skip,
+                                               float (&kk)[ATT_UNROLL][ATT_MAXJ],
+                                               float (&vv)[ATT_UNROLL][ATT_MAXJ]) {
+    #pragma unroll
+    for (int u = 0; u < ATT_UNROLL; u++) {
+        int key = k0 + u * ATT_WARPS;
+        att_load_key<KVT, VEC>(pool, layer_off, v_off, table, block_size, kv_dim, kvh, head_dim, lane, key,
+                               key <= kend && key != skip, kk[u], vv[u]);
+    }
+}
+
+// PRE (decode steps, standalone launch only): everything that does not
+// depend on the previous kernel is read before waiting for it (pdl_entry):
+// the position, the block table and the K/V of the warp's first round of
+// keys, all written before the previous kernel began (the KV pool by earlier
+// steps; the metadata by the host before the replay). Only the query and the
+// key at the row's own position (stored by qk_norm_rope_store just before)
+// are read after the wait, so the launch's critical path loses the chain
+// positions -> table -> K/V. Same arithmetic, same bits as without PRE.
+template <int KVT, bool VEC, bool PRE = false>
 __device__ __forceinline__ void attention_impl(int row, int h, int z, int tid, int bar, float* sm,
                                      const float* q, const void* pool, long long layer_off,
                                      long long v_off, const u32* positions,
                                      const u32* token_seq, const u32* block_tables, int bt_stride,
                                      int block_size, int n_heads, int n_kv_heads, int head_dim,
                                      float scale, int window, float cap, float* out, int splits,
-                                     float* part, u32* counters, u16* out16) {
+                                     float* part, u32* counters, u16* out16, int kps = 0) {
     float* qs = sm;
     float* accs = sm + head_dim;
     float* ms = accs + ATT_WARPS * head_dim;
@@ -109,16 +160,46 @@ __device__ __forceinline__ void attention_impl(int row, int h, int z, int tid, i
     int lane = tid & 31, warp = tid >> 5;
     int kvh = h / (n_heads / n_kv_heads);
     int kv_dim = n_kv_heads * head_dim;
+    int pos = 0, kbeg = 0, kend = -1;
+    // Splits in use: the grid's `splits` (also the partials' stride), or
+    // with kps > 0 (PRE only) one per kps visible keys, at most `splits`:
+    // short contexts then merge few partials, and the extra blocks leave at
+    // once. Decided from the position, so a captured graph stays valid.
+    int nsplit = splits;
+    const u32* table = nullptr;
+    float kk[ATT_UNROLL][ATT_MAXJ], vv[ATT_UNROLL][ATT_MAXJ];
+    if (PRE) {
+        pos = (int)positions[row];
+        if (kps > 0) {
+            int nkeys = pos + 1 - (window > 0 ? max(0, pos - window + 1) : 0);
+            nsplit = min(splits, max(1, (nkeys + kps - 1) / kps));
+            if (z >= nsplit) return;
+        }
+        table = block_tables + (long long)token_seq[row] * bt_stride;
+        split_keys(pos, window, nsplit, z, &kbeg, &kend);
+        att_load_round<KVT, VEC>(pool, layer_off, v_off, table, block_size, kv_dim, kvh, head_dim, lane,
+                                 kbeg + warp, kend, pos, kk, vv);
+        pdl_entry();
+    }
     // q null: the caller has put the scaled query head in qs already.
     if (q) {
         const float* qr = q + ((long long)row * n_heads + h) * head_dim;
         for (int d = tid; d < head_dim; d += ATT_THREADS) qs[d] = __ldcg(qr + d) * scale;
     }
+    if (PRE) {
+        // The key at the row's own position, if it is in the first round.
+        #pragma unroll
+        for (int r = 0; r < ATT_UNROLL; r++)
+            if (kbeg + warp + r * ATT_WARPS == pos && pos <= kend)
+                att_load_key<KVT, VEC>(pool, layer_off, v_off, table, block_size, kv_dim, kvh, head_dim, lane,
+                                       pos, true, kk[r], vv[r]);
+    }
     bar_sync(bar, ATT_THREADS);
-    int pos = (int)positions[row];
-    const u32* table = block_tables + (long long)token_seq[row] * bt_stride;
-    int kbeg, kend;
-    split_keys(pos, window, splits, z, &kbeg, &kend);
+    if (!PRE) {
+        pos = (int)positions[row];
+        table = block_tables + (long long)token_seq[row] * bt_stride;
+        split_keys(pos, window, splits, z, &kbeg, &kend);
+    }
 
     float m = -__int_as_float(0x7f800000), l = 0.0f;
     float acc[ATT_MAXJ];
@@ -129,36 +210,14 @@ __device__ __forceinline__ void attention_impl(int row, int h, int z, int tid, i
         acc[j] = 0.0f;
         qv[j] = d < head_dim ? qs[d] : 0.0f;
     }
-    bool lane_live = lane * 8 < head_dim;
     // Keys in groups of ATT_UNROLL per warp: every K and V load of a group
     // is issued before the first reduction, so a group costs about one
     // memory latency instead of two per key. (8 per group measured slower:
     // H200, engine decode at 64 sequences 49,169 -> 38,757 tok/s.)
     for (int k0 = kbeg + warp; k0 <= kend; k0 += ATT_WARPS * ATT_UNROLL) {
-        float kk[ATT_UNROLL][ATT_MAXJ], vv[ATT_UNROLL][ATT_MAXJ];
-        #pragma unroll
-        for (int u = 0; u < ATT_UNROLL; u++) {
-            int key = k0 + u * ATT_WARPS;
-            long long base = key <= kend
-                ? layer_off + kv_slot(table, block_size, key) * kv_dim + (long long)kvh * head_dim : -1;
-            if (VEC) {
-                if (base >= 0 && lane_live) {
-                    kv_load8<KVT>(pool, base + lane * 8, kk[u]);
-                    kv_load8<KVT>(pool, base + v_off + lane * 8, vv[u]);
-                } else {
-                    #pragma unroll
-                    for (int j = 0; j < ATT_MAXJ; j++) { kk[u][j] = 0.0f; vv[u][j] = 0.0f; }
-                }
-            } else {
-                #pragma unroll
-                for (int j = 0; j < ATT_MAXJ; j++) {
-                    int d = lane + 32 * j;
-                    bool ok = base >= 0 && d < head_dim;
-                    kk[u][j] = ok ? kv_load(pool, base + d, KVT) : 0.0f;
-                    vv[u][j] = ok ? kv_load(pool, base + v_off + d, KVT) : 0.0f;
-                }
-            }
-        }
+        if (!PRE || k0 != kbeg + warp)
+            att_load_round<KVT, VEC>(pool, layer_off, v_off, table, block_size, kv_dim, kvh, head_dim, lane, k0,
+                                     kend, -1, kk, vv);
         #pragma unroll
         for (int u = 0; u < ATT_UNROLL; u++) {
             if (k0 + u * ATT_WARPS > kend) break; // uniform across the warp
@@ -187,7 +246,7 @@ __device__ __forceinline__ void attention_impl(int row, int h, int z, int tid, i
     for (int w = 0; w < ATT_WARPS; w++) mt = fmaxf(mt, ms[w]);
     float lt = 0.0f;
     for (int w = 0; w < ATT_WARPS; w++) if (ls[w] > 0.0f) lt += ls[w] * expf(ms[w] - mt);
-    if (splits == 1) {
+    if (nsplit == 1) {
         float* orow = out + ((long long)row * n_heads + h) * head_dim;
         for (int d = tid; d < head_dim; d += ATT_THREADS) {
             float v = 0.0f;
@@ -206,14 +265,14 @@ __device__ __forceinline__ void attention_impl(int row, int h, int z, int tid, i
         }
         __threadfence();
         bar_sync(bar, ATT_THREADS);
-        if (tid == 0) misc[1] = __int_as_float(atomicAdd(counters + rh, 1u) == (u32)(splits - 1));
+        if (tid == 0) misc[1] = __int_as_float(atomicAdd(counters + rh, 1u) == (u32)(nsplit - 1));
         bar_sync(bar, ATT_THREADS);
         if (!__float_as_int(misc[1])) return;
         __threadfence();
         const float* p = part + rh * splits * (head_dim + 2);
         if (warp == 0) {
             int z = lane;
-            float lz = z < splits ? __ldcg(p + z * (head_dim + 2) + 1) : 0.0f;
+            float lz = z < nsplit ? __ldcg(p + z * (head_dim + 2) + 1) : 0.0f;
             bool ok = lz > 0.0f;
             float m = ok ? __ldcg(p + z * (head_dim + 2)) : -__int_as_float(0x7f800000);
             float mx = warp_max(m);
@@ -228,7 +287,7 @@ __device__ __forceinline__ void attention_impl(int row, int h, int z, int tid, i
         for (int d = tid; d < head_dim; d += ATT_THREADS) {
             float v = 0.0f;
             #pragma unroll 8
-            for (int z = 0; z < splits; z++) v += wz[z] * __ldcg(p + z * (head_dim + 2) + 2 + d);
+            for (int z = 0; z < nsplit; z++) v += wz[z] * __ldcg(p + z * (head_dim + 2) + 2 + d);
             orow[d] = v * inv_l;
             if (out16) out16[rh * head_dim + d] = f2h(orow[d]);
         }
@@ -237,21 +296,22 @@ __device__ __forceinline__ void attention_impl(int row, int h, int z, int tid, i
 }
 
 // One (row, head, split) item of fused attention, dispatched on the KV type.
+template <bool PRE = false>
 __device__ __forceinline__ void attention_item(int row, int h, int z, int tid, int bar, float* sm, const float* q,
                                                const void* pool, long long layer_off, long long v_off, int kvt,
                                                const u32* positions, const u32* token_seq, const u32* block_tables,
                                                int bt_stride, int block_size, int n_heads, int n_kv_heads,
                                                int head_dim, float scale, int window, float cap, float* out,
-                                               int splits, float* part, u32* counters, u16* out16) {
+                                               int splits, float* part, u32* counters, u16* out16, int kps = 0) {
 #define ATT_ARGS row, h, z, tid, bar, sm, q, pool, layer_off, v_off, positions, token_seq, block_tables, bt_stride, \
-                 block_size, n_heads, n_kv_heads, head_dim, scale, window, cap, out, splits, part, counters, out16
+                 block_size, n_heads, n_kv_heads, head_dim, scale, window, cap, out, splits, part, counters, out16, kps
     bool vec = head_dim % 8 == 0;
     if (kvt == KV_F32) {
-        if (vec) attention_impl<KV_F32, true>(ATT_ARGS); else attention_impl<KV_F32, false>(ATT_ARGS);
+        if (vec) attention_impl<KV_F32, true, PRE>(ATT_ARGS); else attention_impl<KV_F32, false, PRE>(ATT_ARGS);
     } else if (kvt == KV_F16) {
-        if (vec) attention_impl<KV_F16, true>(ATT_ARGS); else attention_impl<KV_F16, false>(ATT_ARGS);
+        if (vec) attention_impl<KV_F16, true, PRE>(ATT_ARGS); else attention_impl<KV_F16, false, PRE>(ATT_ARGS);
     } else {
-        if (vec) attention_impl<KV_BF16, true>(ATT_ARGS); else attention_impl<KV_BF16, false>(ATT_ARGS);
+        if (vec) attention_impl<KV_BF16, true, PRE>(ATT_ARGS); else attention_impl<KV_BF16, false, PRE>(ATT_ARGS);
     }
 #undef ATT_ARGS
 }
@@ -269,6 +329,22 @@ extern "C" __global__ void attention(const float* q, const void* pool, long long
     attention_item(blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x, 1, sm, q, pool, layer_off, v_off, kvt,
                    positions, token_seq, block_tables, bt_stride, block_size, n_heads, n_kv_heads, head_dim,
                    scale, window, cap, out, splits, part, counters, out16);
+}
+
+// `attention` for decode steps (one query row per sequence), with the
+// reads that do not depend on the previous kernel issued before waiting
+// for it (attention_impl's PRE), and with kps > 0 one split per kps keys
+// (at most `splits`). Same arguments plus kps; with kps = 0 the same bits.
+extern "C" __global__ void attention_pre(const float* q, const void* pool, long long layer_off,
+                                         long long v_off, int kvt, const u32* positions,
+                                         const u32* token_seq, const u32* block_tables, int bt_stride,
+                                         int block_size, int n_heads, int n_kv_heads, int head_dim,
+                                         float scale, int window, float cap, float* out, int splits,
+                                         float* part, u32* counters, u16* out16, int kps) {
+    extern __shared__ float sm[];
+    attention_item<true>(blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x, 1, sm, q, pool, layer_off, v_off, kvt,
+                         positions, token_seq, block_tables, bt_stride, block_size, n_heads, n_kv_heads,
+                         head_dim, scale, window, cap, out, splits, part, counters, out16, kps);
 }
 
 // `attention` with the layer's q/k norm + RoPE + K/V store in the same

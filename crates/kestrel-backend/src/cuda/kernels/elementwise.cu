@@ -142,6 +142,13 @@ extern "C" __global__ void argmax_rows(const float* x, int cols, u64* keys) { pd
     }
 }
 
+// p[0 .. n) = 0: the argmax keys before an LM head that folds the argmax in
+// (mma_q8_0_argmax_*). A kernel rather than a memset so that it stays in the
+// step's chain of programmatic dependent launches.
+extern "C" __global__ void zero_u64(u64* p, int n) { pdl_entry();
+    for (int i = threadIdx.x; i < n; i += blockDim.x) p[i] = 0ull;
+}
+
 // Input tokens of an overlapped decode step from the previous step's argmax
 // keys (row i feeds token i): the same decoding as the host's id_of_key.
 extern "C" __global__ void tokens_from_keys(const u64* keys, int rows, u32* tokens) { pdl_entry();
@@ -237,8 +244,13 @@ extern "C" __global__ void write_kv(void* pool, long long layer_off, long long v
 // out16 (may be null): `out` again as f16, for the GEMMs of batched steps.
 #define RN_MAXE 4 // elements per thread held in registers (cols <= 4 * blockDim.x)
 
-extern "C" __global__ void residual_norm(float* x, const float* delta, const float* post_w, const float* w,
-                                         float eps, int cols, float* out, u16* out16) { pdl_entry();
+// PRE: the norm weights (constants) are read before waiting for the
+// previous kernel (pdl_entry), x and delta after; same bits. They are the
+// loads likely to miss L2 (a decode step's LM head streams the cache), so
+// their latency overlaps the previous kernel instead of following it.
+template <bool PRE>
+__device__ __forceinline__ void residual_norm_body(float* x, const float* delta, const float* post_w,
+                                                   const float* w, float eps, int cols, float* out, u16* out16) {
     __shared__ float scratch[32];
     float* xr = x + (long long)blockIdx.x * cols;
     const float* dr = delta + (long long)blockIdx.x * cols;
@@ -253,10 +265,16 @@ extern "C" __global__ void residual_norm(float* x, const float* delta, const flo
         for (int k = 0; k < RN_MAXE; k++) {
             int c = threadIdx.x + k * blockDim.x;
             bool in = c < cols;
-            d[k] = in ? dr[c] : 0.0f;
-            xv[k] = in ? xr[c] : 0.0f;
             pw[k] = in && post_w ? post_w[c] : 0.0f;
             wv[k] = in ? w[c] : 0.0f;
+        }
+        if (PRE) pdl_entry();
+        #pragma unroll
+        for (int k = 0; k < RN_MAXE; k++) {
+            int c = threadIdx.x + k * blockDim.x;
+            bool in = c < cols;
+            d[k] = in ? dr[c] : 0.0f;
+            xv[k] = in ? xr[c] : 0.0f;
         }
         float pinv = 1.0f;
         if (post_w) {
@@ -292,6 +310,7 @@ extern "C" __global__ void residual_norm(float* x, const float* delta, const flo
         }
         return;
     }
+    if (PRE) pdl_entry();
     float pinv = 1.0f;
     if (post_w) {
         float ps = 0.0f;
@@ -315,6 +334,17 @@ extern "C" __global__ void residual_norm(float* x, const float* delta, const flo
         o[c] = v;
         if (o16) o16[c] = f2h(v);
     }
+}
+
+extern "C" __global__ void residual_norm(float* x, const float* delta, const float* post_w, const float* w,
+                                         float eps, int cols, float* out, u16* out16) {
+    pdl_entry();
+    residual_norm_body<false>(x, delta, post_w, w, eps, cols, out, out16);
+}
+
+extern "C" __global__ void residual_norm_pre(float* x, const float* delta, const float* post_w, const float* w,
+                                             float eps, int cols, float* out, u16* out16) {
+    residual_norm_body<true>(x, delta, post_w, w, eps, cols, out, out16);
 }
 
 // Sum over a block of `nthr` logical threads where logical thread t holds
@@ -352,7 +382,7 @@ __device__ void rope_store_item(int row, int y, int nthr, float* hbuf, float* sc
                                 const float* kw, float eps, const float* inv_freq, int n_pairs, int style,
                                 float mscale, const u32* positions, void* pool, long long layer_off,
                                 long long v_off, int kvt, const u32* slots, const float* src, int ld,
-                                float* vdst, bool write_back = true) {
+                                float* vdst, bool write_back = true, bool pre_wait = false) {
     int tid = threadIdx.x;
     bool live = tid < nthr;
     bool is_q = y < n_heads;
@@ -375,18 +405,27 @@ __device__ void rope_store_item(int row, int y, int nthr, float* hbuf, float* sc
     // Every global load of the item first, then the work: in one loop with
     // the stores, each load would wait for the store before it (the
     // pointers may alias) and the item would cost several memory latencies.
+    // With pre_wait (a standalone launch), the constants and the step's
+    // metadata are read before waiting for the previous kernel, the QKV
+    // outputs after (see residual_norm_body's PRE).
     float hv[ROPE_PER], wv[ROPE_PER], vv[ROPE_PER], fr[ROPE_PER];
     #pragma unroll
     for (int j = 0; j < ROPE_PER; j++) {
         int d = tid + j * nthr;
         bool in = live && d < head_dim;
-        hv[j] = in ? __ldcg(hin + d) : 0.0f;
         wv[j] = in && w ? w[d] : 0.0f;
-        vv[j] = in && !is_q ? __ldcg(vr + d) : 0.0f;
         fr[j] = live && d < n_pairs ? inv_freq[d] : 0.0f;
     }
     u32 pos = positions[row];
     long long slot = is_q ? 0 : (long long)slots[row];
+    if (pre_wait) pdl_entry();
+    #pragma unroll
+    for (int j = 0; j < ROPE_PER; j++) {
+        int d = tid + j * nthr;
+        bool in = live && d < head_dim;
+        hv[j] = in ? __ldcg(hin + d) : 0.0f;
+        vv[j] = in && !is_q ? __ldcg(vr + d) : 0.0f;
+    }
     #pragma unroll
     for (int j = 0; j < ROPE_PER; j++) {
         int d = tid + j * nthr;
@@ -440,6 +479,21 @@ extern "C" __global__ void qk_norm_rope_store(float* q, float* k, const float* v
     rope_store_item(blockIdx.x, blockIdx.y, blockDim.x, hbuf, scratch, q, k, v, n_heads, n_kv_heads, head_dim, qw,
                     kw, eps, inv_freq, n_pairs, style, mscale, positions, pool, layer_off, v_off, kvt, slots, src,
                     ld, vdst);
+}
+
+// qk_norm_rope_store with the constants and metadata read before the wait
+// for the previous kernel (rope_store_item's pre_wait); same results.
+extern "C" __global__ void qk_norm_rope_store_pre(float* q, float* k, const float* v, int n_heads, int n_kv_heads,
+                                                  int head_dim, const float* qw, const float* kw, float eps,
+                                                  const float* inv_freq, int n_pairs, int style, float mscale,
+                                                  const u32* positions, void* pool, long long layer_off,
+                                                  long long v_off, int kvt, const u32* slots, const float* src,
+                                                  int ld, float* vdst) {
+    extern __shared__ float hbuf[];
+    __shared__ float scratch[32];
+    rope_store_item(blockIdx.x, blockIdx.y, blockDim.x, hbuf, scratch, q, k, v, n_heads, n_kv_heads, head_dim, qw,
+                    kw, eps, inv_freq, n_pairs, style, mscale, positions, pool, layer_off, v_off, kvt, slots, src,
+                    ld, vdst, true, true);
 }
 
 // dst = src (n floats); for copying an activation inside a captured graph.

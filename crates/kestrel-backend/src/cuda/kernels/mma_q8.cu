@@ -75,9 +75,25 @@ __device__ __forceinline__ void q8_span_load(Q8Span& sp, const u8* wb, const u16
     }
 }
 
+// A lane's share of its warp's running argmax (argmax mode): lane (g, t)
+// keeps, for activation rows n = 8g + 2t + j (j = 0, 1; tile q = g, so
+// only lanes g < NT hold any), the best value over the weight rows seen so
+// far and the first row holding it. Two pairs per lane rather than NT: the
+// 8-tile kernel has no registers for 16 (ptxas: ~500 bytes of spills).
+struct Q8Best {
+    float v[2];
+    int i[2];
+};
+
+// Better of (v, i) and (ov, oi): the larger value, the first row on ties;
+// NaN never wins (as in argmax_rows).
+__device__ __forceinline__ void q8_best_merge(float& v, int& i, float ov, int oi) {
+    if (ov > v || (ov == v && oi < i)) { v = ov; i = oi; }
+}
+
 template <int NT>
 __device__ __forceinline__ void mma_q8_unit(const u8* p0, const u16* p2, int wrows, int cols, const u16* xs,
-                                            int nt, float* out, long long row0) {
+                                            int nt, float* out, long long row0, Q8Best* best) {
     int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     int stride = mma_x_stride(cols), nsp = cols >> 6;
     const u8* wb = p0 + row0 * cols;
@@ -125,23 +141,76 @@ __device__ __forceinline__ void mma_q8_unit(const u8* p0, const u16* p2, int wro
             else q8_span_load(cur, wb, sb, roff, cols, t, p + 1);
         }
     }
-    #pragma unroll
-    for (int mt = 0; mt < 2; mt++) {
+    if (!best) {
         #pragma unroll
-        for (int q = 0; q < NT; q++) {
+        for (int mt = 0; mt < 2; mt++)
             #pragma unroll
-            for (int i = 0; i < 4; i++) {
-                long long row = row0 + 16 * mt + g + (i >= 2 ? 8 : 0);
-                int n = q * 8 + 2 * t + (i & 1);
-                if (n < nt && row < wrows) out[(long long)n * wrows + row] = acc[mt][q][i];
+            for (int q = 0; q < NT; q++)
+                #pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    long long row = row0 + 16 * mt + g + (i >= 2 ? 8 : 0);
+                    int n = q * 8 + 2 * t + (i & 1);
+                    if (n < nt && row < wrows) out[(long long)n * wrows + row] = acc[mt][q][i];
+                }
+        return;
+    }
+    // Argmax: per (q, j) the lane's best of its four rows (visited in
+    // increasing order, so `>` keeps the first), then the best over the
+    // eight lanes of this t, merged into lane g = q's running pair.
+    #pragma unroll
+    for (int q = 0; q < NT; q++) {
+        #pragma unroll
+        for (int j = 0; j < 2; j++) {
+            float v = -__int_as_float(0x7f800000);
+            int vi = 0x7fffffff;
+            if (q * 8 + 2 * t + j < nt) {
+                #pragma unroll
+                for (int mt = 0; mt < 2; mt++)
+                    #pragma unroll
+                    for (int hi = 0; hi < 2; hi++) {
+                        long long row = row0 + 16 * mt + g + 8 * hi;
+                        float a = acc[mt][q][2 * hi + j];
+                        if (row < wrows && a > v) { v = a; vi = (int)row; }
+                    }
             }
+            #pragma unroll
+            for (int o = 4; o < 32; o <<= 1) {
+                float ov = __shfl_xor_sync(0xffffffffu, v, o);
+                int oi = __shfl_xor_sync(0xffffffffu, vi, o);
+                q8_best_merge(v, vi, ov, oi);
+            }
+            if (g == q) q8_best_merge(best->v[j], best->i[j], v, vi);
         }
+    }
+}
+
+// The block's argmax per activation row into keys (atomicMax of the key of
+// argmax_rows: ordered value bits, then the complemented row, so the first
+// row wins ties). `red` holds MMA_WARPS * 8 * NT floats and as many ints.
+template <int NT>
+__device__ __forceinline__ void mma_q8_argmax_store(const Q8Best& b, int nt, u64* keys, float* rv, int* ri) {
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    if (g < NT) {
+        #pragma unroll
+        for (int j = 0; j < 2; j++) {
+            int n = g * 8 + 2 * t + j;
+            rv[warp * 8 * NT + n] = b.v[j];
+            ri[warp * 8 * NT + n] = b.i[j];
+        }
+    }
+    __syncthreads();
+    for (int n = threadIdx.x; n < nt; n += blockDim.x) {
+        float v = -__int_as_float(0x7f800000);
+        int i = 0x7fffffff;
+        for (int w = 0; w < MMA_WARPS; w++) q8_best_merge(v, i, rv[w * 8 * NT + n], ri[w * 8 * NT + n]);
+        if (i != 0x7fffffff)
+            atomicMax(keys + n, ((u64)ordered_bits(v) << 32) | (u64)(0xffffffffu - (u32)i));
     }
 }
 
 template <int NT>
 __device__ __forceinline__ void mma_q8_body(const u8* p0, const u16* p2, int wrows, int cols, const float* x, int nt,
-                                            float* out) {
+                                            float* out, u64* keys) {
     extern __shared__ __align__(16) u16 xs[];
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     long long units = (wrows + MMA_ROWS_PER_WARP - 1) / MMA_ROWS_PER_WARP;
@@ -180,14 +249,32 @@ __device__ __forceinline__ void mma_q8_body(const u8* p0, const u16* p2, int wro
         }
     }
     __syncthreads();
+    if (!keys) {
+        for (long long u = first; u < units; u += (long long)gridDim.x * MMA_WARPS)
+            mma_q8_unit<NT>(p0, p2, wrows, cols, xs, nt, out, u * MMA_ROWS_PER_WARP, nullptr);
+        return;
+    }
+    Q8Best best;
+    #pragma unroll
+    for (int j = 0; j < 2; j++) { best.v[j] = -__int_as_float(0x7f800000); best.i[j] = 0x7fffffff; }
     for (long long u = first; u < units; u += (long long)gridDim.x * MMA_WARPS)
-        mma_q8_unit<NT>(p0, p2, wrows, cols, xs, nt, out, u * MMA_ROWS_PER_WARP);
+        mma_q8_unit<NT>(p0, p2, wrows, cols, xs, nt, out, u * MMA_ROWS_PER_WARP, &best);
+    // The reduction reuses the activations' shared memory (every warp is
+    // past its last read of them after this barrier).
+    __syncthreads();
+    float* rv = (float*)xs;
+    mma_q8_argmax_store<NT>(best, nt, keys, rv, (int*)(rv + MMA_WARPS * 8 * NT));
 }
 
 #define MMA_Q8_ENTRY(NT)                                                                           \
     extern "C" __global__ void __launch_bounds__(256, 2) mma_q8_0_##NT(                            \
         const u8* p0, const u16* p2, int wrows, int cols, const float* x, int nt, float* out) {    \
-        mma_q8_body<NT>(p0, p2, wrows, cols, x, nt, out);                                          \
+        mma_q8_body<NT>(p0, p2, wrows, cols, x, nt, out, nullptr);                                 \
+    }                                                                                              \
+    /* Argmax mode: no logits; each row's argmax key into keys (zeroed before). */                 \
+    extern "C" __global__ void __launch_bounds__(256, 2) mma_q8_0_argmax_##NT(                     \
+        const u8* p0, const u16* p2, int wrows, int cols, const float* x, int nt, u64* keys) {     \
+        mma_q8_body<NT>(p0, p2, wrows, cols, x, nt, nullptr, keys);                                \
     }
 
 MMA_Q8_ENTRY(1)
