@@ -131,6 +131,19 @@ fn default_keys_per_split() -> usize {
         .unwrap_or(16)
 }
 
+/// Fewest splits decode attention on the per-head kernel uses however short
+/// the context (tuning knob `KESTREL_ATTN_MIN_SPLITS`; the launch's count
+/// caps it).
+fn min_attention_splits() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("KESTREL_ATTN_MIN_SPLITS")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(1)
+    })
+}
+
 /// Whether steps with several query rows per sequence (prefill) take the
 /// key-per-lane kernels (tuning knob `KESTREL_ATTN_TILE=0` keeps the
 /// per-head / grouped ones).
@@ -881,6 +894,7 @@ impl CudaBackend {
         if name == "attention_pre" {
             let kps = self.attn_kps.load(std::sync::atomic::Ordering::Relaxed);
             args.push(i32_of(kps, "keys per split")?);
+            args.push(i32_of(min_attention_splits(), "minimum attention splits")?);
         }
         self.run(
             name,

@@ -150,7 +150,7 @@ __device__ __forceinline__ void attention_impl(int row, int h, int z, int tid, i
                                      const u32* token_seq, const u32* block_tables, int bt_stride,
                                      int block_size, int n_heads, int n_kv_heads, int head_dim,
                                      float scale, int window, float cap, float* out, int splits,
-                                     float* part, u32* counters, u16* out16, int kps = 0) {
+                                     float* part, u32* counters, u16* out16, int kps = 0, int kmin = 1) {
     float* qs = sm;
     float* accs = sm + head_dim;
     float* ms = accs + ATT_WARPS * head_dim;
@@ -162,9 +162,10 @@ __device__ __forceinline__ void attention_impl(int row, int h, int z, int tid, i
     int kv_dim = n_kv_heads * head_dim;
     int pos = 0, kbeg = 0, kend = -1;
     // Splits in use: the grid's `splits` (also the partials' stride), or
-    // with kps > 0 (PRE only) one per kps visible keys, at most `splits`:
-    // short contexts then merge few partials, and the extra blocks leave at
-    // once. Decided from the position, so a captured graph stays valid.
+    // with kps > 0 (PRE only) one per kps visible keys, at least kmin and
+    // at most `splits`: short contexts then merge few partials, and the
+    // extra blocks leave at once. Decided from the position, so a captured
+    // graph stays valid.
     int nsplit = splits;
     const u32* table = nullptr;
     float kk[ATT_UNROLL][ATT_MAXJ], vv[ATT_UNROLL][ATT_MAXJ];
@@ -172,7 +173,7 @@ __device__ __forceinline__ void attention_impl(int row, int h, int z, int tid, i
         pos = (int)positions[row];
         if (kps > 0) {
             int nkeys = pos + 1 - (window > 0 ? max(0, pos - window + 1) : 0);
-            nsplit = min(splits, max(1, (nkeys + kps - 1) / kps));
+            nsplit = min(splits, max(max(kmin, 1), (nkeys + kps - 1) / kps));
             if (z >= nsplit) return;
         }
         table = block_tables + (long long)token_seq[row] * bt_stride;
@@ -302,9 +303,10 @@ __device__ __forceinline__ void attention_item(int row, int h, int z, int tid, i
                                                const u32* positions, const u32* token_seq, const u32* block_tables,
                                                int bt_stride, int block_size, int n_heads, int n_kv_heads,
                                                int head_dim, float scale, int window, float cap, float* out,
-                                               int splits, float* part, u32* counters, u16* out16, int kps = 0) {
+                                               int splits, float* part, u32* counters, u16* out16, int kps = 0,
+                                               int kmin = 1) {
 #define ATT_ARGS row, h, z, tid, bar, sm, q, pool, layer_off, v_off, positions, token_seq, block_tables, bt_stride, \
-                 block_size, n_heads, n_kv_heads, head_dim, scale, window, cap, out, splits, part, counters, out16, kps
+                 block_size, n_heads, n_kv_heads, head_dim, scale, window, cap, out, splits, part, counters, out16, kps, kmin
     bool vec = head_dim % 8 == 0;
     if (kvt == KV_F32) {
         if (vec) attention_impl<KV_F32, true, PRE>(ATT_ARGS); else attention_impl<KV_F32, false, PRE>(ATT_ARGS);
@@ -334,17 +336,18 @@ extern "C" __global__ void attention(const float* q, const void* pool, long long
 // `attention` for decode steps (one query row per sequence), with the
 // reads that do not depend on the previous kernel issued before waiting
 // for it (attention_impl's PRE), and with kps > 0 one split per kps keys
-// (at most `splits`). Same arguments plus kps; with kps = 0 the same bits.
+// (at least kmin, at most `splits`). Same arguments plus kps and kmin; with
+// kps = 0 the same bits.
 extern "C" __global__ void attention_pre(const float* q, const void* pool, long long layer_off,
                                          long long v_off, int kvt, const u32* positions,
                                          const u32* token_seq, const u32* block_tables, int bt_stride,
                                          int block_size, int n_heads, int n_kv_heads, int head_dim,
                                          float scale, int window, float cap, float* out, int splits,
-                                         float* part, u32* counters, u16* out16, int kps) {
+                                         float* part, u32* counters, u16* out16, int kps, int kmin) {
     extern __shared__ float sm[];
     attention_item<true>(blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x, 1, sm, q, pool, layer_off, v_off, kvt,
                          positions, token_seq, block_tables, bt_stride, block_size, n_heads, n_kv_heads,
-                         head_dim, scale, window, cap, out, splits, part, counters, out16, kps);
+                         head_dim, scale, window, cap, out, splits, part, counters, out16, kps, kmin);
 }
 
 // `attention` with the layer's q/k norm + RoPE + K/V store in the same
