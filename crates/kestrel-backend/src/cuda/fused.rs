@@ -294,7 +294,7 @@ impl CudaBackend {
     /// `KESTREL_NORM_PRE=0` asks for the plain one (A/B runs).
     fn pre_wait_name(&self, plain: &'static str, pre: &'static str) -> &'static str {
         static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let on = *ON.get_or_init(|| std::env::var("KESTREL_NORM_PRE").map_or(true, |v| v.trim() != "0"));
+        let on = *ON.get_or_init(|| super::knobs::on_unless_zero("KESTREL_NORM_PRE"));
         if on && !self.recording.load(std::sync::atomic::Ordering::Relaxed) {
             pre
         } else {

@@ -112,7 +112,7 @@ impl Kernels {
                 .map_err(|e| BackendError::Cuda(format!("kernel '{n}' missing from the module: {e}")))?;
             funcs.insert(n, f);
         }
-        let pdl = cc.0 >= 9 && std::env::var("KESTREL_PDL").map_or(true, |v| v.trim() != "0");
+        let pdl = cc.0 >= 9 && super::knobs::on_unless_zero("KESTREL_PDL");
         Ok(Kernels { funcs, pdl })
     }
 

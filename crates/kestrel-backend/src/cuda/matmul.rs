@@ -39,10 +39,7 @@ pub(crate) fn gemv_takes(t: usize, ws: &[&CudaWeight]) -> bool {
 pub(crate) fn gemv_direct_rows() -> usize {
     static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *ROWS.get_or_init(|| {
-        std::env::var("KESTREL_GEMV_ROWS")
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .map_or(GEMV_DEFAULT_ROWS, |n| n.clamp(1, GEMV_MAX_ROWS))
+        super::knobs::usize_of("KESTREL_GEMV_ROWS").map_or(GEMV_DEFAULT_ROWS, |n| n.clamp(1, GEMV_MAX_ROWS))
     })
 }
 
@@ -50,7 +47,7 @@ pub(crate) fn gemv_direct_rows() -> usize {
 /// turns them off, for A/B runs).
 fn stacking_on() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("KESTREL_STACKED").map_or(true, |v| v.trim() != "0"))
+    *ON.get_or_init(|| super::knobs::on_unless_zero("KESTREL_STACKED"))
 }
 
 /// Smallest compiled row capacity (1, 2, 4, 8) holding `n` rows.
@@ -86,10 +83,13 @@ fn mma_q8_smem(tiles: usize, cols: usize) -> usize {
 fn mma_min_rows() -> usize {
     static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *ROWS.get_or_init(|| {
-        std::env::var("KESTREL_Q8_MMA_MIN")
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .map_or(gemv_direct_rows() + 1, |n| if n == 0 { usize::MAX } else { n })
+        super::knobs::usize_of("KESTREL_Q8_MMA_MIN").map_or(gemv_direct_rows() + 1, |n| {
+            if n == 0 {
+                usize::MAX
+            } else {
+                n
+            }
+        })
     })
 }
 
@@ -98,7 +98,7 @@ fn mma_min_rows() -> usize {
 /// a separate argmax, for A/B runs).
 fn argmax_head_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("KESTREL_ARGMAX_HEAD").map_or(true, |v| v.trim() != "0"))
+    *ON.get_or_init(|| super::knobs::on_unless_zero("KESTREL_ARGMAX_HEAD"))
 }
 
 /// Whether `t` activation rows by `w` take the tensor-core Q8_0 kernel: tall

@@ -662,7 +662,7 @@ impl Plan {
 /// default model: 1,348 tok/s against the graph's 1,545; the per-op times
 /// are in benchmarks/NOTES-cuda.md, session 3).
 pub(crate) fn enabled_by_env() -> bool {
-    std::env::var("KESTREL_MEGAKERNEL").is_ok_and(|v| v.trim() == "1")
+    super::knobs::on_if_one("KESTREL_MEGAKERNEL")
 }
 
 impl CudaBackend {
@@ -739,7 +739,7 @@ impl CudaBackend {
 
     fn upload_program(&self, plan: &Plan) -> Result<MegaProgram, BackendError> {
         let smem_bytes = (plan.slot_floats + plan.scratch_floats) * 4;
-        let func = if std::env::var("KESTREL_MEGAKERNEL_X2").is_ok_and(|v| v.trim() == "1") {
+        let func = if super::knobs::on_if_one("KESTREL_MEGAKERNEL_X2") {
             "decode_program_x2"
         } else {
             "decode_program"
@@ -751,11 +751,8 @@ impl CudaBackend {
                 "decode megakernel: no block fits with {smem_bytes} B of shared memory"
             )));
         }
-        let want = std::env::var("KESTREL_MEGAKERNEL_BLOCKS_PER_SM")
-            .ok()
-            .and_then(|v| v.trim().parse::<u32>().ok())
-            .unwrap_or(2)
-            .max(1);
+        let want =
+            super::knobs::usize_of("KESTREL_MEGAKERNEL_BLOCKS_PER_SM").map_or(2, |n| n.clamp(1, 64) as u32);
         let grid = per_sm.min(want) * self.dev.sm_count.max(1) as u32;
         // SAFETY: MkOp is repr(C) plain data (no padding: 4 + 60 + 16 + 128 bytes).
         let bytes = unsafe {
@@ -766,7 +763,7 @@ impl CudaBackend {
         };
         let ops = self.upload_bytes(bytes, "decode megakernel program")?;
         let bar = DevBuf::alloc(&self.dev.stream, 8, "decode megakernel barrier")?;
-        let trace = if std::env::var("KESTREL_MEGAKERNEL_TRACE").is_ok_and(|v| v.trim() == "1") {
+        let trace = if super::knobs::on_if_one("KESTREL_MEGAKERNEL_TRACE") {
             Some(Trace {
                 buf: DevBuf::alloc(&self.dev.stream, (plan.ops.len() + 1) * 8, "megakernel trace")?,
                 codes: plan.ops.iter().map(|o| o.code).collect(),
@@ -779,11 +776,7 @@ impl CudaBackend {
         tracing::debug!(
             "decode megakernel: {regs} registers, {local} B local memory per thread, {per_sm} blocks/SM fit"
         );
-        let ahead = std::env::var("KESTREL_MEGAKERNEL_AHEAD")
-            .ok()
-            .and_then(|v| v.trim().parse::<i32>().ok())
-            .unwrap_or(0)
-            .max(0);
+        let ahead = super::knobs::usize_of("KESTREL_MEGAKERNEL_AHEAD").map_or(0, |n| n.min(64) as i32);
         Ok(MegaProgram {
             tail: plan.tail.clone(),
             func,

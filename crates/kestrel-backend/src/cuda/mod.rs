@@ -14,6 +14,7 @@ mod compile;
 mod device;
 mod fused;
 mod graph;
+mod knobs;
 mod launch;
 mod lt_gemm;
 mod matmul;
@@ -50,7 +51,7 @@ use meta::Meta;
 /// `KESTREL_ATTN_GQA=0` keeps the per-head kernel, for A/B runs).
 fn gqa_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("KESTREL_ATTN_GQA").map_or(true, |v| v.trim() != "0"))
+    *ON.get_or_init(|| knobs::on_unless_zero("KESTREL_ATTN_GQA"))
 }
 
 /// Attention work items (blocks) per SM that key splitting aims at (tuning
@@ -58,9 +59,7 @@ fn gqa_enabled() -> bool {
 fn attn_items_per_sm() -> usize {
     static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *N.get_or_init(|| {
-        std::env::var("KESTREL_ATTN_ITEMS_PER_SM")
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
+        knobs::usize_of("KESTREL_ATTN_ITEMS_PER_SM")
             .filter(|&n| (1..=16).contains(&n))
             .unwrap_or(2)
     })
@@ -92,7 +91,7 @@ const ATTENTION_TILE: [&str; 4] = [
 /// key-per-warp kernels, for A/B runs).
 fn dec_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("KESTREL_ATTN_DEC").map_or(true, |v| v.trim() != "0"))
+    *ON.get_or_init(|| knobs::on_unless_zero("KESTREL_ATTN_DEC"))
 }
 
 /// Tile items resident per SM (see `attention` for the split count).
@@ -120,28 +119,18 @@ pub(crate) fn attention_dec_smem(group: usize, head_dim: usize) -> usize {
 /// for A/B runs).
 fn pre_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("KESTREL_ATTN_PRE").map_or(true, |v| v.trim() != "0"))
+    *ON.get_or_init(|| knobs::on_unless_zero("KESTREL_ATTN_PRE"))
 }
 
 /// Default of `set_attention_keys_per_split` (tuning knob `KESTREL_ATTN_KPS`).
 fn default_keys_per_split() -> usize {
-    std::env::var("KESTREL_ATTN_KPS")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(16)
+    knobs::usize_of("KESTREL_ATTN_KPS").unwrap_or(16)
 }
 
-/// Fewest splits decode attention on the per-head kernel uses however short
-/// the context (tuning knob `KESTREL_ATTN_MIN_SPLITS`; the launch's count
-/// caps it).
-fn min_attention_splits() -> usize {
-    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *N.get_or_init(|| {
-        std::env::var("KESTREL_ATTN_MIN_SPLITS")
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(1)
-    })
+/// Default of `set_attention_min_splits` (tuning knob
+/// `KESTREL_ATTN_MIN_SPLITS`).
+fn default_min_splits() -> usize {
+    knobs::usize_of("KESTREL_ATTN_MIN_SPLITS").unwrap_or(1)
 }
 
 /// Whether steps with several query rows per sequence (prefill) take the
@@ -149,7 +138,7 @@ fn min_attention_splits() -> usize {
 /// per-head / grouped ones).
 fn tile_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("KESTREL_ATTN_TILE").map_or(true, |v| v.trim() != "0"))
+    *ON.get_or_init(|| knobs::on_unless_zero("KESTREL_ATTN_TILE"))
 }
 
 /// The kernels' code for an activation (`act` in elementwise.cu and
@@ -237,6 +226,8 @@ pub struct CudaBackend {
     attn_dec: std::sync::atomic::AtomicBool,
     /// Keys per split of `attention_pre` (0: always the launch's splits).
     attn_kps: std::sync::atomic::AtomicUsize,
+    /// Fewest splits of `attention_pre` however short the context (at least 1).
+    attn_min_splits: std::sync::atomic::AtomicUsize,
     _module: Arc<CudaModule>,
     k: Kernels,
     kernels: KernelSet,
@@ -347,6 +338,7 @@ impl CudaBackend {
             max_attn_splits: std::sync::atomic::AtomicUsize::new(32),
             attn_dec: std::sync::atomic::AtomicBool::new(dec_enabled()),
             attn_kps: std::sync::atomic::AtomicUsize::new(default_keys_per_split()),
+            attn_min_splits: std::sync::atomic::AtomicUsize::new(default_min_splits().max(1)),
             _module: module,
             k,
             kernels,
@@ -396,6 +388,15 @@ impl CudaBackend {
     /// `KESTREL_ATTN_KPS`). Graphs captured before a change keep the old value.
     pub fn set_attention_keys_per_split(&self, n: usize) {
         self.attn_kps.store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Fewest splits decode attention on the per-head kernel
+    /// (`attention_pre`) uses however short the context; the launch's split
+    /// count caps it (default 1, `KESTREL_ATTN_MIN_SPLITS`). Graphs captured
+    /// before a change keep the old value.
+    pub fn set_attention_min_splits(&self, n: usize) {
+        self.attn_min_splits
+            .store(n.max(1), std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn kernel_set(&self) -> KernelSet {
@@ -894,7 +895,8 @@ impl CudaBackend {
         if name == "attention_pre" {
             let kps = self.attn_kps.load(std::sync::atomic::Ordering::Relaxed);
             args.push(i32_of(kps, "keys per split")?);
-            args.push(i32_of(min_attention_splits(), "minimum attention splits")?);
+            let kmin = self.attn_min_splits.load(std::sync::atomic::Ordering::Relaxed);
+            args.push(i32_of(kmin, "minimum attention splits")?);
         }
         self.run(
             name,

@@ -38,7 +38,7 @@ pub(crate) const MAX_VOCAB: usize = 256 * 1024;
 /// Whether device sampling is on: the fused kernel set, unless
 /// `KESTREL_DEVICE_SAMPLING=0` (for A/B runs against the host sampler).
 pub(crate) fn enabled_by_env() -> bool {
-    std::env::var("KESTREL_DEVICE_SAMPLING").map_or(true, |v| v.trim() != "0")
+    super::knobs::on_unless_zero("KESTREL_DEVICE_SAMPLING")
 }
 
 impl CudaBackend {

@@ -173,7 +173,7 @@ __device__ __forceinline__ void attention_impl(int row, int h, int z, int tid, i
         pos = (int)positions[row];
         if (kps > 0) {
             int nkeys = pos + 1 - (window > 0 ? max(0, pos - window + 1) : 0);
-            nsplit = min(splits, max(max(kmin, 1), (nkeys + kps - 1) / kps));
+            nsplit = min(splits, max(kmin, (nkeys + kps - 1) / kps));
             if (z >= nsplit) return;
         }
         table = block_tables + (long long)token_seq[row] * bt_stride;
