@@ -15,6 +15,7 @@ mod device;
 mod fused;
 mod graph;
 mod knobs;
+mod l2;
 mod launch;
 mod lt_gemm;
 mod matmul;
@@ -303,6 +304,7 @@ impl CudaBackend {
     pub fn with_kernels(ordinal: usize, kernels: KernelSet) -> Result<CudaBackend> {
         let dev = Device::open(ordinal)?;
         let module = compile::load_module(&dev.ctx, dev.cc)?;
+        l2::apply(&dev, &module)?;
         let k = Kernels::load(&module, dev.cc)?;
         // The decode tiles need more than the default 48 KiB of shared memory.
         for (name, group) in [("attention_dec4", 4), ("attention_dec8", 8)] {

@@ -103,6 +103,31 @@ __device__ __forceinline__ void kv_store(void* base, u64 i, int kvt, float v) {
 // successor begin launching: the successor's launch latency and block
 // scheduling overlap this kernel's run instead of following it. Both are
 // no-ops when the launch did not ask for it and below sm_90.
+// L2 residency hints, written once by the host after loading the module
+// (tuning knob KESTREL_L2; 0 = none, the default). Bit 0: the tall Q8_0
+// GEMV (the LM head: 178 MB per decode step of the default model, more than
+// the L2) streams its weights with evict-first loads and no prefetch, so it
+// stops flushing the layer weights out of the L2. Bits 1-4: eighths of the
+// other weights' 128-byte lines (chosen by a hash of the address, so the same
+// lines every step) that the GEMVs' pre-wait prefetch marks evict-last, kept
+// in the L2 across steps (at one sequence a step's layer weights, ~69 MB,
+// do not all fit in it).
+extern "C" {
+__device__ int kestrel_l2_hints = 0;
+}
+
+// 16 bytes of a weight the L2 should not keep (`ld.global.cs`: evict-first).
+__device__ __forceinline__ uint4 ld_stream16(const void* p) {
+    uint4 v;
+    asm("ld.global.cs.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ u16 ld_stream2(const u16* p) {
+    u16 v;
+    asm("ld.global.cs.u16 %0, [%1];" : "=h"(v) : "l"(p));
+    return v;
+}
+
 __device__ __forceinline__ void pdl_entry() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");

@@ -78,6 +78,7 @@ __device__ void gemv_q8_0(int bid, const u8* p0, const u16* p2, int wrows, int c
         #pragma unroll
         for (int t = 0; t < T; t++) acc[r][t] = 0.0f;
     int nch = cols / 16, nb = cols / 32;
+    bool stream = NR == 4 && (kestrel_l2_hints & 1);
     for (int c0 = lane; c0 < nch; c0 += 64) {
         uint4 raw[2][NR];
         float dd[2][NR];
@@ -88,8 +89,13 @@ __device__ void gemv_q8_0(int bid, const u8* p0, const u16* p2, int wrows, int c
                 #pragma unroll
                 for (int r = 0; r < NR; r++) {
                     long long row = min(row0 + r, wrows - 1); // duplicates past the end are discarded
-                    raw[h][r] = *(const uint4*)(p0 + row * cols + ch * 16);
-                    dd[h][r] = h2f(p2[row * nb + (ch >> 1)]);
+                    if (stream) {
+                        raw[h][r] = ld_stream16(p0 + row * cols + ch * 16);
+                        dd[h][r] = h2f(ld_stream2(p2 + row * nb + (ch >> 1)));
+                    } else {
+                        raw[h][r] = *(const uint4*)(p0 + row * cols + ch * 16);
+                        dd[h][r] = h2f(p2[row * nb + (ch >> 1)]);
+                    }
                 }
             }
         }
@@ -363,13 +369,25 @@ __device__ __forceinline__ long long p0_row_bytes(int dt, int cols) {
 // weight rows [row0, row0 + nrows) into L2: weights do not depend on the
 // previous kernel, so under programmatic dependent launch their fetch
 // overlaps the previous kernel instead of following it.
-__device__ __forceinline__ void prefetch_rows(const u8* p0, int dt, int cols, long long row0, int nrows, int wrows) {
+// `tall`: the rows belong to a tall Q8_0 matrix (4 rows per warp: the LM
+// head), which kestrel_l2_hints bit 0 streams instead (see common.cu).
+__device__ __forceinline__ void prefetch_rows(const u8* p0, int dt, int cols, long long row0, int nrows, int wrows,
+                                              bool tall) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if (row0 >= wrows) return;
+    int hints = kestrel_l2_hints;
+    if (tall && (hints & 1)) return;
+    u32 keep = tall ? 0u : (u32)((hints >> 1) & 15);
     long long n = p0_row_bytes(dt, cols) * (long long)min(nrows, (int)(wrows - row0));
     const u8* base = p0 + row0 * p0_row_bytes(dt, cols);
-    for (long long off = (long long)threadIdx.x * 128; off < n; off += (long long)blockDim.x * 128)
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(base + off));
+    for (long long off = (long long)threadIdx.x * 128; off < n; off += (long long)blockDim.x * 128) {
+        const u8* a = base + off;
+        // Fibonacci hash of the line address: its top 3 bits pick the eighth.
+        if (keep && ((u32)((unsigned long long)a >> 7) * 2654435761u) >> 29 < keep)
+            asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(a));
+        else
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(a));
+    }
 #endif
 }
 
@@ -377,7 +395,7 @@ __device__ __forceinline__ void prefetch_rows(const u8* p0, int dt, int cols, lo
     extern "C" __global__ void __launch_bounds__(256) name##_##T(                                  \
         const u8* p0, const u8* p1, const u16* p2, int wrows, int cols, const float* x, int nt,    \
         float* out) {                                                                              \
-        prefetch_rows(p0, DT, cols, (long long)blockIdx.x * GEMV_WARPS * NR, GEMV_WARPS * NR, wrows); \
+        prefetch_rows(p0, DT, cols, (long long)blockIdx.x * GEMV_WARPS * NR, GEMV_WARPS * NR, wrows, NR == 4); \
         pdl_entry();                                                                               \
         body;                                                                                      \
     }
@@ -437,9 +455,9 @@ __device__ __forceinline__ int kind_nr(int kind) { return kind == 4 ? 4 : (kind 
         int k1, const u8* b0, const u8* b1, const u16* b2, int r1, float* o1, int nb1,             \
         int k2, const u8* c0, const u8* c1, const u16* c2, int r2, float* o2) {                    \
         int b = blockIdx.x;                                                                        \
-        if (b < nb0) prefetch_rows(a0, kind_dt(k0), cols, (long long)b * GEMV_WARPS * kind_nr(k0), GEMV_WARPS * kind_nr(k0), r0); \
-        else if (b < nb0 + nb1) prefetch_rows(b0, kind_dt(k1), cols, (long long)(b - nb0) * GEMV_WARPS * kind_nr(k1), GEMV_WARPS * kind_nr(k1), r1); \
-        else prefetch_rows(c0, kind_dt(k2), cols, (long long)(b - nb0 - nb1) * GEMV_WARPS * kind_nr(k2), GEMV_WARPS * kind_nr(k2), r2); \
+        if (b < nb0) prefetch_rows(a0, kind_dt(k0), cols, (long long)b * GEMV_WARPS * kind_nr(k0), GEMV_WARPS * kind_nr(k0), r0, kind_nr(k0) == 4); \
+        else if (b < nb0 + nb1) prefetch_rows(b0, kind_dt(k1), cols, (long long)(b - nb0) * GEMV_WARPS * kind_nr(k1), GEMV_WARPS * kind_nr(k1), r1, kind_nr(k1) == 4); \
+        else prefetch_rows(c0, kind_dt(k2), cols, (long long)(b - nb0 - nb1) * GEMV_WARPS * kind_nr(k2), GEMV_WARPS * kind_nr(k2), r2, kind_nr(k2) == 4); \
         pdl_entry();                                                                               \
         if (b < nb0) { gemv_any<T>(k0, b, a0, a1, a2, r0, cols, x, nt, o0); return; }              \
         b -= nb0;                                                                                  \
@@ -540,9 +558,9 @@ __device__ void gp_residual_row(const float* res, const float* delta, const floa
         __shared__ int s_last;                                                                     \
         float* xs = (float*)gp_smem;                                                               \
         int b = blockIdx.x;                                                                        \
-        if (b < nb0) prefetch_rows(a0, kind_dt(k0), cols, (long long)b * GEMV_WARPS * kind_nr(k0), GEMV_WARPS * kind_nr(k0), r0); \
-        else if (b < nb0 + nb1) prefetch_rows(b0, kind_dt(k1), cols, (long long)(b - nb0) * GEMV_WARPS * kind_nr(k1), GEMV_WARPS * kind_nr(k1), r1); \
-        else prefetch_rows(c0, kind_dt(k2), cols, (long long)(b - nb0 - nb1) * GEMV_WARPS * kind_nr(k2), GEMV_WARPS * kind_nr(k2), r2); \
+        if (b < nb0) prefetch_rows(a0, kind_dt(k0), cols, (long long)b * GEMV_WARPS * kind_nr(k0), GEMV_WARPS * kind_nr(k0), r0, kind_nr(k0) == 4); \
+        else if (b < nb0 + nb1) prefetch_rows(b0, kind_dt(k1), cols, (long long)(b - nb0) * GEMV_WARPS * kind_nr(k1), GEMV_WARPS * kind_nr(k1), r1, kind_nr(k1) == 4); \
+        else prefetch_rows(c0, kind_dt(k2), cols, (long long)(b - nb0 - nb1) * GEMV_WARPS * kind_nr(k2), GEMV_WARPS * kind_nr(k2), r2, kind_nr(k2) == 4); \
         pdl_entry();                                                                               \
         int n = nt * cols;                                                                         \
         if (mode == GP_GATED) gp_gated(a, bsrc, act, n, xs);                                       \
