@@ -100,7 +100,12 @@ pub fn hardware() -> Value {
     })
 }
 
+/// The commit the binary was built from (see build.rs); a binary built
+/// outside a checkout asks git in the working directory instead.
 fn git_commit() -> Option<String> {
+    if let Some(c) = option_env!("KESTREL_BUILD_COMMIT") {
+        return Some(c.to_string());
+    }
     let o = std::process::Command::new("git")
         .args(["rev-parse", "HEAD"])
         .output()
@@ -140,6 +145,12 @@ pub fn model_info(path: &Path) -> Value {
     })
 }
 
+/// The `KESTREL_*` variables of the run (tuning knobs change what a number
+/// measures, and the command line does not show them), sorted by name.
+fn tuning_env(vars: impl Iterator<Item = (String, String)>) -> std::collections::BTreeMap<String, String> {
+    vars.filter(|(k, _)| k.starts_with("KESTREL_")).collect()
+}
+
 /// Wrap `result` with the run's provenance and write it; returns the path.
 ///
 /// `model` is the local model file when there is one (a load test against a
@@ -155,6 +166,7 @@ pub fn write(result: &Value, model: Option<&Path>, out: Option<&Path>, kind: &st
         "git_commit": git_commit(),
         "unix_time": now,
         "command": std::env::args().collect::<Vec<_>>(),
+        "env": tuning_env(std::env::vars()),
         "hardware": hardware(),
         "model": model.map(model_info),
         "result": result,
@@ -181,6 +193,20 @@ pub fn write(result: &Value, model: Option<&Path>, out: Option<&Path>, kind: &st
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tuning_env_keeps_only_kestrel_variables() {
+        let vars = [
+            ("PATH", "/bin"),
+            ("KESTREL_L2", "1"),
+            ("KESTREL_ATTN_KPS", "0"),
+            ("HOME", "/root"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let env = tuning_env(vars.into_iter());
+        let got: Vec<_> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        assert_eq!(got, ["KESTREL_ATTN_KPS=0", "KESTREL_L2=1"]);
+    }
 
     #[test]
     fn stats_match_hand_computed_values() {

@@ -89,6 +89,17 @@ fn new_style_capsule_renders_every_row_with_provenance() {
 }
 
 #[test]
+fn tuning_variables_precede_the_command() {
+    let mut v = serve_capsule();
+    v["env"] = json!({"KESTREL_ATTN_MIN_SPLITS": "8", "KESTREL_L2": "1"});
+    let c = Capsule::from_json("serve.json", &v).expect("capsule with env parses");
+    assert_eq!(
+        c.command,
+        "KESTREL_ATTN_MIN_SPLITS=8 KESTREL_L2=1 kestrel bench-serve --url http://x:8000 --prompt 'hello world'"
+    );
+}
+
+#[test]
 fn old_bench_capsule_from_benchmarks_renders_as_before() {
     let c = Capsule::read(std::path::Path::new(OLD_BENCH)).expect("benchmarks/ capsule reads");
     assert_eq!(c.kind, "bench");

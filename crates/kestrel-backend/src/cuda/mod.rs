@@ -98,6 +98,14 @@ fn dec_enabled() -> bool {
 /// Tile items resident per SM (see `attention` for the split count).
 const DEC_ITEMS_PER_SM: usize = 2;
 
+/// Split count of the `attention_dec*` kernels when set (tuning knob
+/// `KESTREL_ATTN_DEC_SPLITS`, for A/B runs; unset or 0: one wave of
+/// `DEC_ITEMS_PER_SM` items per SM, capped by `set_max_attention_splits`).
+fn dec_splits_override() -> Option<usize> {
+    static N: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *N.get_or_init(|| knobs::usize_of("KESTREL_ATTN_DEC_SPLITS").filter(|&n| n > 0))
+}
+
 /// Decode steps with fewer (row, KV head) items than this keep the
 /// key-per-warp kernel: a tile item's fixed cost (a chain of barriers and
 /// shuffles) is larger. H200, default model (one KV head), decode tok/s
@@ -131,8 +139,14 @@ fn default_keys_per_split() -> usize {
 /// Default of `set_attention_min_splits` (tuning knob
 /// `KESTREL_ATTN_MIN_SPLITS`).
 fn default_min_splits() -> usize {
-    knobs::usize_of("KESTREL_ATTN_MIN_SPLITS").unwrap_or(1)
+    knobs::usize_of("KESTREL_ATTN_MIN_SPLITS").unwrap_or(DEFAULT_MIN_SPLITS)
 }
+
+/// At least 8 splits at one sequence from the first generated token: H200,
+/// default model, tg128 1,600-1,625 tok/s with a floor of 1 against
+/// 1,671-1,702 with 8 (four rounds), the batch curve and a 2,000-token
+/// context unchanged (benchmarks/NOTES-cuda.md, session 12).
+const DEFAULT_MIN_SPLITS: usize = 8;
 
 /// Whether steps with several query rows per sequence (prefill) take the
 /// key-per-lane kernels (tuning knob `KESTREL_ATTN_TILE=0` keeps the
@@ -394,7 +408,7 @@ impl CudaBackend {
 
     /// Fewest splits decode attention on the per-head kernel
     /// (`attention_pre`) uses however short the context; the launch's split
-    /// count caps it (default 1, `KESTREL_ATTN_MIN_SPLITS`). Graphs captured
+    /// count caps it (default 8, `KESTREL_ATTN_MIN_SPLITS`). Graphs captured
     /// before a change keep the old value.
     pub fn set_attention_min_splits(&self, n: usize) {
         self.attn_min_splits
@@ -843,7 +857,9 @@ impl CudaBackend {
             // shared memory at head_dim 256): split only as far as one wave
             // holds (H200, 64 sequences: 5 splits ran 320 items, 1.21 waves,
             // 36 us per layer in ncu).
-            (DEC_ITEMS_PER_SM * self.dev.sm_count.max(1) as usize / blocks.max(1)).clamp(1, cap)
+            dec_splits_override()
+                .unwrap_or(DEC_ITEMS_PER_SM * self.dev.sm_count.max(1) as usize / blocks.max(1))
+                .clamp(1, cap)
         } else {
             target.div_ceil(blocks.max(1)).clamp(1, cap)
         };

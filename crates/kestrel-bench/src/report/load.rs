@@ -86,7 +86,7 @@ impl Capsule {
                 .as_str()
                 .map(|s| s.chars().take(10).collect())
                 .unwrap_or_else(|| "?".into()),
-            command: command_line(&c["command"]),
+            command: with_env(&c["env"], command_line(&c["command"])),
             unix_time: c["unix_time"].as_u64(),
             rows,
         })
@@ -218,6 +218,20 @@ fn model_name(c: &Value) -> String {
 
 /// The command as one shell-like line: the program as `kestrel`, arguments
 /// with spaces or quotes single-quoted so the line can be pasted back.
+/// The run's tuning variables (capsule field `env`, absent before it
+/// existed) written before the command, as a shell would take them.
+fn with_env(env: &Value, command: String) -> String {
+    let Some(vars) = env.as_object() else {
+        return command;
+    };
+    let mut parts: Vec<String> = vars
+        .iter()
+        .filter_map(|(k, v)| v.as_str().map(|v| format!("{k}={v}")))
+        .collect();
+    parts.push(command);
+    parts.join(" ")
+}
+
 fn command_line(cmd: &Value) -> String {
     let Some(args) = cmd.as_array() else {
         return String::new();
