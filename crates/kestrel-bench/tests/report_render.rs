@@ -97,6 +97,15 @@ fn tuning_variables_precede_the_command() {
         c.command,
         "KESTREL_ATTN_MIN_SPLITS=8 KESTREL_L2=1 kestrel bench-serve --url http://x:8000 --prompt 'hello world'"
     );
+    // Values are quoted like arguments, so the line can still be pasted back.
+    v["env"] = json!({"KESTREL_KERNEL_CACHE": "/tmp/k cache"});
+    let c = Capsule::from_json("serve.json", &v).expect("capsule with env parses");
+    assert!(
+        c.command
+            .starts_with("KESTREL_KERNEL_CACHE='/tmp/k cache' kestrel bench-serve"),
+        "{}",
+        c.command
+    );
 }
 
 #[test]

@@ -22,7 +22,7 @@ fn hints_from_env() -> Result<i32, BackendError> {
     let Some(v) = knobs::usize_of("KESTREL_L2") else {
         return Ok(0);
     };
-    if v > 17 || (v >> 1) > 8 {
+    if v > 17 {
         return Err(BackendError::Other(format!(
             "KESTREL_L2={v}: expected bit 0 (stream the LM head) plus 2 x eighths kept (0-8), at most 17"
         )));

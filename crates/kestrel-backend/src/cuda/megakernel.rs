@@ -751,8 +751,8 @@ impl CudaBackend {
                 "decode megakernel: no block fits with {smem_bytes} B of shared memory"
             )));
         }
-        let want =
-            super::knobs::usize_of("KESTREL_MEGAKERNEL_BLOCKS_PER_SM").map_or(2, |n| n.clamp(1, 64) as u32);
+        let want = super::knobs::usize_of("KESTREL_MEGAKERNEL_BLOCKS_PER_SM")
+            .map_or(2, |n| n.clamp(1, u32::MAX as usize) as u32);
         let grid = per_sm.min(want) * self.dev.sm_count.max(1) as u32;
         // SAFETY: MkOp is repr(C) plain data (no padding: 4 + 60 + 16 + 128 bytes).
         let bytes = unsafe {
@@ -776,7 +776,8 @@ impl CudaBackend {
         tracing::debug!(
             "decode megakernel: {regs} registers, {local} B local memory per thread, {per_sm} blocks/SM fit"
         );
-        let ahead = super::knobs::usize_of("KESTREL_MEGAKERNEL_AHEAD").map_or(0, |n| n.min(64) as i32);
+        let ahead =
+            super::knobs::usize_of("KESTREL_MEGAKERNEL_AHEAD").map_or(0, |n| n.min(i32::MAX as usize) as i32);
         Ok(MegaProgram {
             tail: plan.tail.clone(),
             func,

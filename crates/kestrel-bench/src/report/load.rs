@@ -216,8 +216,6 @@ fn model_name(c: &Value) -> String {
     c["result"]["model"].as_str().unwrap_or("-").to_string()
 }
 
-/// The command as one shell-like line: the program as `kestrel`, arguments
-/// with spaces or quotes single-quoted so the line can be pasted back.
 /// The run's tuning variables (capsule field `env`, absent before it
 /// existed) written before the command, as a shell would take them.
 fn with_env(env: &Value, command: String) -> String {
@@ -226,12 +224,14 @@ fn with_env(env: &Value, command: String) -> String {
     };
     let mut parts: Vec<String> = vars
         .iter()
-        .filter_map(|(k, v)| v.as_str().map(|v| format!("{k}={v}")))
+        .filter_map(|(k, v)| v.as_str().map(|v| format!("{k}={}", shell_word(v))))
         .collect();
     parts.push(command);
     parts.join(" ")
 }
 
+/// The command as one shell-like line: the program as `kestrel`, arguments
+/// with spaces or quotes single-quoted so the line can be pasted back.
 fn command_line(cmd: &Value) -> String {
     let Some(args) = cmd.as_array() else {
         return String::new();
@@ -242,15 +242,23 @@ fn command_line(cmd: &Value) -> String {
         .map(|(i, s)| {
             if i == 0 {
                 "kestrel".to_string()
-            } else if s.is_empty()
-                || s.chars()
-                    .any(|ch| ch.is_whitespace() || "'\"$`\\|;&<>*?".contains(ch))
-            {
-                format!("'{}'", s.replace('\'', r"'\''"))
             } else {
-                s.to_string()
+                shell_word(s)
             }
         })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// `s` as one shell word: single-quoted when it is empty or holds spaces,
+/// quotes or shell metacharacters.
+fn shell_word(s: &str) -> String {
+    if s.is_empty()
+        || s.chars()
+            .any(|ch| ch.is_whitespace() || "'\"$`\\|;&<>*?".contains(ch))
+    {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    } else {
+        s.to_string()
+    }
 }

@@ -96,13 +96,6 @@ __device__ __forceinline__ void kv_store(void* base, u64 i, int kvt, float v) {
     else ((u16*)base)[i] = f2bf(v);
 }
 
-// Programmatic dependent launch (Hopper): kernels are launched so that the
-// next one in the stream may start while this one drains. Every kernel first
-// waits for its predecessor's results (griddepcontrol.wait returns once the
-// previous grid has finished and its writes are visible), then lets its own
-// successor begin launching: the successor's launch latency and block
-// scheduling overlap this kernel's run instead of following it. Both are
-// no-ops when the launch did not ask for it and below sm_90.
 // L2 residency hints, written once by the host after loading the module
 // (tuning knob KESTREL_L2; 0 = none, the default). Bit 0: the tall Q8_0
 // GEMV (the LM head: 178 MB per decode step of the default model, more than
@@ -128,6 +121,13 @@ __device__ __forceinline__ u16 ld_stream2(const u16* p) {
     return v;
 }
 
+// Programmatic dependent launch (Hopper): kernels are launched so that the
+// next one in the stream may start while this one drains. Every kernel first
+// waits for its predecessor's results (griddepcontrol.wait returns once the
+// previous grid has finished and its writes are visible), then lets its own
+// successor begin launching: the successor's launch latency and block
+// scheduling overlap this kernel's run instead of following it. Both are
+// no-ops when the launch did not ask for it and below sm_90.
 __device__ __forceinline__ void pdl_entry() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
