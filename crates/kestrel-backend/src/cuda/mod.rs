@@ -115,11 +115,11 @@ fn dec_splits_override() -> Option<usize> {
 const DEC_MIN_ITEMS: usize = 64;
 
 /// Dynamic shared memory of an `attention_dec*` item (`dec_smem_bytes` in
-/// attention.cu): K and V tiles of 8 warps × 32/G keys, the tile's scores,
-/// per-head state and the block-table copy.
+/// attention.cu): K and V tiles of 8 warps × 32/G keys, the G query heads
+/// in f32, the tile's scores, per-head state and the block-table copy.
 pub(crate) fn attention_dec_smem(group: usize, head_dim: usize) -> usize {
     let t = 8 * (32 / group);
-    t * head_dim * 4 + (t * group + 36 * group + 1) * 4 + ATT_TBL * 4
+    t * head_dim * 4 + group * head_dim * 4 + (t * group + 36 * group + 1) * 4 + ATT_TBL * 4
 }
 
 /// Whether decode steps that take the per-head kernel run `attention_pre`,

@@ -449,9 +449,19 @@ __device__ __forceinline__ void att_merge_splits(int tid, int nthr, long long rh
         const float* p = part + (rh0 + g) * splits * (head_dim + 2);
         float* orow = out + (rh0 + g) * head_dim;
         for (int d = tid; d < head_dim; d += nthr) {
+            // Eight splits' loads issued before the first is used (a plain
+            // loop over a run-time count left one L2 round trip per split);
+            // the sum keeps the order zz = 0, 1, ... (weights past `splits`
+            // are 0 and their values are not read).
             float v = 0.0f;
-            #pragma unroll 8
-            for (int zz = 0; zz < splits; zz++) v += wz[g * 32 + zz] * __ldcg(p + zz * (head_dim + 2) + 2 + d);
+            for (int z0 = 0; z0 < splits; z0 += 8) {
+                float x[8];
+                #pragma unroll
+                for (int u = 0; u < 8; u++) x[u] = z0 + u < splits ? __ldcg(p + (z0 + u) * (head_dim + 2) + 2 + d) : 0.0f;
+                #pragma unroll
+                for (int u = 0; u < 8; u++)
+                    if (z0 + u < splits) v += wz[g * 32 + z0 + u] * x[u];
+            }
             orow[d] = v * misc[g];
             if (out16) out16[(rh0 + g) * head_dim + d] = f2h(orow[d]);
         }
@@ -739,14 +749,27 @@ extern "C" __global__ void attention_ref(const float* q, const void* pool, long 
 //   4. thread d accumulates dim d of every head's P.V from the V tile.
 // Splits merge as in the grouped kernel (partials, the last block merges).
 // 16-bit KV only (an f32 tile would need twice the shared memory).
+//
+// What the first tile waits for: the item's block-table entries and the
+// first tile's keys other than the row's own position were stored before
+// this step, so their copies are issued before the PDL wait and overlap the
+// previous kernel; only the own key (stored by the q/k norm kernel just
+// before) is copied after it. The G query heads (contiguous in q) come in
+// once per item, one 16-byte load per thread, into shared memory. ncu of
+// the first version (H100, 64 sequences, one decode layer, 30 us): 37% of
+// the warp samples sat on q, which every warp read for itself with 32
+// scalar loads per lane (64 times the bytes, through the L2), 16% on the
+// first tile's copies, and 18% on a reduce-scatter the compiler had put in
+// local memory (a 128-byte stack frame); it is unrolled by template now.
 #define DEC_WARPS 8
 #define DEC_THREADS (32 * DEC_WARPS)
 
 __host__ __device__ constexpr int dec_tile(int g) { return DEC_WARPS * (32 / g); }
 
-// Shared memory of one item in bytes (host: attention_dec_smem in mod.rs).
+// Shared memory of one item in bytes (host: attention_dec_smem in mod.rs):
+// K and V tiles, the G query heads, scores, per-head state, table entries.
 __host__ __device__ constexpr int dec_smem_bytes(int g, int head_dim) {
-    return dec_tile(g) * head_dim * 2 * 2 + (dec_tile(g) * g + 36 * g + 1) * 4 + ATT_TBL * 4;
+    return dec_tile(g) * head_dim * 2 * 2 + g * head_dim * 4 + (dec_tile(g) * g + 36 * g + 1) * 4 + ATT_TBL * 4;
 }
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
@@ -755,6 +778,38 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
 }
 
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+// One step of the 32-value reduce-scatter (offset O): a lane keeps the half
+// of v[0 .. 2O) whose index bit O matches its lane bit and adds the other
+// lane's copy of it. A template so that every index is a constant and v
+// stays in registers.
+template <int O>
+__device__ __forceinline__ void reduce_scatter_step(float* v, int lane) {
+    bool upper = lane & O;
+    #pragma unroll
+    for (int i = 0; i < O; i++) {
+        float send = upper ? v[i] : v[i + O];
+        float keep = upper ? v[i + O] : v[i];
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, O);
+    }
+}
+
+// cp.async copies of keys t0 .. t0 + nk - 1 (K and V rows) into the tiles,
+// all but key `skip` (-1: none).
+template <int G>
+__device__ __forceinline__ void dec_issue_tile(u16* Ks, u16* Vs, const u32* tbl, const u32* table, const void* pool,
+                                               long long layer_off, long long v_off, int block_size, int b0,
+                                               int kv_dim, int kvh, int head_dim, int t0, int nk, int skip) {
+    int cpr = head_dim / 8; // 16-byte chunks per K or V row
+    for (int c = threadIdx.x; c < nk * cpr; c += DEC_THREADS) {
+        int kk = c / cpr, col = c - kk * cpr;
+        if (t0 + kk == skip) continue;
+        long long base = layer_off + att_slot(tbl, table, block_size, b0, t0 + kk) * kv_dim +
+                         (long long)kvh * head_dim + col * 8;
+        cp_async16(Ks + kk * head_dim + col * 8, (const u16*)pool + base);
+        cp_async16(Vs + kk * head_dim + col * 8, (const u16*)pool + base + v_off);
+    }
+}
 
 template <int KVT, int G>
 __device__ __forceinline__ void attention_dec_impl(int row, int kvh, int z, unsigned char* smraw, const float* q,
@@ -770,16 +825,16 @@ __device__ __forceinline__ void attention_dec_impl(int row, int kvh, int z, unsi
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     int kv_dim = n_kv_heads * head_dim;
     int h0 = kvh * G;
-    int cpr = head_dim / 8; // 16-byte chunks per K or V row
-    u16* Ks = (u16*)smraw;               // [T][head_dim]
-    u16* Vs = Ks + T * head_dim;         // [T][head_dim]
-    float* P = (float*)(Vs + T * head_dim); // [T][G] scores, then weights
-    float* cr = P + T * G;               // [G] the tile's rescale factor
-    float* ms = cr + G;                  // [G] final running max
-    float* ls = ms + G;                  // [G] final running sum
-    float* wz = ls + G;                  // [G][32] split merge weights
-    float* misc = wz + 32 * G;           // [G] 1 / total weight, [1] this item merges
-    u32* tbl = (u32*)(misc + G + 1);     // [ATT_TBL] block-table entries
+    u16* Ks = (u16*)smraw;                  // [T][head_dim]
+    u16* Vs = Ks + T * head_dim;            // [T][head_dim]
+    float* Qs = (float*)(Vs + T * head_dim); // [G][head_dim] query heads, scaled
+    float* P = Qs + G * head_dim;           // [T][G] scores, then weights
+    float* cr = P + T * G;                  // [G] the tile's rescale factor
+    float* ms = cr + G;                     // [G] final running max
+    float* ls = ms + G;                     // [G] final running sum
+    float* wz = ls + G;                     // [G][32] split merge weights
+    float* misc = wz + 32 * G;              // [G] 1 / total weight, [1] this item merges
+    u32* tbl = (u32*)(misc + G + 1);        // [ATT_TBL] block-table entries
 
     int pos = (int)positions[row];
     const u32* table = block_tables + (long long)token_seq[row] * bt_stride;
@@ -787,33 +842,43 @@ __device__ __forceinline__ void attention_dec_impl(int row, int kvh, int z, unsi
     split_keys(pos, window, splits, z, &kbeg, &kend);
     int b0 = kbeg / block_size;
     att_load_table(tbl, table, block_size, kbeg, kend, tid, DEC_THREADS);
-    // Positions and block tables come from the host before the step, so
-    // the loads above run before waiting for the previous kernel (PDL):
-    // they overlap its tail. q and the step's own K/V are its results.
+    __syncthreads();
+    // Positions, block tables and the keys of earlier steps are in memory
+    // before the step starts, so these copies run before waiting for the
+    // previous kernel (PDL) and overlap its tail; q and the own key are
+    // its results.
+    int nk0 = kend - kbeg + 1 < T ? kend - kbeg + 1 : T;
+    dec_issue_tile<G>(Ks, Vs, tbl, table, pool, layer_off, v_off, block_size, b0, kv_dim, kvh, head_dim, kbeg, nk0,
+                      pos);
     pdl_entry();
+    if (pos >= kbeg && pos < kbeg + nk0)
+        dec_issue_tile<G>(Ks + (pos - kbeg) * head_dim, Vs + (pos - kbeg) * head_dim, tbl, table, pool, layer_off,
+                          v_off, block_size, b0, kv_dim, kvh, head_dim, pos, 1, -1);
+    {
+        const float4* q4 = (const float4*)(q + ((long long)row * n_heads + h0) * head_dim);
+        for (int i = tid; i < G * head_dim / 4; i += DEC_THREADS) {
+            float4 x = __ldcg(q4 + i);
+            ((float4*)Qs)[i] = make_float4(x.x * scale, x.y * scale, x.z * scale, x.w * scale);
+        }
+    }
+    __syncthreads();
     bool lane_live = lane * 8 < head_dim;
     float qv[G][8];
-    const float* qr = q + ((long long)row * n_heads + h0) * head_dim;
     #pragma unroll
     for (int g = 0; g < G; g++) {
         #pragma unroll
-        for (int j = 0; j < 8; j++) qv[g][j] = lane_live ? __ldcg(qr + g * head_dim + lane * 8 + j) * scale : 0.0f;
+        for (int j = 0; j < 8; j++) qv[g][j] = lane_live ? Qs[g * head_dim + lane * 8 + j] : 0.0f;
     }
     float m_run = NEG_INF, l_run = 0.0f; // head `warp`'s, in warps < G
     float acc[G];
     #pragma unroll
     for (int g = 0; g < G; g++) acc[g] = 0.0f;
-    __syncthreads();
 
     for (int t0 = kbeg; t0 <= kend; t0 += T) {
         int nk = min(T, kend - t0 + 1);
-        for (int c = tid; c < nk * cpr; c += DEC_THREADS) {
-            int kk = c / cpr, col = c - kk * cpr;
-            long long base = layer_off + att_slot(tbl, table, block_size, b0, t0 + kk) * kv_dim +
-                             (long long)kvh * head_dim + col * 8;
-            cp_async16(Ks + kk * head_dim + col * 8, (const u16*)pool + base);
-            cp_async16(Vs + kk * head_dim + col * 8, (const u16*)pool + base + v_off);
-        }
+        if (t0 != kbeg)
+            dec_issue_tile<G>(Ks, Vs, tbl, table, pool, layer_off, v_off, block_size, b0, kv_dim, kvh, head_dim, t0,
+                              nk, -1);
         cp_async_wait_all();
         __syncthreads();
 
@@ -843,19 +908,12 @@ __device__ __forceinline__ void attention_dec_impl(int row, int kvh, int z, unsi
                 v[kl * G + g] = s;
             }
         }
-        // Reduce-scatter: after the step of offset o, a lane keeps the half
-        // of the values whose index bit matches its lane bit, so at the end
-        // lane L holds the full sum of value L.
-        #pragma unroll
-        for (int o = 16; o >= 1; o >>= 1) {
-            bool upper = lane & o;
-            #pragma unroll
-            for (int i = 0; i < o; i++) {
-                float send = upper ? v[i] : v[i + o];
-                float keep = upper ? v[i + o] : v[i];
-                v[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
-            }
-        }
+        // Reduce-scatter: at the end lane L holds the full sum of value L.
+        reduce_scatter_step<16>(v, lane);
+        reduce_scatter_step<8>(v, lane);
+        reduce_scatter_step<4>(v, lane);
+        reduce_scatter_step<2>(v, lane);
+        reduce_scatter_step<1>(v, lane);
         {
             int key = warp * KPW + lane / G, g = lane % G;
             float sc = v[0];
@@ -932,7 +990,7 @@ __device__ __forceinline__ void attention_dec_impl(int row, int kvh, int z, unsi
 // the metadata loads); decode steps only (one query row per
 // sequence), 16-bit KV, head_dim % 8 == 0, head_dim <= 256, splits <= 32.
 #define ATT_DEC_ENTRY(NAME, G)                                                                       \
-    extern "C" __global__ void __launch_bounds__(DEC_THREADS) NAME(                                  \
+    extern "C" __global__ void __launch_bounds__(DEC_THREADS, 2) NAME(                                \
         const float* q, const void* pool, long long layer_off, long long v_off, int kvt,             \
         const u32* positions, const u32* token_seq, const u32* block_tables, int bt_stride,          \
         int block_size, int n_heads, int n_kv_heads, int head_dim, float scale, int window,          \
