@@ -12,13 +12,14 @@ use super::device::guarded;
 use crate::error::BackendError;
 
 /// All kernels form one translation unit: the helpers come first.
-const SOURCES: [(&str, &str); 8] = [
+const SOURCES: [(&str, &str); 9] = [
     ("common.cu", include_str!("kernels/common.cu")),
     ("dequant.cu", include_str!("kernels/dequant.cu")),
     ("elementwise.cu", include_str!("kernels/elementwise.cu")),
     ("attention.cu", include_str!("kernels/attention.cu")),
     ("gemv.cu", include_str!("kernels/gemv.cu")),
     ("mma_q8.cu", include_str!("kernels/mma_q8.cu")),
+    ("hgemm.cu", include_str!("kernels/hgemm.cu")),
     ("megakernel.cu", include_str!("kernels/megakernel.cu")),
     ("sampling.cu", include_str!("kernels/sampling.cu")),
 ];

@@ -101,6 +101,7 @@ impl Kernels {
             names.push(format!("gemv3_{t}"));
             names.push(format!("mma_q8_0_{t}"));
             names.push(format!("mma_q8_0_argmax_{t}"));
+            names.push(format!("hgemm_{t}"));
         }
         for t in [1, 2, 4] {
             names.push(format!("gemvp_{t}"));

@@ -60,6 +60,21 @@ pub(crate) fn gemv_cap(n: usize) -> usize {
     }
 }
 
+/// Most activation rows of one `hgemm_*` launch (8 tiles of 8).
+const HGEMM_MAX_ROWS: usize = 64;
+
+/// Whether f16 GEMMs of `t` rows and `k` columns take the `hgemm_*`
+/// kernels (hgemm.cu: weights loaded before the PDL wait) rather than
+/// cuBLAS: up to 64 rows (batched decode), `k` a multiple of 32. Tuning
+/// knob `KESTREL_HGEMM=0` keeps cuBLAS, for A/B runs.
+pub(crate) fn hgemm_takes(t: usize, k: usize) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| super::knobs::on_unless_zero("KESTREL_HGEMM"))
+        && (1..=HGEMM_MAX_ROWS).contains(&t)
+        && k > 0
+        && k.is_multiple_of(32)
+}
+
 /// Q8_0 matrices at least this tall use 4 rows per warp.
 const Q8_TALL: usize = 16_384;
 
@@ -572,7 +587,8 @@ impl CudaBackend {
 
     /// `C[t, m] (row stride ldc) = X16[t, k] · A[m, k]ᵀ` with f16 inputs and
     /// f32 accumulation and output (`w` names the product and gives k),
-    /// through cuBLAS or cuBLASLt (`KESTREL_GEMM`, see lt_gemm.rs).
+    /// through `hgemm_*` up to 64 rows (`hgemm_takes`), else cuBLAS or
+    /// cuBLASLt (`KESTREL_GEMM`, see lt_gemm.rs).
     #[allow(clippy::too_many_arguments)]
     fn gemm_f16(
         &self,
@@ -584,6 +600,24 @@ impl CudaBackend {
         c_ptr: u64,
         ldc: usize,
     ) -> Result<(), BackendError> {
+        if hgemm_takes(t, w.cols) {
+            let name = match t.div_ceil(8) {
+                1 => "hgemm_1",
+                2 => "hgemm_2",
+                3..=4 => "hgemm_4",
+                _ => "hgemm_8",
+            };
+            let args = [
+                Arg::Ptr(a_ptr),
+                i32_of(m, "weight rows")?,
+                i32_of(w.cols, "weight cols")?,
+                Arg::Ptr(x16),
+                i32_of(t, "rows")?,
+                Arg::Ptr(c_ptr),
+                i32_of(ldc, "output stride")?,
+            ];
+            return self.run(name, (m.div_ceil(16) as u32, 1, 1), 256, 0, &args);
+        }
         let mut st = self.lock()?;
         let handle = self.blas_handle(&mut st)?;
         let ws = st

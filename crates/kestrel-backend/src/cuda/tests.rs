@@ -213,6 +213,66 @@ fn mma_q8_tall_matches_f64_on_f16_operands() {
     }
 }
 
+/// The f16 tensor-core GEMM of batched decode (`hgemm_*`, 5..64 rows on
+/// f16 mirrors) against f64 on its operands (weights rounded to f16 as in
+/// the mirror, x rounded to f16): only the f32 accumulation order differs.
+/// Heights not a multiple of the 16-row block, every tile count with
+/// partial tiles, one span of k and spans not a multiple of the 8 warps.
+/// Then batch invariance: a row's result has the same bits whatever the
+/// number of rows beside it (the summation order depends on k only).
+#[test]
+fn hgemm_matches_f64_on_f16_operands_and_is_batch_invariant() {
+    let mut rng = ChaCha8Rng::seed_from_u64(13);
+    let Some(be) = backend(KernelSet::Fused) else {
+        return;
+    };
+    let f16r = |v: f32| half::f16::from_f32(v).to_f64();
+    for (rows, cols) in [(77usize, 32usize), (1_544, 640), (640, 2_080)] {
+        let (bytes, deq) = make_weight(&mut rng, DType::F16, rows, cols);
+        let shape = [rows, cols];
+        let w = be
+            .upload_matrix(&view("w", DType::F16, &shape, &bytes))
+            .expect("upload");
+        assert!(
+            super::matmul::hgemm_takes(64, cols),
+            "{cols} columns should take hgemm"
+        );
+        let x = rvec(&mut rng, 64 * cols, 2.0);
+        let mut first: Option<Vec<f32>> = None;
+        for t in [64usize, 5, 8, 9, 16, 23, 33] {
+            assert!(
+                !super::matmul::gemv_takes(t, &[&w]),
+                "{t} rows should take a GEMM"
+            );
+            let xs = &x[..t * cols];
+            let xa = act(&be, t, cols, xs);
+            let mut out = poisoned(&be, t, rows);
+            be.matmul(&xa, &w, &mut out).expect("matmul");
+            let got = be.read_act(&out).expect("read");
+            let mut want = vec![0f64; t * rows];
+            for r in 0..t {
+                for o in 0..rows {
+                    want[r * rows + o] = (0..cols)
+                        .map(|i| f16r(deq[o * cols + i]) * f16r(xs[r * cols + i]))
+                        .sum();
+                }
+            }
+            let err = rel_err(&got, &want);
+            assert!(err < 1e-5, "hgemm [{rows}x{cols}] rows={t}: rel err {err:e}");
+            match &first {
+                None => first = Some(got),
+                Some(all) => {
+                    let same = got.iter().zip(all).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(
+                        same,
+                        "hgemm [{rows}x{cols}]: the first {t} rows differ from the 64-row product"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// The LM head with the argmax folded in (`matmul_argmax`, greedy steps)
 /// answers exactly the ids of the logits' argmax: random activations at
 /// every tile count, and rows whose logits tie at the maximum (identical
