@@ -32,14 +32,14 @@ pub(crate) fn gemv_takes(t: usize, ws: &[&CudaWeight]) -> bool {
 }
 
 /// Most activation rows that take the GEMV kernels when the weights have f16
-/// mirrors (1..=8; default 4). A tuning knob, `KESTREL_GEMV_ROWS`, read once
+/// mirrors (0..=8; default 4). A tuning knob, `KESTREL_GEMV_ROWS`, read once
 /// per process. H200, engine decode of the default model: 8 sequences took
 /// 1.71 ms per step through the 8-row GEMVs and 1.03 ms through GEMMs; at 1,
 /// 2 and 4 sequences the GEMVs are as fast or faster (runs with 8, 4 and 2).
 pub(crate) fn gemv_direct_rows() -> usize {
     static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *ROWS.get_or_init(|| {
-        super::knobs::usize_of("KESTREL_GEMV_ROWS").map_or(GEMV_DEFAULT_ROWS, |n| n.clamp(1, GEMV_MAX_ROWS))
+        super::knobs::usize_of("KESTREL_GEMV_ROWS").map_or(GEMV_DEFAULT_ROWS, |n| n.min(GEMV_MAX_ROWS))
     })
 }
 
@@ -61,18 +61,16 @@ pub(crate) fn gemv_cap(n: usize) -> usize {
 }
 
 /// Most activation rows of one `hgemm_*` launch (8 tiles of 8).
-const HGEMM_MAX_ROWS: usize = 64;
+pub(crate) const HGEMM_MAX_ROWS: usize = 64;
 
-/// Whether f16 GEMMs of `t` rows and `k` columns take the `hgemm_*`
-/// kernels (hgemm.cu: weights loaded before the PDL wait) rather than
-/// cuBLAS: up to 64 rows (batched decode), `k` a multiple of 32. Tuning
-/// knob `KESTREL_HGEMM=0` keeps cuBLAS, for A/B runs.
-pub(crate) fn hgemm_takes(t: usize, k: usize) -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| super::knobs::on_unless_zero("KESTREL_HGEMM"))
-        && (1..=HGEMM_MAX_ROWS).contains(&t)
-        && k > 0
-        && k.is_multiple_of(32)
+/// Default of the backend's `hgemm_rows`: 32, or the tuning knob
+/// `KESTREL_HGEMM_ROWS` (0: cuBLAS only). H100, default model, engine
+/// decode tok/s `hgemm_*` / cuBLAS: 8 sequences 12,680 / 10,045; 32:
+/// 32,780 / 32,775; 64: 59,700 / 65,825 (each block reads all of x, and at
+/// 64 rows that is 4x its weight bytes: 8-10 us per GEMM against cuBLAS's
+/// 5-6.5).
+pub(crate) fn default_hgemm_rows() -> usize {
+    super::knobs::usize_of("KESTREL_HGEMM_ROWS").map_or(32, |n| n.min(HGEMM_MAX_ROWS))
 }
 
 /// Q8_0 matrices at least this tall use 4 rows per warp.
@@ -585,6 +583,14 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Whether an f16 GEMM of `t` rows and `k` columns takes the `hgemm_*`
+    /// kernels (hgemm.cu: weights loaded before the PDL wait) rather than
+    /// cuBLAS: up to `hgemm_rows` rows, `k` a multiple of 32.
+    pub(crate) fn hgemm_takes(&self, t: usize, k: usize) -> bool {
+        let rows = self.hgemm_rows.load(std::sync::atomic::Ordering::Relaxed);
+        (1..=rows).contains(&t) && k > 0 && k.is_multiple_of(32)
+    }
+
     /// `C[t, m] (row stride ldc) = X16[t, k] · A[m, k]ᵀ` with f16 inputs and
     /// f32 accumulation and output (`w` names the product and gives k),
     /// through `hgemm_*` up to 64 rows (`hgemm_takes`), else cuBLAS or
@@ -600,7 +606,7 @@ impl CudaBackend {
         c_ptr: u64,
         ldc: usize,
     ) -> Result<(), BackendError> {
-        if hgemm_takes(t, w.cols) {
+        if self.hgemm_takes(t, w.cols) {
             let name = match t.div_ceil(8) {
                 1 => "hgemm_1",
                 2 => "hgemm_2",

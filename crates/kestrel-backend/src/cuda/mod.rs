@@ -243,6 +243,8 @@ pub struct CudaBackend {
     attn_kps: std::sync::atomic::AtomicUsize,
     /// Fewest splits of `attention_pre` however short the context (at least 1).
     attn_min_splits: std::sync::atomic::AtomicUsize,
+    /// Most activation rows an f16 GEMM runs on `hgemm_*` (0: cuBLAS only).
+    hgemm_rows: std::sync::atomic::AtomicUsize,
     _module: Arc<CudaModule>,
     k: Kernels,
     kernels: KernelSet,
@@ -355,6 +357,7 @@ impl CudaBackend {
             attn_dec: std::sync::atomic::AtomicBool::new(dec_enabled()),
             attn_kps: std::sync::atomic::AtomicUsize::new(default_keys_per_split()),
             attn_min_splits: std::sync::atomic::AtomicUsize::new(default_min_splits().max(1)),
+            hgemm_rows: std::sync::atomic::AtomicUsize::new(matmul::default_hgemm_rows()),
             _module: module,
             k,
             kernels,
@@ -413,6 +416,16 @@ impl CudaBackend {
     pub fn set_attention_min_splits(&self, n: usize) {
         self.attn_min_splits
             .store(n.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Most activation rows an f16 GEMM runs on the `hgemm_*` kernels
+    /// rather than cuBLAS (default 32, `KESTREL_HGEMM_ROWS`; at most 64, 0:
+    /// cuBLAS only). Graphs captured before a change keep the old choice.
+    pub fn set_hgemm_rows(&self, n: usize) {
+        self.hgemm_rows.store(
+            n.min(matmul::HGEMM_MAX_ROWS),
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     pub fn kernel_set(&self) -> KernelSet {
