@@ -18,8 +18,10 @@ type Decoded = (Vec<u32>, Vec<Vec<f32>>);
 fn run(mega: bool, prompts: &[Vec<u32>], kv: KvDType) -> (Vec<Decoded>, u64) {
     let be = CudaBackend::with_kernels(0, KernelSet::Fused).unwrap();
     be.set_megakernel(mega);
-    // The megakernel's attention op is the per-head item: compare it with
-    // the graph path running the same kernel.
+    // The megakernel's programs are built from the GEMV kernels (turning it
+    // on sends steps of up to 4 rows to them) and its attention op is the
+    // per-head item: compare with the graph path running the same kernels.
+    be.set_gemv_rows(4);
     be.set_attention_dec(false);
     be.set_attention_keys_per_split(0);
     let be = Arc::new(be);

@@ -91,7 +91,7 @@ impl CudaBackend {
             && cols.is_multiple_of(4)
             && copies * t * cols * 4 <= PROLOGUE_SMEM
             && ws.iter().all(|w| w.cols == cols)
-            && Self::multi_gemv_fits(t, ws)
+            && self.multi_gemv_fits(t, ws)
     }
 
     /// `outs[i] = W_i · x` for up to three weights, where every block forms
@@ -228,8 +228,8 @@ impl CudaBackend {
 
     /// Whether `multi_gemv` takes activations of `rows` rows by `ws`
     /// (decode sizes; see `gemv_takes`).
-    pub(crate) fn multi_gemv_fits(rows: usize, ws: &[&CudaWeight]) -> bool {
-        super::matmul::gemv_takes(rows, ws)
+    pub(crate) fn multi_gemv_fits(&self, rows: usize, ws: &[&CudaWeight]) -> bool {
+        self.gemv_takes(rows, ws)
     }
 
     /// Whether `multi_gemm` takes `ws` (every weight has an f16 mirror).

@@ -13,8 +13,9 @@ use crate::error::BackendError;
 
 /// At most this many activation rows go through the GEMV kernels in one launch.
 pub(crate) const GEMV_MAX_ROWS: usize = 8;
-/// Default of `gemv_direct_rows`.
-const GEMV_DEFAULT_ROWS: usize = 4;
+/// GEMV rows the decode megakernel needs (its programs are built from GEMV
+/// launches; `set_megakernel` raises the backend's `gemv_rows` to this).
+pub(crate) const MEGAKERNEL_GEMV_ROWS: usize = 4;
 /// Up to this many rows, repeated GEMV launches beat dequantize + GEMM.
 pub(crate) const GEMV_REPEAT_ROWS: usize = 32;
 /// f16 scratch for dequantized weight chunks (elements).
@@ -22,25 +23,21 @@ const W16_CHUNK_ELEMS: usize = 32 << 20;
 /// cuBLAS workspace (Hopper GEMMs want up to 32 MiB).
 const BLAS_WORKSPACE: usize = 32 << 20;
 
-/// Whether GEMV launches (rather than one GEMM) compute `t` activation rows
-/// by the weights `ws`: always up to 8 rows; up to 32 (repeated launches)
-/// only when a weight has no f16 mirror, since one GEMM on the mirrors beats
-/// re-reading the quantized weights once per 8 rows (H200, batch 32: 5.4 ms
-/// per step through GEMVs).
-pub(crate) fn gemv_takes(t: usize, ws: &[&CudaWeight]) -> bool {
-    t <= gemv_direct_rows() || (t <= GEMV_REPEAT_ROWS && ws.iter().any(|w| w.dense.is_none()))
-}
-
-/// Most activation rows that take the GEMV kernels when the weights have f16
-/// mirrors (0..=8; default 4). A tuning knob, `KESTREL_GEMV_ROWS`, read once
-/// per process. H200, engine decode of the default model: 8 sequences took
-/// 1.71 ms per step through the 8-row GEMVs and 1.03 ms through GEMMs; at 1,
-/// 2 and 4 sequences the GEMVs are as fast or faster (runs with 8, 4 and 2).
-pub(crate) fn gemv_direct_rows() -> usize {
-    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *ROWS.get_or_init(|| {
-        super::knobs::usize_of("KESTREL_GEMV_ROWS").map_or(GEMV_DEFAULT_ROWS, |n| n.min(GEMV_MAX_ROWS))
-    })
+/// Default of the backend's `gemv_rows`, the most activation rows that take
+/// the GEMV kernels when the weights have f16 mirrors (0..=8): 0, or the
+/// tuning knob `KESTREL_GEMV_ROWS`. H100, tg128 of the default model: 1,910
+/// / 1,901 tok/s with every decode matmul on the f16 mirrors (`hgemm_1`,
+/// Q/K/V and gate/up stacked, the LM head on `mma_q8_0`) against 1,646 /
+/// 1,642 with GEMVs up to 4 rows (session 13). Earlier, against cuBLAS
+/// (H200): 8 sequences took 1.71 ms per step through the 8-row GEMVs and
+/// 1.03 ms through GEMMs.
+pub(crate) fn default_gemv_rows() -> usize {
+    let n = super::knobs::usize_of("KESTREL_GEMV_ROWS").map_or(0, |n| n.min(GEMV_MAX_ROWS));
+    if super::megakernel::enabled_by_env() {
+        n.max(MEGAKERNEL_GEMV_ROWS)
+    } else {
+        n
+    }
 }
 
 /// Whether stacked weight groups are used (tuning knob `KESTREL_STACKED=0`
@@ -90,19 +87,13 @@ fn mma_q8_smem(tiles: usize, cols: usize) -> usize {
     8 * tiles * (2 * cols + 32)
 }
 
-/// Fewest activation rows that take `mma_q8_0` (tuning knob
-/// `KESTREL_Q8_MMA_MIN`, 0 = never; default: the first row count past the
-/// GEMV path, where the LM head used to run through cuBLAS on the mirror).
-fn mma_min_rows() -> usize {
-    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+/// Fewest activation rows that take `mma_q8_0` when set (tuning knob
+/// `KESTREL_Q8_MMA_MIN`, 0 = never); unset: the first row count past the
+/// GEMV path.
+fn mma_min_rows_knob() -> Option<usize> {
+    static ROWS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     *ROWS.get_or_init(|| {
-        super::knobs::usize_of("KESTREL_Q8_MMA_MIN").map_or(gemv_direct_rows() + 1, |n| {
-            if n == 0 {
-                usize::MAX
-            } else {
-                n
-            }
-        })
+        super::knobs::usize_of("KESTREL_Q8_MMA_MIN").map(|n| if n == 0 { usize::MAX } else { n })
     })
 }
 
@@ -112,16 +103,6 @@ fn mma_min_rows() -> usize {
 fn argmax_head_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| super::knobs::on_unless_zero("KESTREL_ARGMAX_HEAD"))
-}
-
-/// Whether `t` activation rows by `w` take the tensor-core Q8_0 kernel: tall
-/// Q8_0 matrices (the LM head) whose columns fit its layout.
-pub(crate) fn mma_q8_takes(t: usize, w: &CudaWeight) -> bool {
-    w.format == Format::Q8_0
-        && w.rows >= Q8_TALL
-        && w.cols.is_multiple_of(64)
-        && mma_q8_smem(8, w.cols) <= MMA_SMEM_MAX
-        && (mma_min_rows()..=MMA_MAX_ROWS).contains(&t)
 }
 
 /// Kernel family and output rows per warp for a weight.
@@ -137,6 +118,26 @@ pub(crate) fn gemv_kernel(w: &CudaWeight, cap: usize) -> (&'static str, usize) {
 }
 
 impl CudaBackend {
+    /// Whether GEMV launches (rather than one GEMM) compute `t` activation
+    /// rows by the weights `ws`: up to `gemv_rows` rows; up to 32 (repeated
+    /// launches) when a weight has no f16 mirror, since one GEMM on the
+    /// mirrors beats re-reading the quantized weights once per 8 rows (H200,
+    /// batch 32: 5.4 ms per step through GEMVs).
+    pub(crate) fn gemv_takes(&self, t: usize, ws: &[&CudaWeight]) -> bool {
+        t <= self.gemv_rows() || (t <= GEMV_REPEAT_ROWS && ws.iter().any(|w| w.dense.is_none()))
+    }
+
+    /// Whether `t` activation rows by `w` take the tensor-core Q8_0 kernel:
+    /// tall Q8_0 matrices (the LM head) whose columns fit its layout.
+    pub(crate) fn mma_q8_takes(&self, t: usize, w: &CudaWeight) -> bool {
+        let min = mma_min_rows_knob().unwrap_or(self.gemv_rows() + 1);
+        w.format == Format::Q8_0
+            && w.rows >= Q8_TALL
+            && w.cols.is_multiple_of(64)
+            && mma_q8_smem(8, w.cols) <= MMA_SMEM_MAX
+            && (min..=MMA_MAX_ROWS).contains(&t)
+    }
+
     pub(crate) fn weight_args(w: &CudaWeight) -> Result<[Arg; 6], BackendError> {
         let (p0, p1, p2) = w.ptrs();
         Ok([
@@ -169,10 +170,10 @@ impl CudaBackend {
             args.extend([Arg::Ptr(x.ptr()), i32_of(t, "rows")?, Arg::Ptr(out.ptr())]);
             return self.run("matmul_ref", (n.div_ceil(128) as u32, 1, 1), 128, 0, &args);
         }
-        if mma_q8_takes(t, w) {
+        if self.mma_q8_takes(t, w) {
             return self.mma_q8(w, x.ptr(), t, out.ptr());
         }
-        if gemv_takes(t, &[w]) {
+        if self.gemv_takes(t, &[w]) {
             let mut r0 = 0;
             while r0 < t {
                 let n = (t - r0).min(GEMV_MAX_ROWS);
@@ -229,7 +230,7 @@ impl CudaBackend {
             && x.cols == w.cols
             && out.cols == w.rows
             && out.rows == x.rows
-            && mma_q8_takes(x.rows, w);
+            && self.mma_q8_takes(x.rows, w);
         if !fused {
             self.matmul_impl(x, w, out)?;
             return Ok(false);
@@ -287,7 +288,7 @@ impl CudaBackend {
     /// scratch when `out` has more rows than the GEMV path takes (0 = none).
     /// Never allocates while capturing (then the GEMM converts as usual).
     pub(crate) fn f16_side_output(&self, out: &CudaAct) -> Result<u64, BackendError> {
-        if out.rows <= gemv_direct_rows() {
+        if out.rows <= self.gemv_rows() {
             return Ok(0);
         }
         let mut st = self.lock()?;

@@ -668,8 +668,13 @@ pub(crate) fn enabled_by_env() -> bool {
 impl CudaBackend {
     /// Turns recording of decode programs on or off for later captures
     /// (graphs captured before keep what they have).
+    /// Its programs are built from GEMV launches, so turning it on also
+    /// sends steps of up to `MEGAKERNEL_GEMV_ROWS` rows to the GEMVs.
     pub fn set_megakernel(&self, on: bool) {
         self.mega.store(on, std::sync::atomic::Ordering::Relaxed);
+        if on {
+            self.set_gemv_rows(self.gemv_rows().max(super::matmul::MEGAKERNEL_GEMV_ROWS));
+        }
     }
 
     pub(crate) fn megakernel_on(&self) -> bool {

@@ -245,6 +245,9 @@ pub struct CudaBackend {
     attn_min_splits: std::sync::atomic::AtomicUsize,
     /// Most activation rows an f16 GEMM runs on `hgemm_*` (0: cuBLAS only).
     hgemm_rows: std::sync::atomic::AtomicUsize,
+    /// Most activation rows the GEMV kernels take when weights have f16
+    /// mirrors (`matmul::default_gemv_rows`).
+    gemv_rows: std::sync::atomic::AtomicUsize,
     _module: Arc<CudaModule>,
     k: Kernels,
     kernels: KernelSet,
@@ -358,6 +361,7 @@ impl CudaBackend {
             attn_kps: std::sync::atomic::AtomicUsize::new(default_keys_per_split()),
             attn_min_splits: std::sync::atomic::AtomicUsize::new(default_min_splits().max(1)),
             hgemm_rows: std::sync::atomic::AtomicUsize::new(matmul::default_hgemm_rows()),
+            gemv_rows: std::sync::atomic::AtomicUsize::new(matmul::default_gemv_rows()),
             _module: module,
             k,
             kernels,
@@ -428,6 +432,19 @@ impl CudaBackend {
         );
     }
 
+    /// Most activation rows that take the GEMV kernels when the weights have
+    /// f16 mirrors (default 0: every matmul of a step on the mirrors,
+    /// `KESTREL_GEMV_ROWS`; at most 8). Graphs captured before a change keep
+    /// the old choice.
+    pub fn set_gemv_rows(&self, n: usize) {
+        self.gemv_rows
+            .store(n.min(matmul::GEMV_MAX_ROWS), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(crate) fn gemv_rows(&self) -> usize {
+        self.gemv_rows.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn kernel_set(&self) -> KernelSet {
         self.kernels
     }
@@ -449,7 +466,7 @@ impl CudaBackend {
         up: &mut CudaAct,
     ) -> Result<()> {
         let fused = self.kernels == KernelSet::Fused;
-        if fused && Self::multi_gemv_fits(h.rows, &w) {
+        if fused && self.multi_gemv_fits(h.rows, &w) {
             if gate.rows != h.rows || up.rows != h.rows {
                 return Err(shape_err(
                     op,
@@ -480,7 +497,7 @@ impl CudaBackend {
         up: &mut CudaAct,
         act_out: &mut CudaAct,
     ) -> Result<()> {
-        let gemm_sized = !Self::multi_gemv_fits(h.rows, &w);
+        let gemm_sized = !self.multi_gemv_fits(h.rows, &w);
         if gemm_sized && w[0].rows == w[1].rows && act_out.rows == h.rows && act_out.cols == w[0].rows {
             if let Some(src) = self.stacked_gemm(h, &w)? {
                 let n = act_out.rows * act_out.cols;
@@ -1592,7 +1609,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         if self.kernels == KernelSet::Reference
             || bias.iter().any(|b| b.is_some())
-            || !Self::multi_gemv_fits(h.rows, &w)
+            || !self.multi_gemv_fits(h.rows, &w)
         {
             if self.kernels == KernelSet::Fused
                 && bias.iter().all(|b| b.is_none())
@@ -1643,7 +1660,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         // At GEMM sizes: one GEMM on the stacked Q/K/V mirror, whose output
         // the RoPE kernel reads directly (writing q, k and v out).
-        if bias.iter().all(|b| b.is_none()) && !Self::multi_gemv_fits(h.rows, &w) {
+        if bias.iter().all(|b| b.is_none()) && !self.multi_gemv_fits(h.rows, &w) {
             if r.q.rows != h.rows || r.k.rows != h.rows || r.v.rows != h.rows {
                 return Err(shape_err(
                     "qkv_rope_store",
@@ -1706,7 +1723,7 @@ impl Backend for CudaBackend {
         // Decode sizes: gate and up in one launch, then the down projection
         // forming act(gate) * up itself (no gated_act launch; `act_out` is
         // left unwritten).
-        if Self::multi_gemv_fits(h.rows, &w[..2]) && self.prologue_takes(h.rows, w[2].cols, &w[2..], false) {
+        if self.multi_gemv_fits(h.rows, &w[..2]) && self.prologue_takes(h.rows, w[2].cols, &w[2..], false) {
             self.gate_up("gated_ffn", h, [w[0], w[1]], gate, up)?;
             let p = fused::Prologue::Gated {
                 gate: &*gate,
@@ -1740,7 +1757,7 @@ impl Backend for CudaBackend {
         // q/k norm + RoPE + K/V store inside: two launches instead of four.
         let t = rows.q.rows;
         let cols = w[0].cols;
-        let gemv_sized = bias.iter().all(|b| b.is_none()) && Self::multi_gemv_fits(t, &w);
+        let gemv_sized = bias.iter().all(|b| b.is_none()) && self.multi_gemv_fits(t, &w);
         let rope_fused = gemv_sized && self.rope_attention_takes(t, batch, p, pool, rope);
         let qkv_fused = gemv_sized
             && matches!(input, BlockInput::Residual { .. })
