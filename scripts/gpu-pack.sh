@@ -7,8 +7,8 @@
 #   the device and a fresh machine skips two and a half minutes of NVRTC and
 #   driver JIT). The cubin is made with NVRTC and ptxas 13.0 (the device's
 #   CUDA), installed from pip into /tmp when missing;
-# - .gpu/model/xa?: the default model in 37 MB pieces (a device call carries
-#   at most 64 MiB, the ~26 MB tree included).
+# - .gpu/model/xa?: the default model in 30 MB pieces (a device call carries
+#   at most 64 MiB, the ~33 MB tree included).
 # On the device: one call per piece (`mkdir -p /root/models && mv
 # .gpu/model/xaN /root/models/`, carry [".gpu/model/xaN"]), back to back
 # while the machine is warm; then a call carrying .gpu/bundle.tgz runs
@@ -33,6 +33,6 @@ $ptxas -arch=sm_90 /tmp/kestrel.ptx -o ".gpu/kcache/$(cat /tmp/kestrel.ptx.key)-
 tar czf .gpu/bundle.tmp -C .gpu bin kcache && mv .gpu/bundle.tmp .gpu/bundle.tgz
 model=$(bash scripts/fetch-model.sh | tail -1 | sed "s/^[^:]*: //")
 if [ ! -f .gpu/model/xaa ]; then
-  (cd .gpu/model && split -b 37000000 "$model")
+  (cd .gpu/model && split -b 30000000 "$model")
 fi
 du -sh .gpu/bundle.tgz .gpu/model
