@@ -176,6 +176,35 @@ fn matmul_every_dtype() {
     }
 }
 
+/// `matmul` of `t` rows `x` by `w` (dequantized values `deq`) and its
+/// relative error against f64 on the operands the tensor-core kernels are
+/// specified to use: weights and x rounded to f16 (only the f32
+/// accumulation order differs). Returns the output and the error.
+fn matmul_vs_f16_operands(
+    be: &CudaBackend,
+    w: &super::CudaWeight,
+    deq: &[f32],
+    t: usize,
+    x: &[f32],
+) -> (Vec<f32>, f64) {
+    let (rows, cols) = (w.rows, w.cols);
+    let f16r = |v: f32| half::f16::from_f32(v).to_f64();
+    let xa = act(be, t, cols, x);
+    let mut out = poisoned(be, t, rows);
+    be.matmul(&xa, w, &mut out).expect("matmul");
+    let got = be.read_act(&out).expect("read");
+    let mut want = vec![0f64; t * rows];
+    for r in 0..t {
+        for o in 0..rows {
+            want[r * rows + o] = (0..cols)
+                .map(|i| f16r(deq[o * cols + i]) * f16r(x[r * cols + i]))
+                .sum();
+        }
+    }
+    let err = rel_err(&got, &want);
+    (got, err)
+}
+
 /// The tensor-core Q8_0 kernel (tall matrices, 5..64 rows: the LM head of a
 /// batched decode step) against f64 on the operands it is specified to use:
 /// weights rounded to f16 as in the f16 mirror (f16(q * d)) and x rounded to
@@ -188,7 +217,6 @@ fn mma_q8_tall_matches_f64_on_f16_operands() {
     let Some(be) = backend(KernelSet::Fused) else {
         return;
     };
-    let f16r = |v: f32| half::f16::from_f32(v).to_f64();
     for (rows, cols) in [(16_384 + 37, 640), (16_400, 64)] {
         let (bytes, deq) = make_weight(&mut rng, DType::Q8_0, rows, cols);
         let shape = [rows, cols];
@@ -198,19 +226,7 @@ fn mma_q8_tall_matches_f64_on_f16_operands() {
         for t in [5usize, 8, 9, 16, 23, 33, 64] {
             assert!(be.mma_q8_takes(t, &w), "{t} rows should take mma_q8_0");
             let x = rvec(&mut rng, t * cols, 2.0);
-            let xa = act(&be, t, cols, &x);
-            let mut out = poisoned(&be, t, rows);
-            be.matmul(&xa, &w, &mut out).expect("matmul");
-            let got = be.read_act(&out).expect("read");
-            let mut want = vec![0f64; t * rows];
-            for r in 0..t {
-                for o in 0..rows {
-                    want[r * rows + o] = (0..cols)
-                        .map(|i| f16r(deq[o * cols + i]) * f16r(x[r * cols + i]))
-                        .sum();
-                }
-            }
-            let err = rel_err(&got, &want);
+            let (_, err) = matmul_vs_f16_operands(&be, &w, &deq, t, &x);
             assert!(err < 1e-5, "mma_q8_0 [{rows}x{cols}] rows={t}: rel err {err:e}");
         }
     }
@@ -229,7 +245,6 @@ fn hgemm_matches_f64_on_f16_operands_and_is_batch_invariant() {
     let Some(be) = backend(KernelSet::Fused) else {
         return;
     };
-    let f16r = |v: f32| half::f16::from_f32(v).to_f64();
     for (rows, cols) in [(77usize, 32usize), (1_544, 640), (640, 2_080)] {
         let (bytes, deq) = make_weight(&mut rng, DType::F16, rows, cols);
         let shape = [rows, cols];
@@ -243,20 +258,7 @@ fn hgemm_matches_f64_on_f16_operands_and_is_batch_invariant() {
         let mut first: Option<Vec<f32>> = None;
         for t in [64usize, 1, 2, 3, 4, 5, 8, 9, 16, 23, 33] {
             assert!(!be.gemv_takes(t, &[&w]), "{t} rows should take a GEMM");
-            let xs = &x[..t * cols];
-            let xa = act(&be, t, cols, xs);
-            let mut out = poisoned(&be, t, rows);
-            be.matmul(&xa, &w, &mut out).expect("matmul");
-            let got = be.read_act(&out).expect("read");
-            let mut want = vec![0f64; t * rows];
-            for r in 0..t {
-                for o in 0..rows {
-                    want[r * rows + o] = (0..cols)
-                        .map(|i| f16r(deq[o * cols + i]) * f16r(xs[r * cols + i]))
-                        .sum();
-                }
-            }
-            let err = rel_err(&got, &want);
+            let (got, err) = matmul_vs_f16_operands(&be, &w, &deq, t, &x[..t * cols]);
             assert!(err < 1e-5, "hgemm [{rows}x{cols}] rows={t}: rel err {err:e}");
             match &first {
                 None => first = Some(got),
