@@ -379,3 +379,73 @@ fn perplexity_runs_and_reports_bad_files() {
     let out = kestrel(&["perplexity", "--file", "/nonexistent/text.txt", "--device", "cpu"]);
     assert_clean_error(&out, &["/nonexistent/text.txt"]);
 }
+
+/// The engine benchmarks end to end on the tiny gemma3 fixture (a
+/// 480-token vocabulary: the benchmark prompts must stay inside it): the
+/// batch curve, the shared prefix computed once, and the interference run
+/// timing every step that carries a chunk of the long prompt (chunks that
+/// add up to the prompt, one TPOT sample each, a positive ratio).
+#[test]
+fn engine_benchmarks_run_on_a_small_vocabulary() {
+    let model = fixtures().join("gemma3/model-f32.gguf");
+    let capsule = tmp("engine-bench.json");
+    let out = kestrel(&[
+        "bench",
+        model.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--batch",
+        "1,4",
+        "--shared-prefix",
+        "64",
+        "--requests",
+        "4",
+        "--interference",
+        "100",
+        "--streams",
+        "3",
+        "--max-num-batched-tokens",
+        "32",
+        "--runs",
+        "1",
+        "--out",
+        capsule.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let j: Value = serde_json::from_str(&std::fs::read_to_string(&capsule).unwrap()).unwrap();
+    let e = &j["result"]["engine"];
+    let batch = e["batch"].as_array().unwrap();
+    assert_eq!(batch.len(), 2);
+    for b in batch {
+        assert!(b["decode_tok_s"][0].as_f64().unwrap() > 0.0, "{b}");
+    }
+    let sp = &e["shared_prefix"];
+    let saved = sp["prefix_cache_on"]["prefix_cache"]["tokens_saved"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        saved >= 3 * 48,
+        "the 3 later requests reuse the prefix's full blocks: {sp}"
+    );
+    assert_eq!(
+        sp["prefix_cache_off"]["prefix_cache"]["tokens_saved"].as_u64(),
+        Some(0)
+    );
+    let on = sp["prefix_cache_on"]["tokens_computed"].as_u64().unwrap();
+    let off = sp["prefix_cache_off"]["tokens_computed"].as_u64().unwrap();
+    assert_eq!(off - on, saved, "{sp}");
+    let it = &e["interference"];
+    let chunks: Vec<u64> = it["prefill_chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_u64().unwrap())
+        .collect();
+    assert_eq!(chunks.iter().sum::<u64>(), 100, "chunks {chunks:?}");
+    assert!(
+        chunks.iter().all(|&c| c <= 32 - 3),
+        "chunks {chunks:?} exceed the step budget"
+    );
+    assert_eq!(it["tpot_during_ms"].as_array().unwrap().len(), chunks.len());
+    assert!(it["ratio"].as_f64().unwrap() > 0.0, "{it}");
+}
