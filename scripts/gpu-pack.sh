@@ -32,7 +32,10 @@ KESTREL_PTX_OUT=/tmp/kestrel.ptx LD_LIBRARY_PATH=$nvrtc \
 $ptxas -arch=sm_90 /tmp/kestrel.ptx -o ".gpu/kcache/$(cat /tmp/kestrel.ptx.key)-sm_90.cubin"
 tar czf .gpu/bundle.tmp -C .gpu bin kcache && mv .gpu/bundle.tmp .gpu/bundle.tgz
 model=$(bash scripts/fetch-model.sh | tail -1 | sed "s/^[^:]*: //")
-if [ ! -f .gpu/model/xaa ]; then
-  (cd .gpu/model && split -b 30000000 "$model")
+# Pieces cut earlier at another size (37 MB once) would not fit: cut again.
+piece=30000000
+if [ "$(stat -c %s .gpu/model/xaa 2>/dev/null)" != "$piece" ]; then
+  rm -f .gpu/model/xa?
+  (cd .gpu/model && split -b $piece "$model")
 fi
 du -sh .gpu/bundle.tgz .gpu/model

@@ -311,6 +311,7 @@ pub fn interference<B: Backend>(
     // the request arrived runs without it, so the prefill may start a step
     // or two late: wait for its first chunk, then time every step that
     // carries one until the prompt is done.
+    const MAX_WAIT: usize = 8;
     let mut waited = 0;
     loop {
         let (r, ms) = step(&mut e)?;
@@ -321,8 +322,8 @@ pub fn interference<B: Backend>(
             break;
         } else {
             waited += 1;
-            if waited > 8 {
-                bail!("the {long_len}-token prompt was not scheduled within 8 steps of its arrival");
+            if waited > MAX_WAIT {
+                bail!("the {long_len}-token prompt was not scheduled within {MAX_WAIT} steps of its arrival");
             }
         }
     }
