@@ -121,3 +121,138 @@ HGEMM_ENTRY(1)
 HGEMM_ENTRY(2)
 HGEMM_ENTRY(4)
 HGEMM_ENTRY(8)
+
+// ---- GEMMs that end with the small step after them ("tails") -------------
+// At one sequence a decode step is a chain of ~165 dependent launches and
+// each costs more than its work; two fusions that repeated a small step in
+// every block of the next GEMM (the prologues of gemv.cu, the gated
+// activation inside the down GEMM) lost to the launch they saved. Here the
+// step runs once, after the GEMM, in the block that completes the outputs
+// it needs: each block, once its outputs are stored, draws a ticket from a
+// counter of its group; the block that draws the group's last ticket runs
+// the step on the group's outputs (written by other blocks, read through L2
+// with __ldcg) and resets the counter for the next launch. The kernel after
+// waits for the whole grid (PDL), so it sees the step's results.
+//
+// Counters: a zeroed u32 array per backend, one entry per group; launches
+// on one stream run their tails one after another, so they share it.
+
+// True in every thread of the block that completes a group of `need`
+// blocks (the block's stores must be done; the call synchronizes the block).
+__device__ __forceinline__ bool hg_last_of(u32* counter, u32 need) {
+    __shared__ int s_last;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence(); // this block's outputs before its ticket
+        bool last = atomicAdd(counter, 1u) == need - 1;
+        if (last) {
+            *counter = 0u;
+            __threadfence(); // the other blocks' outputs before the reads below
+        }
+        s_last = last;
+    }
+    __syncthreads();
+    return s_last;
+}
+
+// Wo / down projection + residual_norm's step on its output (delta = out,
+// m columns): x += post_w ? rms_norm(delta) * post_w : delta; nout =
+// rms_norm(x) * norm_w (and nout16 in f16 when not null), for the t rows,
+// in the last block of the grid, with residual_norm's summation order
+// (nthr = its block size). Dynamic shared memory: 2 * m floats.
+template <int NT>
+__device__ __forceinline__ void hgemm_res_impl(const u16* w, int m, int k, const u16* x, int t, float* out,
+                                               int ldc, u32* counter, float* res, const float* post_w,
+                                               const float* norm_w, float eps, int nthr, float* nout,
+                                               u16* nout16) {
+    hgemm_impl<NT>(w, m, k, x, t, out, ldc);
+    if (!hg_last_of(counter, gridDim.x)) return;
+    extern __shared__ float hg_dyn[];
+    __shared__ float scratch[32];
+    float* h = hg_dyn;
+    float* xn = hg_dyn + m;
+    for (int r = 0; r < t; r++) {
+        gp_residual_row(res + (long long)r * m, out + (long long)r * ldc, post_w, norm_w, eps, m, nthr, h, xn,
+                        scratch);
+        __syncthreads();
+        for (int c = threadIdx.x; c < m; c += blockDim.x) {
+            res[(long long)r * m + c] = xn[c];
+            nout[(long long)r * m + c] = h[c];
+            if (nout16) nout16[(long long)r * m + c] = f2h(h[c]);
+        }
+        __syncthreads();
+    }
+}
+
+// Stacked gate/up projection (m = 2 * f rows: gate then up) + gated_act_ld:
+// act_out[n, c] = act(gate[n, c]) * up[n, c] (and act16 in f16). Column c of
+// gate and of up come from blocks c / 16 and f / 16 + c / 16 (f % 16 == 0):
+// the second of the pair to finish forms those 16 columns of every row.
+template <int NT>
+__device__ __forceinline__ void hgemm_glu_impl(const u16* w, int m, int k, const u16* x, int t, float* out,
+                                               int ldc, u32* counter, int act, float* act_out, u16* act16) {
+    hgemm_impl<NT>(w, m, k, x, t, out, ldc);
+    int f = m >> 1, pairs = f >> 4, i = blockIdx.x % pairs;
+    if (!hg_last_of(counter + i, 2u)) return;
+    for (int o = threadIdx.x; o < t * 16; o += blockDim.x) {
+        int n = o >> 4, c = 16 * i + (o & 15);
+        float g = __ldcg(out + (long long)n * ldc + c);
+        float v = (act == 0 ? silu(g) : gelu_tanh(g)) * __ldcg(out + (long long)n * ldc + f + c);
+        act_out[(long long)n * f + c] = v;
+        if (act16) act16[(long long)n * f + c] = f2h(v);
+    }
+}
+
+// Stacked Q/K/V projection + qk_norm_rope_store on its output (src = out,
+// ld = ldc): item y < n_heads (query head y) needs the head_dim / 16 blocks
+// of its rows, item n_heads + h (KV head h) those of its K rows and of its
+// V rows; the block completing an item runs rope_store_item on it for every
+// row, with the standalone kernel's 128 logical threads (same bits).
+// Dynamic shared memory: head_dim floats.
+template <int NT>
+__device__ __forceinline__ void hgemm_rope_impl(const u16* w, int m, int k, const u16* x, int t, float* out,
+                                                int ldc, u32* counter, float* q, float* kk, const float* v,
+                                                int n_heads,
+                                                int n_kv_heads, int head_dim, const float* qw, const float* kw,
+                                                float eps, const float* inv_freq, int n_pairs, int style,
+                                                float mscale, const u32* positions, void* pool,
+                                                long long layer_off, long long v_off, int kvt, const u32* slots,
+                                                float* vdst) {
+    hgemm_impl<NT>(w, m, k, x, t, out, ldc);
+    int hb = head_dim >> 4, qb = n_heads * hb, kb = n_kv_heads * hb, b = blockIdx.x;
+    int item = b < qb ? b / hb : n_heads + (b < qb + kb ? b - qb : b - qb - kb) / hb;
+    if (!hg_last_of(counter + item, b < qb ? hb : 2 * hb)) return;
+    extern __shared__ float hg_dyn[];
+    __shared__ float scratch[32];
+    for (int r = 0; r < t; r++)
+        rope_store_item(r, item, 128, hg_dyn, scratch, q, kk, v, n_heads, n_kv_heads, head_dim, qw, kw, eps,
+                        inv_freq, n_pairs, style, mscale, positions, pool, layer_off, v_off, kvt, slots, out, ldc,
+                        vdst);
+}
+
+// hgemm_rope takes qk_norm_rope_store's arguments after the counter (its
+// `src` and `ld` are this GEMM's out and ldc, and are not read).
+#define HGEMM_TAIL_ENTRIES(NT)                                                                          \
+    extern "C" __global__ void __launch_bounds__(HG_THREADS) hgemm_res_##NT(                           \
+        const u16* w, int m, int k, const u16* x, int t, float* out, int ldc, u32* counter, float* res, \
+        const float* post_w, const float* norm_w, float eps, int nthr, float* nout, u16* nout16) {      \
+        hgemm_res_impl<NT>(w, m, k, x, t, out, ldc, counter, res, post_w, norm_w, eps, nthr, nout, nout16); \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(HG_THREADS) hgemm_glu_##NT(                           \
+        const u16* w, int m, int k, const u16* x, int t, float* out, int ldc, u32* counter, int act,    \
+        float* act_out, u16* act16) {                                                                   \
+        hgemm_glu_impl<NT>(w, m, k, x, t, out, ldc, counter, act, act_out, act16);                      \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(HG_THREADS) hgemm_rope_##NT(                          \
+        const u16* w, int m, int k, const u16* x, int t, float* out, int ldc, u32* counter, float* q,   \
+        float* kk, const float* v, int n_heads, int n_kv_heads, int head_dim, const float* qw,          \
+        const float* kw, float eps, const float* inv_freq, int n_pairs, int style, float mscale,        \
+        const u32* positions, void* pool, long long layer_off, long long v_off, int kvt,                \
+        const u32* slots, const float* src, int ld, float* vdst) {                                      \
+        hgemm_rope_impl<NT>(w, m, k, x, t, out, ldc, counter, q, kk, v, n_heads, n_kv_heads, head_dim, qw, kw, \
+                            eps, inv_freq, n_pairs, style, mscale, positions, pool, layer_off, v_off, kvt, \
+                            slots, vdst);                                                               \
+    }
+HGEMM_TAIL_ENTRIES(1)
+HGEMM_TAIL_ENTRIES(2)
+HGEMM_TAIL_ENTRIES(4)
