@@ -294,15 +294,6 @@ pub trait Backend: Send + Sync {
         self.matmul(act_out, w[2], out)
     }
 
-    /// Whether a step of `rows` activation rows should hand each residual
-    /// step to the projection that produces its delta
-    /// (`matmul_residual_norm`, `gated_ffn_residual_norm`) rather than to
-    /// the block that consumes its output (`BlockInput::Residual`). CUDA:
-    /// at the sizes whose GEMMs run the step in their last block.
-    fn residual_in_producer(&self, _rows: usize) -> bool {
-        false
-    }
-
     /// `delta = W · a`, then the residual step `r` on `delta` (what
     /// `matmul` + `residual_norm` do): one launch on GPUs.
     fn matmul_residual_norm(

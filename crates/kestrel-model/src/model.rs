@@ -601,11 +601,8 @@ impl<B: Backend> Model<B> {
         be.embed(&self.embed, batch, c.embed_scale, &mut s.x)?;
         be.rms_norm(&s.x, &self.layers[0].attn_norm, c.rms_eps, &mut s.h)?;
         // Each residual step (post-norm, add, next norm) is handed to the
-        // operation that consumes its output, or where the backend prefers
-        // (`residual_in_producer`) to the projection that produces its
-        // delta, so that it runs inside that operation's launch (CUDA at
-        // decode sizes).
-        let producer = be.residual_in_producer(be.act_rows(&s.x));
+        // operation that consumes its output, so that a backend may run it
+        // inside that operation's launch (CUDA at decode sizes).
         for (i, (lw, lc)) in self.layers.iter().zip(&c.layers).enumerate() {
             // Attention block: projections, q/k norm + RoPE, K/V store; from
             // the second layer on, after the previous FFN's residual step.
@@ -623,8 +620,6 @@ impl<B: Backend> Model<B> {
             let rope = &self.ropes[lc.rope];
             let input = match i.checked_sub(1).map(|p| &self.layers[p]) {
                 None => BlockInput::Normed(&s.h),
-                // The previous down projection's tail left it in s.h.
-                Some(_) if producer => BlockInput::Normed(&s.h),
                 Some(prev) => BlockInput::Residual {
                     delta: &s.f,
                     step: ResidualNorm {
@@ -659,6 +654,8 @@ impl<B: Backend> Model<B> {
                 &p,
                 &mut s.attn,
             )?;
+            be.matmul(&s.attn, &lw.wo, &mut s.o)?;
+
             // Feed-forward block after the attention block's residual step.
             let res = ResidualNorm {
                 x: &mut s.x,
@@ -669,35 +666,6 @@ impl<B: Backend> Model<B> {
                 out: &mut s.hf,
             };
             let w = [&lw.w_gate, &lw.w_up, &lw.w_down];
-            if producer {
-                be.matmul_residual_norm(&s.attn, &lw.wo, &mut s.o, res)?;
-                // The FFN's residual step: into the next layer's attention
-                // norm, or after the last layer the output norm.
-                let next_norm = match self.layers.get(i + 1) {
-                    Some(next) => &next.attn_norm,
-                    None => &self.output_norm,
-                };
-                let step = ResidualNorm {
-                    x: &mut s.x,
-                    post_norm: lw.post_ffn_norm.as_ref(),
-                    next_norm,
-                    eps: c.rms_eps,
-                    tmp: &mut s.t,
-                    out: &mut s.h,
-                };
-                be.gated_ffn_residual_norm(
-                    &s.hf,
-                    w,
-                    c.activation,
-                    &mut s.gate,
-                    &mut s.up,
-                    &mut s.act,
-                    &mut s.f,
-                    step,
-                )?;
-                continue;
-            }
-            be.matmul(&s.attn, &lw.wo, &mut s.o)?;
             be.ffn_block(
                 BlockInput::Residual {
                     delta: &s.o,
@@ -711,23 +679,20 @@ impl<B: Backend> Model<B> {
                 &mut s.f,
             )?;
         }
-        // The last FFN's residual step and the final norm (in producer
-        // mode the last down projection ran it).
+        // The last FFN's residual step and the final norm.
         let last = self
             .layers
             .last()
             .ok_or_else(|| ModelError::Request("model has no layers".into()))?;
-        if !producer {
-            be.residual_norm(
-                &mut s.x,
-                &s.f,
-                last.post_ffn_norm.as_ref(),
-                &self.output_norm,
-                c.rms_eps,
-                &mut s.t,
-                &mut s.h,
-            )?;
-        }
+        be.residual_norm(
+            &mut s.x,
+            &s.f,
+            last.post_ffn_norm.as_ref(),
+            &self.output_norm,
+            c.rms_eps,
+            &mut s.t,
+            &mut s.h,
+        )?;
 
         // Only the rows that need logits go through the (large) LM head.
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);

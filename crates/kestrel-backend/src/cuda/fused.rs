@@ -355,35 +355,6 @@ impl CudaBackend {
         batch: &CudaBatch,
         stacked: Option<u64>,
     ) -> Result<()> {
-        let (n_heads, n_kv_heads, head_dim) = heads;
-        let args = self.rope_store_args(q, k, v, heads, norms, eps, rope, pool, layer, batch, stacked)?;
-        self.run(
-            self.pre_wait_name("qk_norm_rope_store", "qk_norm_rope_store_pre"),
-            (q.rows as u32, (n_heads + n_kv_heads) as u32, 1),
-            128,
-            (head_dim * 4) as u32,
-            &args,
-        )
-    }
-
-    /// The arguments of `qk_norm_rope_store` (and of the QKV GEMM's tail,
-    /// which takes the same), once the shapes, the pool and the batch are
-    /// checked. `pool` is written by the launch that takes them.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn rope_store_args(
-        &self,
-        q: &CudaAct,
-        k: &CudaAct,
-        v: &CudaAct,
-        heads: (usize, usize, usize),
-        norms: [Option<&CudaVector>; 2],
-        eps: f32,
-        rope: &CudaRope,
-        pool: &mut CudaKvPool,
-        layer: usize,
-        batch: &CudaBatch,
-        stacked: Option<u64>,
-    ) -> Result<Vec<Arg>> {
         self.check_batch(batch)?;
         let (n_heads, n_kv_heads, head_dim) = heads;
         super::same_shape("qk_norm_rope_store", k, v)?;
@@ -417,32 +388,38 @@ impl CudaBackend {
             batch,
         )?;
         let (lo, vo) = pool.offsets(layer);
-        Ok(vec![
-            Arg::Ptr(q.ptr()),
-            Arg::Ptr(k.ptr()),
-            Arg::Ptr(v.ptr()),
-            i32_of(n_heads, "n_heads")?,
-            i32_of(n_kv_heads, "n_kv_heads")?,
-            i32_of(head_dim, "head_dim")?,
-            norm_rope[0],
-            norm_rope[1],
-            norm_rope[2],
-            norm_rope[3],
-            norm_rope[4],
-            norm_rope[5],
-            norm_rope[6],
-            Arg::Ptr(batch.positions),
-            Arg::Ptr(pool.buf.ptr),
-            Arg::I64(lo),
-            Arg::I64(vo),
-            Arg::I32(pool.dtype_code()),
-            Arg::Ptr(batch.slots),
-            // With a stacked QKV GEMM output ([rows, q + k + v], see
-            // `stacked_gemm`) the inputs come from there and v is copied out.
-            Arg::Ptr(stacked.unwrap_or(0)),
-            i32_of(q.cols + 2 * k.cols, "stacked QKV columns")?,
-            Arg::Ptr(if stacked.is_some() { v.ptr() } else { 0 }),
-        ])
+        self.run(
+            self.pre_wait_name("qk_norm_rope_store", "qk_norm_rope_store_pre"),
+            (q.rows as u32, (n_heads + n_kv_heads) as u32, 1),
+            128,
+            (head_dim * 4) as u32,
+            &[
+                Arg::Ptr(q.ptr()),
+                Arg::Ptr(k.ptr()),
+                Arg::Ptr(v.ptr()),
+                i32_of(n_heads, "n_heads")?,
+                i32_of(n_kv_heads, "n_kv_heads")?,
+                i32_of(head_dim, "head_dim")?,
+                norm_rope[0],
+                norm_rope[1],
+                norm_rope[2],
+                norm_rope[3],
+                norm_rope[4],
+                norm_rope[5],
+                norm_rope[6],
+                Arg::Ptr(batch.positions),
+                Arg::Ptr(pool.buf.ptr),
+                Arg::I64(lo),
+                Arg::I64(vo),
+                Arg::I32(pool.dtype_code()),
+                Arg::Ptr(batch.slots),
+                // With a stacked QKV GEMM output ([rows, q + k + v], see
+                // `stacked_gemm`) the inputs come from there and v is copied out.
+                Arg::Ptr(stacked.unwrap_or(0)),
+                i32_of(q.cols + 2 * k.cols, "stacked QKV columns")?,
+                Arg::Ptr(if stacked.is_some() { v.ptr() } else { 0 }),
+            ],
+        )
     }
 }
 

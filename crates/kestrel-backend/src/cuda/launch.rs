@@ -105,9 +105,6 @@ impl Kernels {
         }
         for t in [1, 2, 4] {
             names.push(format!("gemvp_{t}"));
-            for tail in super::tails::KINDS {
-                names.push(format!("hgemm_{tail}_{t}"));
-            }
         }
         let mut funcs = HashMap::new();
         for n in names {

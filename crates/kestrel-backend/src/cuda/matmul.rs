@@ -7,7 +7,6 @@ use cudarc::cublas::sys as cb;
 use super::buffers::{CudaAct, CudaWeight, DevBuf, Stacked};
 use super::launch::{i32_of, Arg};
 use super::lt_gemm::{gemm_mode, GemmMode, LtGemm, Operands, Shape, TUNE_MAX_ROWS};
-use super::tails::Tail;
 use super::weights::Format;
 use super::{CudaBackend, KernelSet};
 use crate::error::BackendError;
@@ -302,50 +301,40 @@ impl CudaBackend {
     /// whether it was allocated just now (then it holds nothing yet). None
     /// when it is too small while a graph is being captured (a capture must
     /// not allocate).
-    pub(crate) fn x16_scratch(
-        &self,
-        st: &mut super::State,
-        bytes: usize,
-    ) -> Result<Option<(u64, bool)>, BackendError> {
+    fn x16_scratch(&self, st: &mut super::State, bytes: usize) -> Result<Option<(u64, bool)>, BackendError> {
         let small = st.x16.as_ref().is_none_or(|b| b.bytes < bytes);
         if small {
             if st.capturing {
                 return Ok(None);
             }
             st.x16 = Some(DevBuf::alloc(&self.dev.stream, bytes, "f16 activation scratch")?);
-            // A copy marked in the freed scratch is gone.
-            self.x16_src.store(0, std::sync::atomic::Ordering::Relaxed);
             // Graphs captured earlier hold the freed buffer's address.
             st.meta.epoch += 1;
         }
         Ok(st.x16.as_ref().map(|b| (b.ptr, small)))
     }
 
-    /// Records that the launch just made left `out` in f16 at `out16` (the
-    /// activation scratch, or `x16b`). Any later launch clears the record
-    /// (`run`), so a GEMM trusts the copy only when its operand's producer
-    /// ran immediately before.
+    /// Records that the launch just made left `out` in f16 in the activation
+    /// scratch. Any later launch clears the record (`run`), so a GEMM trusts
+    /// the scratch only when its operand's producer ran immediately before.
     pub(crate) fn mark_f16_side_output(&self, out: &CudaAct, out16: u64) {
-        use std::sync::atomic::Ordering;
         if out16 != 0 {
-            self.x16_at.store(out16, Ordering::Relaxed);
-            self.x16_src.store(out.ptr(), Ordering::Relaxed);
+            self.x16_src
+                .store(out.ptr(), std::sync::atomic::Ordering::Relaxed);
         }
     }
 
-    /// Where `x`'s producer left it in f16, if it did (see
+    /// Whether the activation scratch already holds `x` in f16 (see
     /// `mark_f16_side_output`).
-    fn x16_copy(&self, x: &CudaAct) -> Option<u64> {
-        use std::sync::atomic::Ordering;
-        (self.x16_src.load(Ordering::Relaxed) == x.ptr()).then(|| self.x16_at.load(Ordering::Relaxed))
+    fn x16_holds(&self, x: &CudaAct) -> bool {
+        self.x16_src.load(std::sync::atomic::Ordering::Relaxed) == x.ptr()
     }
 
-    /// The address of `x` in f16 for a GEMM: where its producer left it, or
-    /// else the scratch at `x16` after a conversion (also when the copy was in
-    /// that scratch and it was just reallocated).
-    pub(crate) fn f16_operand(&self, x: &CudaAct, x16: u64, reallocated: bool) -> Result<u64, BackendError> {
-        if let Some(at) = self.x16_copy(x).filter(|&at| !(reallocated && at == x16)) {
-            return Ok(at);
+    /// Converts `x` to f16 into the scratch at `x16`, unless its producer
+    /// already left it there (and the scratch was not just reallocated).
+    fn ensure_f16_operand(&self, x: &CudaAct, x16: u64, reallocated: bool) -> Result<(), BackendError> {
+        if !reallocated && self.x16_holds(x) {
+            return Ok(());
         }
         let n = x.rows * x.cols;
         self.run(
@@ -354,8 +343,7 @@ impl CudaBackend {
             256,
             0,
             &[Arg::Ptr(x.ptr()), Arg::I64(n as i64), Arg::Ptr(x16)],
-        )?;
-        Ok(x16)
+        )
     }
 
     /// An f16 copy of `w` when the dense budget has room for it (the fused
@@ -435,7 +423,7 @@ impl CudaBackend {
             ));
         };
         drop(st);
-        let x16 = self.f16_operand(x, x16, fresh)?;
+        self.ensure_f16_operand(x, x16, fresh)?;
         for (w, out) in ws.iter().zip(outs.iter_mut()) {
             let dense = match &w.dense {
                 Some(d) => d.ptr,
@@ -452,7 +440,7 @@ impl CudaBackend {
                     w.name, x.rows, x.cols, w.rows, w.cols, out.rows, out.cols
                 )));
             }
-            self.gemm_f16(w, dense, w.rows, x16, x.rows, out.ptr(), w.rows, None)?;
+            self.gemm_f16(w, dense, w.rows, x16, x.rows, out.ptr(), w.rows)?;
         }
         Ok(())
     }
@@ -503,15 +491,8 @@ impl CudaBackend {
 
     /// `x · [W_0; W_1; …]ᵀ` with one GEMM on the stacked mirror of `ws`,
     /// into the stacked-output scratch: its address (row stride = the sum
-    /// of the weights' rows), or None when `ws` have no stacked mirror
-    /// (then nothing ran). With `tail`, the step that follows runs in the
-    /// GEMM's last blocks (the caller checked `tail_takes`).
-    pub(crate) fn stacked_gemm(
-        &self,
-        x: &CudaAct,
-        ws: &[&CudaWeight],
-        tail: Option<&Tail>,
-    ) -> Result<Option<u64>, BackendError> {
+    /// of the weights' rows), or None when `ws` have no stacked mirror.
+    pub(crate) fn stacked_gemm(&self, x: &CudaAct, ws: &[&CudaWeight]) -> Result<Option<u64>, BackendError> {
         if self.kernels != KernelSet::Fused || x.cols != ws[0].cols || !stacking_on() {
             return Ok(None);
         }
@@ -533,7 +514,7 @@ impl CudaBackend {
             ));
         };
         drop(st);
-        let x16 = self.f16_operand(x, x16, fresh)?;
+        self.ensure_f16_operand(x, x16, fresh)?;
         self.gemm_f16(
             ws[0],
             stacked.buf.ptr,
@@ -542,7 +523,6 @@ impl CudaBackend {
             x.rows,
             out,
             stacked.rows,
-            tail,
         )?;
         Ok(Some(out))
     }
@@ -576,7 +556,7 @@ impl CudaBackend {
         }
         let w16 = st.w16.as_ref().map(|b| b.ptr);
         drop(st);
-        let x16 = self.f16_operand(x, x16, fresh)?;
+        self.ensure_f16_operand(x, x16, fresh)?;
         let wa = Self::weight_args(w)?;
         let mut r0 = 0;
         while r0 < m_all {
@@ -598,7 +578,7 @@ impl CudaBackend {
                 (None, None) => return Err(BackendError::Cuda("weight scratch missing".into())),
             };
             let c_ptr = out.ptr() + (r0 * 4) as u64;
-            self.gemm_f16(w, a_ptr, m, x16, t, c_ptr, m_all, None)?;
+            self.gemm_f16(w, a_ptr, m, x16, t, c_ptr, m_all)?;
             r0 += m;
         }
         Ok(())
@@ -615,10 +595,9 @@ impl CudaBackend {
     /// `C[t, m] (row stride ldc) = X16[t, k] · A[m, k]ᵀ` with f16 inputs and
     /// f32 accumulation and output (`w` names the product and gives k),
     /// through `hgemm_*` up to 64 rows (`hgemm_takes`), else cuBLAS or
-    /// cuBLASLt (`KESTREL_GEMM`, see lt_gemm.rs). With `tail`, an
-    /// `hgemm_{tail}_*` kernel that also runs the step after the GEMM.
+    /// cuBLASLt (`KESTREL_GEMM`, see lt_gemm.rs).
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn gemm_f16(
+    fn gemm_f16(
         &self,
         w: &CudaWeight,
         a_ptr: u64,
@@ -627,37 +606,7 @@ impl CudaBackend {
         t: usize,
         c_ptr: u64,
         ldc: usize,
-        tail: Option<&Tail>,
     ) -> Result<(), BackendError> {
-        if let Some(tail) = tail {
-            if !self.tail_takes(t, w.cols) {
-                return Err(BackendError::Other(format!(
-                    "GEMM tail '{}' asked of {t} rows by '{}', which no tail kernel takes",
-                    tail.kind, w.name
-                )));
-            }
-            let tiles = match t.div_ceil(8) {
-                1 => 1,
-                2 => 2,
-                _ => 4,
-            };
-            let mut args = vec![
-                Arg::Ptr(a_ptr),
-                i32_of(m, "weight rows")?,
-                i32_of(w.cols, "weight cols")?,
-                Arg::Ptr(x16),
-                i32_of(t, "rows")?,
-                Arg::Ptr(c_ptr),
-                i32_of(ldc, "output stride")?,
-                Arg::Ptr(self.tail_counters.ptr),
-            ];
-            args.extend_from_slice(&tail.args);
-            let name = format!("hgemm_{}_{tiles}", tail.kind);
-            self.run(&name, (m.div_ceil(16) as u32, 1, 1), 256, tail.smem, &args)?;
-            self.tail_launches
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return Ok(());
-        }
         if self.hgemm_takes(t, w.cols) {
             let name = match t.div_ceil(8) {
                 1 => "hgemm_1",

@@ -22,7 +22,6 @@ mod matmul;
 mod megakernel;
 mod meta;
 mod sampling;
-mod tails;
 mod timing;
 mod weights;
 
@@ -41,7 +40,7 @@ pub use graph::DecodeGraph;
 
 use crate::backend::{
     attention_block_unfused, qk_norm_rope_store_unfused, qkv_unfused, residual_norm_unfused, Activation,
-    Backend, BlockInput, Graph, QkvRows, ResidualNorm, Result,
+    Backend, BlockInput, Graph, QkvRows, Result,
 };
 use crate::error::BackendError;
 use crate::layout::{AttnParams, BatchLayout, KvSpec, RopeParams};
@@ -222,9 +221,6 @@ pub(crate) struct State {
     att_count: Option<DevBuf>,
     /// Output of a stacked-weight GEMM (`[rows, Σ weight rows]`).
     stacked_out: Option<DevBuf>,
-    /// A second f16 activation scratch, for the gated activation formed in
-    /// the gate/up GEMM's tail while that GEMM still reads `x16` (tails.rs).
-    x16b: Option<DevBuf>,
     capturing: bool,
     /// cuBLAS workspace set on the handle (so that captured GEMMs never
     /// allocate).
@@ -260,13 +256,6 @@ pub struct CudaBackend {
     /// between launches: the last block resets it). One stream, so one
     /// counter serves every launch.
     gp_counter: DevBuf,
-    /// Ticket counters of the GEMM tails (tails.rs; zero between launches).
-    tail_counters: DevBuf,
-    /// Most activation rows whose GEMMs run the small step after them in
-    /// their last block (tails.rs; 0: off).
-    tail_rows: std::sync::atomic::AtomicUsize,
-    /// GEMM launches with a tail so far (tests check the path ran).
-    tail_launches: std::sync::atomic::AtomicU64,
     /// Which decode fusions run (bits `FUSE_*`): GEMVs that form their
     /// activation in the launch (`gemv_prologue`) instead of after a
     /// residual-step or gated-activation launch, and RoPE inside attention.
@@ -279,8 +268,6 @@ pub struct CudaBackend {
     /// Address of the activation whose f16 copy the producer launched last
     /// left in the activation scratch (0: none); see `mark_f16_side_output`.
     x16_src: std::sync::atomic::AtomicU64,
-    /// Where that f16 copy is (the activation scratch, or `x16b`).
-    x16_at: std::sync::atomic::AtomicU64,
     /// Whether captures also record a decode megakernel program
     /// (megakernel.rs); `KESTREL_MEGAKERNEL=1` starts it on.
     mega: std::sync::atomic::AtomicBool,
@@ -347,7 +334,6 @@ impl CudaBackend {
             k.set_max_dynamic_smem(&format!("mma_q8_0_argmax_{tiles}"), matmul::MMA_SMEM_MAX as u32)?;
         }
         let gp_counter = DevBuf::alloc(&dev.stream, 4, "gemvp ticket counter")?;
-        let tail_counters = DevBuf::alloc(&dev.stream, tails::COUNTERS * 4, "GEMM tail counters")?;
         let prologue = std::env::var("KESTREL_PROLOGUE")
             .ok()
             .and_then(|v| v.trim().parse::<u8>().ok())
@@ -363,15 +349,11 @@ impl CudaBackend {
         Ok(CudaBackend {
             dense_budget: std::sync::atomic::AtomicUsize::new(dense_budget),
             x16_src: std::sync::atomic::AtomicU64::new(0),
-            x16_at: std::sync::atomic::AtomicU64::new(0),
             mega: std::sync::atomic::AtomicBool::new(megakernel::enabled_by_env()),
             recorder: Mutex::new(None),
             recording: std::sync::atomic::AtomicBool::new(false),
             mega_launches: std::sync::atomic::AtomicU64::new(0),
             gp_counter,
-            tail_counters,
-            tail_rows: std::sync::atomic::AtomicUsize::new(tails::default_rows()),
-            tail_launches: std::sync::atomic::AtomicU64::new(0),
             prologue: std::sync::atomic::AtomicU8::new(prologue & FUSE_ALL),
             dev,
             max_attn_splits: std::sync::atomic::AtomicUsize::new(32),
@@ -450,21 +432,6 @@ impl CudaBackend {
         );
     }
 
-    /// Most activation rows whose GEMMs run the small step that follows them
-    /// (residual step, gated activation, q/k norm + RoPE + K/V store) in
-    /// their last block instead of a launch of its own (tails.rs; default
-    /// `KESTREL_TAIL_ROWS`, at most 32, 0: off). Graphs captured before a
-    /// change keep the old choice.
-    pub fn set_tail_rows(&self, n: usize) {
-        self.tail_rows
-            .store(n.min(tails::MAX_ROWS), std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// GEMM launches (or graph nodes captured) that ran a tail so far.
-    pub fn tail_launches(&self) -> u64 {
-        self.tail_launches.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
     /// Most activation rows that take the GEMV kernels when the weights have
     /// f16 mirrors (default 0: every matmul of a step on the mirrors,
     /// `KESTREL_GEMV_ROWS`; at most 8). Graphs captured before a change keep
@@ -532,10 +499,7 @@ impl CudaBackend {
     ) -> Result<()> {
         let gemm_sized = !self.multi_gemv_fits(h.rows, &w);
         if gemm_sized && w[0].rows == w[1].rows && act_out.rows == h.rows && act_out.cols == w[0].rows {
-            if self.gate_up_act_tail(h, &w, act, act_out)? {
-                return Ok(());
-            }
-            if let Some(src) = self.stacked_gemm(h, &w, None)? {
+            if let Some(src) = self.stacked_gemm(h, &w)? {
                 let n = act_out.rows * act_out.cols;
                 let out16 = self.f16_side_output(act_out)?;
                 self.elementwise(
@@ -1709,28 +1673,8 @@ impl Backend for CudaBackend {
                     "q/k/v columns differ from the weights' rows".to_string(),
                 ));
             }
-            let heads = (r.n_heads, r.n_kv_heads, r.head_dim);
-            if self.tail_takes(h.rows, h.cols) {
-                // Some(0): a stacked source (v is copied out); the tail
-                // reads the GEMM's own output.
-                let args = self.rope_store_args(
-                    r.q,
-                    r.k,
-                    r.v,
-                    heads,
-                    norms,
-                    eps,
-                    rope,
-                    pool,
-                    layer,
-                    batch,
-                    Some(0),
-                )?;
-                if self.qkv_rope_tail(h, &w, heads, args)? {
-                    return Ok(());
-                }
-            }
-            if let Some(src) = self.stacked_gemm(h, &w, None)? {
+            if let Some(src) = self.stacked_gemm(h, &w)? {
+                let heads = (r.n_heads, r.n_kv_heads, r.head_dim);
                 return self.qk_norm_rope_store_fused(
                     r.q,
                     r.k,
@@ -1764,43 +1708,6 @@ impl Backend for CudaBackend {
             return residual_norm_unfused(self, x, delta, post_norm, next_norm, eps, tmp, out);
         }
         self.residual_norm_fused(x, delta, post_norm, next_norm, eps, out)
-    }
-
-    fn residual_in_producer(&self, rows: usize) -> bool {
-        // Any k: `matmul_residual_tail` falls back by itself when the
-        // projection's columns do not fit `hgemm_*`.
-        self.tail_takes(rows, 32)
-    }
-
-    fn matmul_residual_norm(
-        &self,
-        a: &CudaAct,
-        w: &CudaWeight,
-        delta: &mut CudaAct,
-        r: ResidualNorm<'_, Self>,
-    ) -> Result<()> {
-        self.matmul_residual_tail(a, w, delta, r)
-    }
-
-    fn gated_ffn_residual_norm(
-        &self,
-        h: &CudaAct,
-        w: [&CudaWeight; 3],
-        act: Activation,
-        gate: &mut CudaAct,
-        up: &mut CudaAct,
-        act_out: &mut CudaAct,
-        out: &mut CudaAct,
-        r: ResidualNorm<'_, Self>,
-    ) -> Result<()> {
-        // At GEMM sizes: gate/up (with the activation in its tail when it
-        // takes one), then the down GEMM with the residual step in its tail.
-        if self.multi_gemv_fits(h.rows, &w[..2]) {
-            self.gated_ffn(h, w, act, gate, up, act_out, out)?;
-            return crate::backend::residual_norm_unfused_into(self, out, r).map(|_| ());
-        }
-        self.gate_up_act("gated_ffn_residual_norm", h, [w[0], w[1]], act, gate, up, act_out)?;
-        self.matmul_residual_tail(act_out, w[2], out, r)
     }
 
     fn gated_ffn(

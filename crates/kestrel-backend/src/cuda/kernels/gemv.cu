@@ -518,9 +518,8 @@ __device__ void gp_residual_row(const float* res, const float* delta, const floa
         #pragma unroll
         for (int k = 0; k < GP_PASS; k++) {
             int c = base + threadIdx.x + k * blockDim.x;
-            // Through L2: in hgemm's tail, delta was written by other blocks.
-            a[k] = c < cols ? __ldcg(res + c) : 0.0f;
-            d[k] = c < cols ? __ldcg(delta + c) : 0.0f;
+            a[k] = c < cols ? res[c] : 0.0f;
+            d[k] = c < cols ? delta[c] : 0.0f;
         }
         #pragma unroll
         for (int k = 0; k < GP_PASS; k++) {
