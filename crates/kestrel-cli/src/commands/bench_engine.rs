@@ -309,21 +309,27 @@ pub fn interference<B: Backend>(
     let mut chunks = Vec::new();
     // With overlapped steps (CUDA) the step that was already scheduled when
     // the request arrived runs without it, so the prefill may start a step
-    // or two late: wait for its first chunk, then time every step that
-    // carries one until the prompt is done.
+    // or two late, and later chunks may come every other step (a chunk is
+    // scheduled once the step before it has been issued): time every step
+    // that carries a chunk until the whole prompt has been prefilled, and
+    // count the plain steps between them.
     const MAX_WAIT: usize = 8;
     let mut waited = 0;
-    loop {
+    let mut plain_between = 0;
+    while chunks.iter().sum::<usize>() < long_len {
         let (r, ms) = step(&mut e)?;
         if r.num_tokens > streams {
             during.push(ms);
             chunks.push(r.num_tokens - streams);
-        } else if !chunks.is_empty() {
-            break;
+            waited = 0;
         } else {
+            plain_between += usize::from(!chunks.is_empty());
             waited += 1;
             if waited > MAX_WAIT {
-                bail!("the {long_len}-token prompt was not scheduled within {MAX_WAIT} steps of its arrival");
+                bail!(
+                    "the {long_len}-token prompt got no chunk within {MAX_WAIT} steps ({} of its tokens prefilled)",
+                    chunks.iter().sum::<usize>()
+                );
             }
         }
     }
@@ -342,11 +348,14 @@ pub fn interference<B: Backend>(
     } else {
         0.0
     };
+    let sizes: std::collections::BTreeSet<usize> = chunks.iter().copied().collect();
     eprintln!(
-        "{streams} streams: TPOT {:.3} ms before, {:.3} ms while a {long_len}-token prompt is prefilled in chunks of {:?} tokens: {ratio:.2}x",
-        b.stats.median, d.stats.median, chunks
+        "{streams} streams: TPOT {:.3} ms before, {:.3} ms in the {} steps that prefill a {long_len}-token prompt (chunks of {sizes:?} tokens; {plain_between} plain steps between them): {ratio:.2}x",
+        b.stats.median,
+        d.stats.median,
+        chunks.len()
     );
-    let v = json!({"streams": streams, "long_prompt": long_len, "tpot_before_ms": b.raw, "tpot_during_ms": d.raw, "prefill_chunks": chunks, "ratio": ratio});
+    let v = json!({"streams": streams, "long_prompt": long_len, "tpot_before_ms": b.raw, "tpot_during_ms": d.raw, "prefill_chunks": chunks, "plain_steps_between_chunks": plain_between, "ratio": ratio});
     rows.push(b);
     rows.push(d);
     rows.push(Row::new(
