@@ -447,7 +447,5 @@ fn engine_benchmarks_run_on_a_small_vocabulary() {
         "chunks {chunks:?} exceed the step budget"
     );
     assert_eq!(it["tpot_during_ms"].as_array().unwrap().len(), chunks.len());
-    // The CPU runs steps one after another: a chunk every step.
-    assert_eq!(it["plain_steps_between_chunks"].as_u64(), Some(0), "{it}");
     assert!(it["ratio"].as_f64().unwrap() > 0.0, "{it}");
 }

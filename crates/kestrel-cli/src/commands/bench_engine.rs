@@ -293,44 +293,68 @@ pub fn interference<B: Backend>(
         let r = e.step().context("engine step")?;
         Ok((r, t0.elapsed().as_secs_f64() * 1e3))
     };
-    // Let every stream reach steady decoding, then time 32 plain steps.
+    // A sample is the wall time between two steps that hand every stream a
+    // token: what a stream sees as its time per output token. On CUDA a
+    // greedy step's tokens are read by the next call (overlapped steps),
+    // and while a prompt is being prefilled the next step is not launched
+    // ahead, so a chunk's step and the call that reads its tokens make one
+    // sample together; on the CPU each call is one sample.
+    // Let every stream reach steady decoding, then time 32 token intervals.
     while e.stats().running < streams || e.stats().tokens_generated < (streams * 4) as u64 {
         step(&mut e)?;
     }
     let mut before = Vec::new();
-    for _ in 0..32 {
+    let mut acc = 0.0;
+    while before.len() < 32 {
         let (r, ms) = step(&mut e)?;
-        if r.num_tokens == streams {
-            before.push(ms);
+        acc += ms;
+        // A stream still prefilling: not steady decoding yet.
+        if r.num_tokens > streams {
+            acc = 0.0;
+            continue;
+        }
+        if r.num_sampled >= streams {
+            before.push(std::mem::take(&mut acc));
         }
     }
     let long = e.add_request(prompt(streams + 7, long_len, vocab), greedy(1))?.1;
     let mut during = Vec::new();
     let mut chunks = Vec::new();
-    // With overlapped steps (CUDA) the step that was already scheduled when
-    // the request arrived runs without it, so the prefill may start a step
-    // or two late, and later chunks may come every other step (a chunk is
-    // scheduled once the step before it has been issued): time every step
-    // that carries a chunk until the whole prompt has been prefilled, and
-    // count the plain steps between them.
+    // The prefill may start a step or two after the request arrives (the
+    // step already launched runs without it): intervals before its first
+    // chunk are not counted; the last one counted is the one that hands
+    // out the tokens of the step with the last chunk.
     const MAX_WAIT: usize = 8;
-    let mut waited = 0;
-    let mut plain_between = 0;
-    while chunks.iter().sum::<usize>() < long_len {
+    let mut idle = 0;
+    let mut unread_chunk = false;
+    acc = 0.0;
+    while chunks.iter().sum::<usize>() < long_len || unread_chunk {
         let (r, ms) = step(&mut e)?;
-        if r.num_tokens > streams {
-            during.push(ms);
-            chunks.push(r.num_tokens - streams);
-            waited = 0;
-        } else {
-            plain_between += usize::from(!chunks.is_empty());
-            waited += 1;
-            if waited > MAX_WAIT {
-                bail!(
-                    "the {long_len}-token prompt got no chunk within {MAX_WAIT} steps ({} of its tokens prefilled)",
-                    chunks.iter().sum::<usize>()
-                );
+        acc += ms;
+        let chunk = r.num_tokens.saturating_sub(streams);
+        if chunk > 0 {
+            chunks.push(chunk);
+            unread_chunk = true;
+        }
+        // Tokens handed out in the call that ran a chunk (the CPU) or in
+        // the call after it (overlapped steps) are that chunk's step's.
+        if r.num_sampled >= streams {
+            let interval = std::mem::take(&mut acc);
+            if !chunks.is_empty() {
+                during.push(interval);
+                unread_chunk = false;
             }
+        }
+        idle = if chunk > 0 || r.num_sampled > 0 {
+            0
+        } else {
+            idle + 1
+        };
+        if idle > MAX_WAIT {
+            bail!(
+                "the {long_len}-token prompt made no progress in {MAX_WAIT} steps ({} of its tokens prefilled)",
+                chunks.iter().sum::<usize>()
+            );
         }
     }
     count_tokens(&[long])?;
@@ -350,12 +374,12 @@ pub fn interference<B: Backend>(
     };
     let sizes: std::collections::BTreeSet<usize> = chunks.iter().copied().collect();
     eprintln!(
-        "{streams} streams: TPOT {:.3} ms before, {:.3} ms in the {} steps that prefill a {long_len}-token prompt (chunks of {sizes:?} tokens; {plain_between} plain steps between them): {ratio:.2}x",
+        "{streams} streams: TPOT {:.3} ms before, {:.3} ms while a {long_len}-token prompt is prefilled in {} chunks of {sizes:?} tokens: {ratio:.2}x",
         b.stats.median,
         d.stats.median,
         chunks.len()
     );
-    let v = json!({"streams": streams, "long_prompt": long_len, "tpot_before_ms": b.raw, "tpot_during_ms": d.raw, "prefill_chunks": chunks, "plain_steps_between_chunks": plain_between, "ratio": ratio});
+    let v = json!({"streams": streams, "long_prompt": long_len, "tpot_before_ms": b.raw, "tpot_during_ms": d.raw, "prefill_chunks": chunks, "ratio": ratio});
     rows.push(b);
     rows.push(d);
     rows.push(Row::new(
