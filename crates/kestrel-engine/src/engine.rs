@@ -31,7 +31,9 @@ use crate::events::{
 };
 use crate::output::SeqOutput;
 use crate::sampling::{score_token, Sampled, SamplingError, SamplingParams, MAX_LOGPROBS};
-use crate::scheduler::{PromptRows, Scheduler, SchedulerConfig, StepPlan, DEFAULT_MAX_PROMPT_LOGPROB_ROWS};
+use crate::scheduler::{
+    LongPrefill, PromptRows, Scheduler, SchedulerConfig, StepPlan, DEFAULT_MAX_PROMPT_LOGPROB_ROWS,
+};
 
 /// Engine sizing. The CLI computes `num_kv_blocks` from `--num-kv-blocks` or
 /// from free device memory.
@@ -45,6 +47,8 @@ pub struct EngineConfig {
     pub max_num_seqs: usize,
     /// Token budget of one step.
     pub max_num_batched_tokens: usize,
+    /// Tokens per step of long prefills beside running decodes.
+    pub long_prefill: LongPrefill,
     pub enable_prefix_caching: bool,
     pub kv_dtype: KvDType,
 }
@@ -56,6 +60,7 @@ impl Default for EngineConfig {
             block_size: 16,
             max_num_seqs: 256,
             max_num_batched_tokens: 2048,
+            long_prefill: LongPrefill::default(),
             enable_prefix_caching: true,
             kv_dtype: KvDType::F32,
         }
@@ -287,6 +292,7 @@ impl<B: Backend> Engine<B> {
                 max_num_seqs: config.max_num_seqs,
                 max_num_batched_tokens: config.max_num_batched_tokens,
                 max_prompt_logprob_rows: DEFAULT_MAX_PROMPT_LOGPROB_ROWS,
+                long_prefill: config.long_prefill,
             },
             blocks,
         );

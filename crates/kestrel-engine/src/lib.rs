@@ -20,5 +20,6 @@ pub use error::EngineError;
 pub use events::{Event, EventReceiver, FinishReason, PromptLogprob, RequestId, Usage};
 pub use perplexity::{perplexity, Perplexity};
 pub use sampling::{Sampled, Sampler, SamplingError, SamplingParams};
+pub use scheduler::LongPrefill;
 pub use session::{Generation, Session, BLOCK_SIZE};
 pub use stop::{StopMatcher, StopOutput};

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 
 use kestrel_engine::block_manager::{BlockManager, SeqId};
-use kestrel_engine::scheduler::{Scheduler, SchedulerConfig, StepPlan};
+use kestrel_engine::scheduler::{LongPrefill, Scheduler, SchedulerConfig, StepPlan};
 use proptest::prelude::*;
 
 const BS: usize = 4;
@@ -60,7 +60,12 @@ impl Sim {
             max_num_seqs,
             max_num_batched_tokens: budget,
             max_prompt_logprob_rows: rows,
+            long_prefill: LongPrefill::default(),
         };
+        Sim::with_config(num_blocks, cfg, caching)
+    }
+
+    fn with_config(num_blocks: usize, cfg: SchedulerConfig, caching: bool) -> Sim {
         Sim {
             s: Scheduler::new(cfg, BlockManager::new(num_blocks, BS, caching)),
             kv: vec![None; num_blocks * BS],
@@ -205,6 +210,83 @@ fn long_prefill_is_chunked_beside_running_decodes() {
     sim.run_to_end(100);
     assert_eq!(sim.done[&3], solo(&prompt(40, 3), 2));
     assert_eq!(sim.done[&1], solo(&prompt(3, 1), 30));
+}
+
+/// While a step carries decodes, prompts over the long-prefill threshold
+/// share `chunk` tokens of it between them (however large the budget), and
+/// a shorter prompt comes in whole (in its turn); a long prompt alone
+/// takes the whole budget. Every request still generates what it would
+/// alone.
+#[test]
+fn long_prompts_get_the_long_chunk_beside_decodes() {
+    let cfg = |chunk| SchedulerConfig {
+        max_num_seqs: 8,
+        max_num_batched_tokens: 200,
+        max_prompt_logprob_rows: 1000,
+        long_prefill: LongPrefill { threshold: 20, chunk },
+    };
+    let mut sim = Sim::with_config(200, cfg(6), false);
+    sim.add(1, prompt(3, 1), 40);
+    sim.add(2, prompt(3, 2), 40);
+    sim.step();
+    sim.add(3, prompt(50, 3), 2);
+    sim.add(4, prompt(25, 4), 2);
+    sim.add(5, prompt(12, 5), 2);
+    let mut long_steps = 0;
+    let prefilling = |sim: &Sim, id: u64| sim.s.seq(id).is_some_and(|s| s.num_computed < s.prompt_len);
+    while prefilling(&sim, 3) || prefilling(&sim, 4) {
+        let before = [
+            prefilling(&sim, 3),
+            prefilling(&sim, 4),
+            sim.s.seq(5).is_none_or(|s| s.num_computed == 0),
+        ];
+        let p = sim.step();
+        let decodes = p.scheduled.iter().filter(|s| s.id <= 2).count();
+        assert_eq!(decodes, 2, "the streams decode every step: {:?}", p.scheduled);
+        // Prefill chunks of the long prompts (not the decode of one done).
+        let long: usize = p
+            .scheduled
+            .iter()
+            .filter(|s| (s.id == 3 && before[0]) || (s.id == 4 && before[1]))
+            .map(|s| s.num_tokens)
+            .sum();
+        assert!(
+            long <= 6,
+            "long prefills took {long} tokens of a step with decodes"
+        );
+        // First come, first served: it waits behind the long ones, then
+        // comes in whole.
+        if let Some(short) = p.scheduled.iter().find(|s| s.id == 5 && before[2]) {
+            assert_eq!(short.num_tokens, 12, "the short prompt is admitted whole");
+        }
+        long_steps += 1;
+    }
+    assert_eq!(long_steps, (50 + 25usize).div_ceil(6));
+    sim.run_to_end(200);
+    for (id, len) in [(1, 3), (2, 3)] {
+        assert_eq!(sim.done[&id], solo(&prompt(len, id as u32), 40));
+    }
+    for (id, len) in [(3, 50), (4, 25), (5, 12)] {
+        assert_eq!(sim.done[&id], solo(&prompt(len, id as u32), 2));
+    }
+    // Alone, or with the limit off, a long prompt takes the whole budget.
+    for chunk in [6, 0] {
+        let mut sim = Sim::with_config(200, cfg(chunk), false);
+        sim.add(1, prompt(3, 1), 4);
+        sim.add(3, prompt(150, 3), 2);
+        let p = sim.step();
+        assert_eq!(p.layout.tokens.len(), 153, "chunk {chunk}: {:?}", p.scheduled);
+    }
+    let mut sim = Sim::with_config(200, cfg(0), false);
+    sim.add(1, prompt(3, 1), 4);
+    sim.step();
+    sim.add(3, prompt(150, 3), 2);
+    let p = sim.step();
+    assert_eq!(
+        p.layout.tokens.len(),
+        151,
+        "limit off: the whole prompt beside the decode"
+    );
 }
 
 #[test]
@@ -424,6 +506,7 @@ fn lookahead_plans_what_schedule_would_and_declines_without_change() {
         max_num_seqs: 2,
         max_num_batched_tokens: 64,
         max_prompt_logprob_rows: 0,
+        long_prefill: LongPrefill::default(),
     };
     let new = || Scheduler::new(cfg, BlockManager::new(12, BS, true));
     let (mut ahead, mut plain) = (new(), new());

@@ -73,6 +73,8 @@ pub struct BenchArgs {
     /// Token budget of one engine step (chunked prefill) in the engine benchmarks.
     #[arg(long, default_value_t = 2048)]
     pub max_num_batched_tokens: usize,
+    #[command(flatten)]
+    pub long_prefill: super::long_prefill_args::LongPrefillArgs,
     /// Write the capsule here (default: benchmarks/<date>-bench-<device>.json).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -146,6 +148,7 @@ impl BackendTask for BenchTask {
                 kv: kvt,
                 block_size: 16,
                 max_num_batched_tokens: a.max_num_batched_tokens,
+                long_prefill: a.long_prefill.get(),
                 prompt_len: a.prompt_len,
                 gen_len: a.gen_len,
             };

@@ -28,6 +28,7 @@ pub struct EngineBenchOpts {
     pub kv: KvDType,
     pub block_size: usize,
     pub max_num_batched_tokens: usize,
+    pub long_prefill: kestrel_engine::LongPrefill,
     pub prompt_len: usize,
     pub gen_len: usize,
 }
@@ -71,6 +72,7 @@ fn engine<B: Backend>(
         block_size: o.block_size,
         max_num_seqs: seqs,
         max_num_batched_tokens: o.max_num_batched_tokens,
+        long_prefill: o.long_prefill,
         enable_prefix_caching: prefix_cache,
         kv_dtype: o.kv,
     };

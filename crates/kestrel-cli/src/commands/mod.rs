@@ -6,6 +6,7 @@ pub mod bench_engine;
 pub mod bench_serve;
 pub mod chat;
 pub mod inspect;
+pub mod long_prefill_args;
 pub mod microbench;
 pub mod perplexity;
 pub mod report;

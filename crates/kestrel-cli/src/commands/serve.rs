@@ -40,6 +40,8 @@ pub struct ServeArgs {
     /// Token budget of one engine step.
     #[arg(long, default_value_t = 2048)]
     pub max_num_batched_tokens: usize,
+    #[command(flatten)]
+    pub long_prefill: super::long_prefill_args::LongPrefillArgs,
     /// Blocks of 16 tokens in the paged KV pool (default: sized from free
     /// device memory on a GPU, see --gpu-memory-utilization; 1024 on the CPU).
     #[arg(long)]
@@ -100,6 +102,7 @@ impl BackendTask for ServeTask {
             num_kv_blocks,
             max_num_seqs: a.max_num_seqs,
             max_num_batched_tokens: a.max_num_batched_tokens,
+            long_prefill: a.long_prefill.get(),
             ..EngineConfig::default()
         };
         let tok = Arc::new(tok);
