@@ -52,8 +52,9 @@ pub struct SchedulerConfig {
     /// of logits brought to the host, so this bounds the step's memory.
     pub max_prompt_logprob_rows: usize,
     /// Long prefills beside running decodes: while a step carries decodes,
-    /// sequences of more than `threshold` tokens still prefilling get at
-    /// most `chunk` tokens of that step between them, so a long prompt
+    /// prefilling sequences that compute more than `threshold` tokens (the
+    /// prefix cache's share excluded) get at most `chunk` tokens of that
+    /// step between them, so a long prompt
     /// slows the running streams by a bounded amount (a 2,048-token chunk
     /// beside 32 streams made their time per token 13x; 32-96-token chunks
     /// 1.4-1.7x: H100, default model). Shorter prompts are admitted as
@@ -64,7 +65,8 @@ pub struct SchedulerConfig {
 /// See [`SchedulerConfig::long_prefill`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LongPrefill {
-    /// Sequences of more than this many tokens are long.
+    /// Sequences that compute more than this many tokens (the prefix
+    /// cache's share excluded) are long.
     pub threshold: usize,
     /// Tokens of long prefills per step while the step carries decodes.
     pub chunk: usize,
@@ -358,7 +360,8 @@ impl Scheduler {
                 if remaining == 0 || (remaining == 1) != decode_pass {
                     continue;
                 }
-                let limit = self.long_limit(s, long_left);
+                let to_compute = s.tokens.len() - s.cached_prompt_tokens.unwrap_or(0);
+                let limit = self.long_limit(to_compute, long_left);
                 let n = s.chunk_within_rows(
                     s.num_computed,
                     remaining.min(budget.tokens).min(limit),
@@ -411,7 +414,7 @@ impl Scheduler {
                     break;
                 }
                 let remaining = s.tokens.len() - cached;
-                let limit = self.long_limit(s, long_left);
+                let limit = self.long_limit(remaining, long_left);
                 let n = s.chunk_within_rows(
                     cached,
                     remaining.min(budget.tokens).min(limit),
@@ -455,10 +458,11 @@ impl Scheduler {
         }
     }
 
-    /// Most tokens `s` may prefill in this step: `long_left` when it is a
-    /// long sequence (`LongPrefill::threshold`), else no limit.
-    fn long_limit(&self, s: &SeqState, long_left: usize) -> usize {
-        if s.tokens.len() > self.cfg.long_prefill.threshold {
+    /// Most tokens a sequence that computes `to_compute` tokens in all (the
+    /// prefix cache's share excluded) may prefill in this step: `long_left`
+    /// when that is more than `LongPrefill::threshold`, else no limit.
+    fn long_limit(&self, to_compute: usize, long_left: usize) -> usize {
+        if to_compute > self.cfg.long_prefill.threshold {
             long_left
         } else {
             usize::MAX

@@ -277,7 +277,15 @@ pub fn interference<B: Backend>(
     rows: &mut Vec<Row>,
 ) -> Result<Value> {
     let vocab = model.config.vocab_size;
-    let gen = 64 + 2 * long_len.div_ceil(o.max_num_batched_tokens.max(1)) + 64;
+    // Enough tokens for the streams to outlast the prefill, whose chunks
+    // are the step budget, or the long-prefill chunk beside decodes.
+    let lp = o.long_prefill;
+    let chunk = if lp.chunk > 0 && long_len > lp.threshold {
+        lp.chunk.min(o.max_num_batched_tokens)
+    } else {
+        o.max_num_batched_tokens
+    };
+    let gen = 64 + 2 * long_len.div_ceil(chunk.max(1)) + 64;
     let mut e = engine(
         model,
         tok,
