@@ -383,8 +383,9 @@ fn perplexity_runs_and_reports_bad_files() {
 /// The engine benchmarks end to end on the tiny gemma3 fixture (a
 /// 480-token vocabulary: the benchmark prompts must stay inside it): the
 /// batch curve, the shared prefix computed once, and the interference run
-/// timing every step that carries a chunk of the long prompt (chunks that
-/// add up to the prompt, one TPOT sample each, a positive ratio).
+/// sampling the streams' token intervals while the long prompt is
+/// prefilled (chunks that add up to the prompt, one interval each on the
+/// CPU, a positive ratio).
 #[test]
 fn engine_benchmarks_run_on_a_small_vocabulary() {
     let model = fixtures().join("gemma3/model-f32.gguf");

@@ -54,11 +54,10 @@ pub struct SchedulerConfig {
     /// Long prefills beside running decodes: while a step carries decodes,
     /// prefilling sequences that compute more than `threshold` tokens (the
     /// prefix cache's share excluded) get at most `chunk` tokens of that
-    /// step between them, so a long prompt
-    /// slows the running streams by a bounded amount (a 2,048-token chunk
-    /// beside 32 streams made their time per token 13x; 32-96-token chunks
-    /// 1.4-1.7x: H100, default model). Shorter prompts are admitted as
-    /// before. `chunk == 0` turns it off.
+    /// step between them, so a long prompt slows the running streams by a
+    /// bounded amount (a 2,048-token chunk beside 32 streams made their
+    /// time per token 13x; 64-token chunks 1.73x: H100, default model).
+    /// Shorter prompts are admitted as before. `chunk == 0` turns it off.
     pub long_prefill: LongPrefill,
 }
 
