@@ -162,11 +162,6 @@ pub(crate) struct Stacked {
     pub(crate) followers: Vec<u64>,
     pub(crate) buf: DevBuf,
     pub(crate) rows: usize,
-    /// Two weights interleaved in groups of 8 rows rather than one after
-    /// the other (the gate/up mirror, see `interleave8_f16`): the layout
-    /// whose GEMM tiles hold gate and up of the same features, so the GEMM
-    /// can finish the gated activation itself (`hgemm_glu_*`).
-    pub(crate) interleaved: bool,
 }
 
 impl CudaWeight {

@@ -340,23 +340,21 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// The checks of the q/k norm + RoPE + K/V store on q, k, v of `heads`
-    /// (n_heads, n_kv_heads, head_dim) and the kernels' norm/RoPE arguments
-    /// (see `norm_rope_args`).
     #[allow(clippy::too_many_arguments)]
-    fn rope_store_checks(
+    pub(crate) fn qk_norm_rope_store_fused(
         &self,
-        q: &CudaAct,
-        k: &CudaAct,
+        q: &mut CudaAct,
+        k: &mut CudaAct,
         v: &CudaAct,
         heads: (usize, usize, usize),
         norms: [Option<&CudaVector>; 2],
         eps: f32,
         rope: &CudaRope,
-        pool: &CudaKvPool,
+        pool: &mut CudaKvPool,
         layer: usize,
         batch: &CudaBatch,
-    ) -> Result<[Arg; 7]> {
+        stacked: Option<u64>,
+    ) -> Result<()> {
         self.check_batch(batch)?;
         let (n_heads, n_kv_heads, head_dim) = heads;
         super::same_shape("qk_norm_rope_store", k, v)?;
@@ -379,7 +377,7 @@ impl CudaBackend {
                 ),
             ));
         }
-        norm_rope_args(
+        let norm_rope = norm_rope_args(
             "qk_norm_rope_store",
             norms,
             eps,
@@ -388,26 +386,7 @@ impl CudaBackend {
             pool,
             layer,
             batch,
-        )
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn qk_norm_rope_store_fused(
-        &self,
-        q: &mut CudaAct,
-        k: &mut CudaAct,
-        v: &CudaAct,
-        heads: (usize, usize, usize),
-        norms: [Option<&CudaVector>; 2],
-        eps: f32,
-        rope: &CudaRope,
-        pool: &mut CudaKvPool,
-        layer: usize,
-        batch: &CudaBatch,
-        stacked: Option<u64>,
-    ) -> Result<()> {
-        let (n_heads, n_kv_heads, head_dim) = heads;
-        let norm_rope = self.rope_store_checks(q, k, v, heads, norms, eps, rope, pool, layer, batch)?;
+        )?;
         let (lo, vo) = pool.offsets(layer);
         self.run(
             self.pre_wait_name("qk_norm_rope_store", "qk_norm_rope_store_pre"),
@@ -441,84 +420,6 @@ impl CudaBackend {
                 Arg::Ptr(if stacked.is_some() { v.ptr() } else { 0 }),
             ],
         )
-    }
-
-    /// The stacked QKV GEMM with the q/k norm + RoPE + K/V store as its
-    /// epilogue (`hgemm_rope_*`, one thread-block cluster of head_dim / 16
-    /// blocks per head; `EPI_ROPE`): one launch instead of the GEMM and
-    /// `qk_norm_rope_store`, the same bits. False (nothing launched) when the
-    /// rows are beyond `hgemm_*`, the head size does not make a cluster the
-    /// device runs, the weights have no stacked mirror or the epilogue is off.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn stacked_rope(
-        &self,
-        h: &CudaAct,
-        w: [&CudaWeight; 3],
-        q: &mut CudaAct,
-        k: &mut CudaAct,
-        v: &mut CudaAct,
-        heads: (usize, usize, usize),
-        norms: [Option<&CudaVector>; 2],
-        eps: f32,
-        rope: &CudaRope,
-        pool: &mut CudaKvPool,
-        layer: usize,
-        batch: &CudaBatch,
-    ) -> Result<bool> {
-        let t = h.rows;
-        let (n_heads, n_kv_heads, head_dim) = heads;
-        if !self.epilogue_on(super::EPI_ROPE)
-            || !self.hgemm_takes(t, h.cols)
-            || !head_dim.is_multiple_of(16)
-            || !(16..=256).contains(&head_dim)
-        {
-            return Ok(false);
-        }
-        let cluster = (head_dim / 16) as u32;
-        let tiles = super::matmul::hgemm_tiles(t);
-        let name = format!("hgemm_rope_{tiles}");
-        if !self.cluster_fits(&name, tiles, cluster) {
-            return Ok(false);
-        }
-        let norm_rope = self.rope_store_checks(q, k, v, heads, norms, eps, rope, pool, layer, batch)?;
-        let Some((stacked, x16)) = self.stacked_operands(h, &w)? else {
-            return Ok(false);
-        };
-        if stacked.interleaved || stacked.rows != (n_heads + 2 * n_kv_heads) * head_dim {
-            return Ok(false);
-        }
-        self.record_refused("the QKV GEMM with its RoPE epilogue");
-        let (lo, vo) = pool.offsets(layer);
-        let args = [
-            Arg::Ptr(stacked.buf.ptr),
-            i32_of(stacked.rows, "weight rows")?,
-            i32_of(h.cols, "weight cols")?,
-            Arg::Ptr(x16),
-            i32_of(t, "rows")?,
-            Arg::Ptr(q.ptr()),
-            Arg::Ptr(k.ptr()),
-            Arg::Ptr(v.ptr()),
-            i32_of(n_heads, "n_heads")?,
-            i32_of(n_kv_heads, "n_kv_heads")?,
-            i32_of(head_dim, "head_dim")?,
-            norm_rope[0],
-            norm_rope[1],
-            norm_rope[2],
-            norm_rope[3],
-            norm_rope[4],
-            norm_rope[5],
-            norm_rope[6],
-            Arg::Ptr(batch.positions),
-            Arg::Ptr(pool.buf.ptr),
-            Arg::I64(lo),
-            Arg::I64(vo),
-            Arg::I32(pool.dtype_code()),
-            Arg::Ptr(batch.slots),
-        ];
-        let blocks = (stacked.rows / 16) as u32;
-        self.run_clustered(&name, (blocks, 1, 1), cluster, 256, 0, &args)?;
-        self.count_epilogue_launch();
-        Ok(true)
     }
 }
 

@@ -45,8 +45,7 @@ pub(crate) struct Kernels {
     pdl: bool,
 }
 
-const PLAIN: [&str; 42] = [
-    "interleave8_f16",
+const PLAIN: [&str; 41] = [
     "tokens_from_keys",
     "sample_rows",
     "decode_program",
@@ -103,8 +102,6 @@ impl Kernels {
             names.push(format!("mma_q8_0_{t}"));
             names.push(format!("mma_q8_0_argmax_{t}"));
             names.push(format!("hgemm_{t}"));
-            names.push(format!("hgemm_glu_{t}"));
-            names.push(format!("hgemm_rope_{t}"));
         }
         for t in [1, 2, 4] {
             names.push(format!("gemvp_{t}"));
@@ -200,61 +197,6 @@ impl Kernels {
         smem: u32,
         args: &[Arg],
     ) -> Result<(), BackendError> {
-        self.launch_clustered(stream, name, grid, 1, block, smem, args)
-    }
-
-    /// Clusters of `cluster` blocks along x (sm_90; 1: no cluster) that
-    /// `name` supports, or 0 when it cannot run them (then it must not be
-    /// launched so): asks the driver whether one such cluster of `block`
-    /// threads fits on the device, after allowing the non-portable sizes
-    /// above 8.
-    pub fn cluster_fits(&self, name: &str, cluster: u32, block: u32) -> bool {
-        use cudarc::driver::sys;
-        let Ok(f) = self.func(name) else { return false };
-        if cluster > 8 {
-            let a = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED;
-            if self.set_attribute(name, a, 1).is_err() {
-                return false;
-            }
-        }
-        // SAFETY: an all-zero attribute is valid plain data; the id and
-        // value are set next.
-        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-        attr.value.clusterDim.x = cluster;
-        attr.value.clusterDim.y = 1;
-        attr.value.clusterDim.z = 1;
-        let cfg = sys::CUlaunchConfig {
-            gridDimX: cluster,
-            gridDimY: 1,
-            gridDimZ: 1,
-            blockDimX: block,
-            blockDimY: 1,
-            blockDimZ: 1,
-            sharedMemBytes: 0,
-            hStream: std::ptr::null_mut(),
-            attrs: &mut attr,
-            numAttrs: 1,
-        };
-        let mut n = 0i32;
-        // SAFETY: `n`, `cfg` and `attr` outlive the call; the function is loaded.
-        let r = unsafe { sys::cuOccupancyMaxActiveClusters(&mut n, f.cu_function(), &cfg) };
-        r.result().is_ok() && n > 0
-    }
-
-    /// `launch` in clusters of `cluster` blocks along x (1: no cluster;
-    /// check `cluster_fits` first).
-    #[allow(clippy::too_many_arguments)]
-    pub fn launch_clustered(
-        &self,
-        stream: &CudaStream,
-        name: &str,
-        grid: (u32, u32, u32),
-        cluster: u32,
-        block: u32,
-        smem: u32,
-        args: &[Arg],
-    ) -> Result<(), BackendError> {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(()); // nothing to do (empty batch)
         }
@@ -263,24 +205,13 @@ impl Kernels {
         let mut params: Vec<*mut c_void> = vals.iter_mut().map(|v| v as *mut u64 as *mut c_void).collect();
         let err =
             |e: String| BackendError::Cuda(format!("launching '{name}' grid {grid:?} block {block}: {e}"));
-        if self.pdl || cluster > 1 {
+        if self.pdl {
             use cudarc::driver::sys;
-            // SAFETY: all-zero attributes are valid plain data; ids and
-            // values are set next.
-            let mut attrs: [sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
-            let mut n = 0;
-            if self.pdl {
-                attrs[n].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-                attrs[n].value.programmaticStreamSerializationAllowed = 1;
-                n += 1;
-            }
-            if cluster > 1 {
-                attrs[n].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-                attrs[n].value.clusterDim.x = cluster;
-                attrs[n].value.clusterDim.y = 1;
-                attrs[n].value.clusterDim.z = 1;
-                n += 1;
-            }
+            // SAFETY: an all-zero attribute is valid plain data; the id and
+            // value are set next.
+            let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attr.value.programmaticStreamSerializationAllowed = 1;
             let cfg = sys::CUlaunchConfig {
                 gridDimX: grid.0,
                 gridDimY: grid.1,
@@ -290,10 +221,10 @@ impl Kernels {
                 blockDimZ: 1,
                 sharedMemBytes: smem,
                 hStream: stream.cu_stream(),
-                attrs: attrs.as_mut_ptr(),
-                numAttrs: n as u32,
+                attrs: &mut attr,
+                numAttrs: 1,
             };
-            // SAFETY: as for `launch_kernel` below; `cfg` and `attrs` live
+            // SAFETY: as for `launch_kernel` below; `cfg` and `attr` live
             // through the call.
             let r = unsafe {
                 sys::cuLaunchKernelEx(&cfg, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut())

@@ -60,16 +60,6 @@ pub(crate) fn gemv_cap(n: usize) -> usize {
 /// Most activation rows of one `hgemm_*` launch (8 tiles of 8).
 pub(crate) const HGEMM_MAX_ROWS: usize = 64;
 
-/// The `hgemm_*` variant (tiles of 8 activation rows: 1, 2, 4, 8) for `t` rows.
-pub(crate) fn hgemm_tiles(t: usize) -> usize {
-    match t.div_ceil(8) {
-        0..=1 => 1,
-        2 => 2,
-        3..=4 => 4,
-        _ => 8,
-    }
-}
-
 /// Default of the backend's `hgemm_rows`: 32, or the tuning knob
 /// `KESTREL_HGEMM_ROWS` (0: cuBLAS only). H100, default model, engine
 /// decode tok/s `hgemm_*` / cuBLAS: 8 sequences 12,680 / 10,045; 32:
@@ -328,34 +318,23 @@ impl CudaBackend {
     /// scratch. Any later launch clears the record (`run`), so a GEMM trusts
     /// the scratch only when its operand's producer ran immediately before.
     pub(crate) fn mark_f16_side_output(&self, out: &CudaAct, out16: u64) {
-        self.mark_f16_at(out, out16);
-    }
-
-    /// Records that the launch just made left `out` in f16 at `at` (the
-    /// activation scratch, or the side scratch of a producer that reads the
-    /// activation scratch itself); see `mark_f16_side_output`.
-    pub(crate) fn mark_f16_at(&self, out: &CudaAct, at: u64) {
-        use std::sync::atomic::Ordering;
-        if at != 0 {
-            self.x16_src.store(out.ptr(), Ordering::Relaxed);
-            self.x16_at.store(at, Ordering::Relaxed);
+        if out16 != 0 {
+            self.x16_src
+                .store(out.ptr(), std::sync::atomic::Ordering::Relaxed);
         }
     }
 
-    /// Where `x` already is in f16 (see `mark_f16_at`), if anywhere.
-    fn x16_holding(&self, x: &CudaAct) -> Option<u64> {
-        use std::sync::atomic::Ordering;
-        (self.x16_src.load(Ordering::Relaxed) == x.ptr()).then(|| self.x16_at.load(Ordering::Relaxed))
+    /// Whether the activation scratch already holds `x` in f16 (see
+    /// `mark_f16_side_output`).
+    fn x16_holds(&self, x: &CudaAct) -> bool {
+        self.x16_src.load(std::sync::atomic::Ordering::Relaxed) == x.ptr()
     }
 
-    /// The address of `x` in f16: where its producer left it, or the
-    /// activation scratch at `x16` after converting it there. `reallocated`:
-    /// the scratch at `x16` was just allocated (holds nothing yet).
-    fn ensure_f16_operand(&self, x: &CudaAct, x16: u64, reallocated: bool) -> Result<u64, BackendError> {
-        if let Some(at) = self.x16_holding(x) {
-            if !(reallocated && at == x16) {
-                return Ok(at);
-            }
+    /// Converts `x` to f16 into the scratch at `x16`, unless its producer
+    /// already left it there (and the scratch was not just reallocated).
+    fn ensure_f16_operand(&self, x: &CudaAct, x16: u64, reallocated: bool) -> Result<(), BackendError> {
+        if !reallocated && self.x16_holds(x) {
+            return Ok(());
         }
         let n = x.rows * x.cols;
         self.run(
@@ -364,8 +343,7 @@ impl CudaBackend {
             256,
             0,
             &[Arg::Ptr(x.ptr()), Arg::I64(n as i64), Arg::Ptr(x16)],
-        )?;
-        Ok(x16)
+        )
     }
 
     /// An f16 copy of `w` when the dense budget has room for it (the fused
@@ -445,7 +423,7 @@ impl CudaBackend {
             ));
         };
         drop(st);
-        let x16 = self.ensure_f16_operand(x, x16, fresh)?;
+        self.ensure_f16_operand(x, x16, fresh)?;
         for (w, out) in ws.iter().zip(outs.iter_mut()) {
             let dense = match &w.dense {
                 Some(d) => d.ptr,
@@ -470,8 +448,7 @@ impl CudaBackend {
     /// The stacked f16 mirror of `ws` (see `Stacked`), built on the first
     /// call outside a capture; None when a weight has no f16 mirror, the
     /// columns differ, the dense budget is spent, or the leading weight
-    /// already leads another group. A pair of weights of equal rows, a
-    /// multiple of 8, is stacked interleaved (`Stacked::interleaved`).
+    /// already leads another group.
     fn stacked<'w>(&self, ws: &[&'w CudaWeight]) -> Result<Option<&'w Stacked>, BackendError> {
         use std::sync::atomic::Ordering;
         let lead = ws[0];
@@ -485,7 +462,6 @@ impl CudaBackend {
         let fits = ws.iter().all(|w| w.dense.is_some() && w.cols == lead.cols);
         let rows: usize = ws.iter().map(|w| w.rows).sum();
         let bytes = rows * lead.cols * 2;
-        let interleaved = ws.len() == 2 && ws[1].rows == lead.rows && lead.rows.is_multiple_of(8);
         let took = fits
             && self
                 .dense_budget
@@ -495,36 +471,15 @@ impl CudaBackend {
                 .is_ok();
         let stacked = if took {
             let buf = DevBuf::alloc(&self.dev.stream, bytes, "stacked f16 weight mirror")?;
-            if interleaved {
-                let (a, b) = match (&ws[0].dense, &ws[1].dense) {
-                    (Some(a), Some(b)) => (a.ptr, b.ptr),
-                    _ => return Err(BackendError::Other("stacked: f16 mirror missing".into())),
-                };
-                self.run(
-                    "interleave8_f16",
-                    (super::launch::grid_for(rows * lead.cols).min(4096), 1, 1),
-                    256,
-                    0,
-                    &[
-                        Arg::Ptr(a),
-                        Arg::Ptr(b),
-                        i32_of(lead.rows, "weight rows")?,
-                        i32_of(lead.cols, "weight cols")?,
-                        Arg::Ptr(buf.ptr),
-                    ],
-                )?;
-            } else {
-                let mut r0 = 0;
-                for w in ws {
-                    self.dequant_f16_into(w, buf.ptr + (r0 * w.cols * 2) as u64)?;
-                    r0 += w.rows;
-                }
+            let mut r0 = 0;
+            for w in ws {
+                self.dequant_f16_into(w, buf.ptr + (r0 * w.cols * 2) as u64)?;
+                r0 += w.rows;
             }
             Some(Stacked {
                 followers: ids().collect(),
                 buf,
                 rows,
-                interleaved,
             })
         } else {
             None
@@ -534,42 +489,14 @@ impl CudaBackend {
         Ok(lead.stacked.get().and_then(|s| s.as_ref()))
     }
 
-    /// The stacked mirror of `ws` and the address of `x` in f16 (converted
-    /// into the activation scratch unless its producer left it in f16), or
-    /// None when `ws` have no stacked mirror or stacking is off.
-    pub(crate) fn stacked_operands<'w>(
-        &self,
-        x: &CudaAct,
-        ws: &[&'w CudaWeight],
-    ) -> Result<Option<(&'w Stacked, u64)>, BackendError> {
+    /// `x · [W_0; W_1; …]ᵀ` with one GEMM on the stacked mirror of `ws`,
+    /// into the stacked-output scratch: its address (row stride = the sum
+    /// of the weights' rows), or None when `ws` have no stacked mirror.
+    pub(crate) fn stacked_gemm(&self, x: &CudaAct, ws: &[&CudaWeight]) -> Result<Option<u64>, BackendError> {
         if self.kernels != KernelSet::Fused || x.cols != ws[0].cols || !stacking_on() {
             return Ok(None);
         }
         let Some(stacked) = self.stacked(ws)? else {
-            return Ok(None);
-        };
-        let mut st = self.lock()?;
-        let Some((x16, fresh)) = self.x16_scratch(&mut st, x.rows * x.cols * 2)? else {
-            return Err(BackendError::Unsupported(
-                "stacked GEMM inside a graph capture needs its f16 scratch sized: run the step once before capturing"
-                    .into(),
-            ));
-        };
-        drop(st);
-        let x16 = self.ensure_f16_operand(x, x16, fresh)?;
-        Ok(Some((stacked, x16)))
-    }
-
-    /// `x · [W_0; W_1; …]ᵀ` with one GEMM on the stacked mirror of `ws`,
-    /// into the stacked-output scratch: its address (row stride = the sum
-    /// of the weights' rows) and whether the mirror is interleaved, or None
-    /// when `ws` have no stacked mirror.
-    pub(crate) fn stacked_gemm(
-        &self,
-        x: &CudaAct,
-        ws: &[&CudaWeight],
-    ) -> Result<Option<(u64, bool)>, BackendError> {
-        let Some((stacked, x16)) = self.stacked_operands(x, ws)? else {
             return Ok(None);
         };
         self.record_refused("a cuBLAS GEMM");
@@ -580,7 +507,14 @@ impl CudaBackend {
             x.rows * stacked.rows * 4,
             "stacked GEMM output",
         )?;
+        let Some((x16, fresh)) = self.x16_scratch(&mut st, x.rows * x.cols * 2)? else {
+            return Err(BackendError::Unsupported(
+                "stacked GEMM inside a graph capture needs its f16 scratch sized: run the step once before capturing"
+                    .into(),
+            ));
+        };
         drop(st);
+        self.ensure_f16_operand(x, x16, fresh)?;
         self.gemm_f16(
             ws[0],
             stacked.buf.ptr,
@@ -590,52 +524,7 @@ impl CudaBackend {
             out,
             stacked.rows,
         )?;
-        Ok(Some((out, stacked.interleaved)))
-    }
-
-    /// `out = act(x · W_gateᵀ) * (x · W_upᵀ)` in one launch (`hgemm_glu_*`
-    /// on the interleaved gate/up mirror), also leaving `out` in f16 in the
-    /// side scratch for the down projection. False (nothing launched) when
-    /// the rows are beyond `hgemm_*`, the pair has no interleaved mirror or
-    /// the epilogue is switched off (`EPI_GLU`).
-    pub(crate) fn stacked_glu(
-        &self,
-        x: &CudaAct,
-        ws: [&CudaWeight; 2],
-        act: i32,
-        out: &mut CudaAct,
-    ) -> Result<bool, BackendError> {
-        let t = x.rows;
-        if !self.epilogue_on(super::EPI_GLU) || !self.hgemm_takes(t, x.cols) {
-            return Ok(false);
-        }
-        let Some((stacked, x16)) = self.stacked_operands(x, &ws)? else {
-            return Ok(false);
-        };
-        if !stacked.interleaved || out.cols != ws[0].rows || out.rows != t {
-            return Ok(false);
-        }
-        let side = {
-            let mut st = self.lock()?;
-            self.graph_scratch(&mut st, |s| &mut s.x16_side, t * out.cols * 2, "f16 side output")?
-        };
-        self.record_refused("the gate/up GEMM with its activation");
-        let args = [
-            Arg::Ptr(stacked.buf.ptr),
-            i32_of(stacked.rows, "weight rows")?,
-            i32_of(x.cols, "weight cols")?,
-            Arg::Ptr(x16),
-            i32_of(t, "rows")?,
-            Arg::I32(act),
-            Arg::Ptr(out.ptr()),
-            Arg::Ptr(side),
-            i32_of(out.cols, "output stride")?,
-        ];
-        let name = format!("hgemm_glu_{}", hgemm_tiles(t));
-        self.run(&name, (stacked.rows.div_ceil(16) as u32, 1, 1), 256, 0, &args)?;
-        self.mark_f16_at(out, side);
-        self.count_epilogue_launch();
-        Ok(true)
+        Ok(Some(out))
     }
 
     fn gemm_cublas(&self, x: &CudaAct, w: &CudaWeight, out: &mut CudaAct) -> Result<(), BackendError> {
@@ -667,7 +556,7 @@ impl CudaBackend {
         }
         let w16 = st.w16.as_ref().map(|b| b.ptr);
         drop(st);
-        let x16 = self.ensure_f16_operand(x, x16, fresh)?;
+        self.ensure_f16_operand(x, x16, fresh)?;
         let wa = Self::weight_args(w)?;
         let mut r0 = 0;
         while r0 < m_all {
@@ -719,7 +608,12 @@ impl CudaBackend {
         ldc: usize,
     ) -> Result<(), BackendError> {
         if self.hgemm_takes(t, w.cols) {
-            let name = format!("hgemm_{}", hgemm_tiles(t));
+            let name = match t.div_ceil(8) {
+                1 => "hgemm_1",
+                2 => "hgemm_2",
+                3..=4 => "hgemm_4",
+                _ => "hgemm_8",
+            };
             let args = [
                 Arg::Ptr(a_ptr),
                 i32_of(m, "weight rows")?,
@@ -729,7 +623,7 @@ impl CudaBackend {
                 Arg::Ptr(c_ptr),
                 i32_of(ldc, "output stride")?,
             ];
-            return self.run(&name, (m.div_ceil(16) as u32, 1, 1), 256, 0, &args);
+            return self.run(name, (m.div_ceil(16) as u32, 1, 1), 256, 0, &args);
         }
         let mut st = self.lock()?;
         let handle = self.blas_handle(&mut st)?;

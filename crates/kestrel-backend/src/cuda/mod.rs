@@ -178,21 +178,6 @@ pub const FUSE_ALL: u8 = 7;
 /// session 9).
 pub const FUSE_DEFAULT: u8 = 0;
 
-/// GEMM epilogue fusions (bits of `set_epilogues` / `KESTREL_EPILOGUE`):
-/// work that needs only the GEMM tile's own outputs, done by the GEMM at
-/// `hgemm_*` sizes instead of by a launch after it. `EPI_GLU`: the gate/up
-/// GEMM writes act(gate) * up (`hgemm_glu_*`, its tiles hold gate and up of
-/// the same features); `EPI_ROPE`: the QKV GEMM, in thread-block clusters
-/// of one head, runs the q/k norm + RoPE + K/V store (`hgemm_rope_*`,
-/// sm_90). Both give the bits of the separate launches.
-pub const EPI_GLU: u8 = 1;
-pub const EPI_ROPE: u8 = 2;
-pub const EPI_ALL: u8 = 3;
-
-fn default_epilogues() -> u8 {
-    knobs::usize_of("KESTREL_EPILOGUE").map_or(EPI_ALL, |b| b as u8 & EPI_ALL)
-}
-
 /// Which kernels the backend runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelSet {
@@ -236,9 +221,6 @@ pub(crate) struct State {
     att_count: Option<DevBuf>,
     /// Output of a stacked-weight GEMM (`[rows, Σ weight rows]`).
     stacked_out: Option<DevBuf>,
-    /// f16 output of a producer that reads the activation scratch `x16`
-    /// itself (`hgemm_glu_*`), so cannot leave its output there.
-    x16_side: Option<DevBuf>,
     capturing: bool,
     /// cuBLAS workspace set on the handle (so that captured GEMMs never
     /// allocate).
@@ -286,16 +268,6 @@ pub struct CudaBackend {
     /// Address of the activation whose f16 copy the producer launched last
     /// left in the activation scratch (0: none); see `mark_f16_side_output`.
     x16_src: std::sync::atomic::AtomicU64,
-    /// Where that f16 copy is (the activation scratch or the side scratch).
-    x16_at: std::sync::atomic::AtomicU64,
-    /// Which GEMM epilogue fusions run (bits `EPI_*`; `KESTREL_EPILOGUE`,
-    /// default `EPI_DEFAULT`).
-    epilogue: std::sync::atomic::AtomicU8,
-    /// Per `hgemm_rope_*` variant (1, 2, 4, 8 tiles) and cluster size:
-    /// 0 not asked yet, 1 the device cannot run it, 2 it can.
-    clusters_ok: [[std::sync::atomic::AtomicU8; 17]; 4],
-    /// GEMMs launched with an epilogue fusion so far (tests check they ran).
-    epilogue_launches: std::sync::atomic::AtomicU64,
     /// Whether captures also record a decode megakernel program
     /// (megakernel.rs); `KESTREL_MEGAKERNEL=1` starts it on.
     mega: std::sync::atomic::AtomicBool,
@@ -377,10 +349,6 @@ impl CudaBackend {
         Ok(CudaBackend {
             dense_budget: std::sync::atomic::AtomicUsize::new(dense_budget),
             x16_src: std::sync::atomic::AtomicU64::new(0),
-            x16_at: std::sync::atomic::AtomicU64::new(0),
-            epilogue: std::sync::atomic::AtomicU8::new(default_epilogues()),
-            clusters_ok: Default::default(),
-            epilogue_launches: std::sync::atomic::AtomicU64::new(0),
             mega: std::sync::atomic::AtomicBool::new(megakernel::enabled_by_env()),
             recorder: Mutex::new(None),
             recording: std::sync::atomic::AtomicBool::new(false),
@@ -413,28 +381,6 @@ impl CudaBackend {
     pub fn set_fusions(&self, bits: u8) {
         self.prologue
             .store(bits & FUSE_ALL, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Selects the GEMM epilogue fusions (bits `EPI_GLU`, `EPI_ROPE`;
-    /// `KESTREL_EPILOGUE` gives the same number, default all). Graphs
-    /// captured before a change keep the old kernels.
-    pub fn set_epilogues(&self, bits: u8) {
-        self.epilogue
-            .store(bits & EPI_ALL, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// GEMMs launched with an epilogue fusion (`EPI_*`) so far.
-    pub fn epilogue_launches(&self) -> u64 {
-        self.epilogue_launches.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    pub(crate) fn count_epilogue_launch(&self) {
-        self.epilogue_launches
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    pub(crate) fn epilogue_on(&self, bit: u8) -> bool {
-        self.epilogue.load(std::sync::atomic::Ordering::Relaxed) & bit != 0
     }
 
     pub(crate) fn fusion_on(&self, bit: u8) -> bool {
@@ -553,10 +499,7 @@ impl CudaBackend {
     ) -> Result<()> {
         let gemm_sized = !self.multi_gemv_fits(h.rows, &w);
         if gemm_sized && w[0].rows == w[1].rows && act_out.rows == h.rows && act_out.cols == w[0].rows {
-            if self.stacked_glu(h, w, act_code(act), act_out)? {
-                return Ok(());
-            }
-            if let Some((src, interleaved)) = self.stacked_gemm(h, &w)? {
+            if let Some(src) = self.stacked_gemm(h, &w)? {
                 let n = act_out.rows * act_out.cols;
                 let out16 = self.f16_side_output(act_out)?;
                 self.elementwise(
@@ -566,7 +509,6 @@ impl CudaBackend {
                         Arg::Ptr(src),
                         Arg::I64(2 * act_out.cols as i64),
                         i32_of(act_out.cols, "ffn columns")?,
-                        Arg::I32(interleaved as i32),
                         Arg::I32(act_code(act)),
                         Arg::I64(n as i64),
                         Arg::Ptr(act_out.ptr()),
@@ -604,43 +546,6 @@ impl CudaBackend {
         self.x16_src.store(0, std::sync::atomic::Ordering::Relaxed);
         self.record(name, grid, block, smem, args);
         self.k.launch(&self.dev.stream, name, grid, block, smem, args)
-    }
-
-    /// `run` in thread-block clusters of `cluster` blocks along x (check
-    /// `cluster_fits` first).
-    pub(crate) fn run_clustered(
-        &self,
-        name: &str,
-        grid: (u32, u32, u32),
-        cluster: u32,
-        block: u32,
-        smem: u32,
-        args: &[Arg],
-    ) -> Result<()> {
-        self.dev
-            .ctx
-            .bind_to_thread()
-            .map_err(|e| BackendError::Cuda(format!("binding the context: {e}")))?;
-        self.x16_src.store(0, std::sync::atomic::Ordering::Relaxed);
-        self.record(name, grid, block, smem, args);
-        self.k
-            .launch_clustered(&self.dev.stream, name, grid, cluster, block, smem, args)
-    }
-
-    /// Whether the device runs `name` (an `hgemm_rope_*` of `tiles` tiles)
-    /// in clusters of `cluster` 256-thread blocks; asked once per pair.
-    pub(crate) fn cluster_fits(&self, name: &str, tiles: usize, cluster: u32) -> bool {
-        use std::sync::atomic::Ordering;
-        let slot = &self.clusters_ok[tiles.trailing_zeros().min(3) as usize][(cluster as usize).min(16)];
-        match slot.load(Ordering::Relaxed) {
-            1 => false,
-            2 => true,
-            _ => {
-                let ok = self.k.cluster_fits(name, cluster, 256);
-                slot.store(if ok { 2 } else { 1 }, Ordering::Relaxed);
-                ok
-            }
-        }
     }
 
     /// Pre-sizes the batch metadata (and argmax/gather buffers) so that no
@@ -1768,11 +1673,8 @@ impl Backend for CudaBackend {
                     "q/k/v columns differ from the weights' rows".to_string(),
                 ));
             }
-            let heads = (r.n_heads, r.n_kv_heads, r.head_dim);
-            if self.stacked_rope(h, w, r.q, r.k, r.v, heads, norms, eps, rope, pool, layer, batch)? {
-                return Ok(());
-            }
-            if let Some((src, _)) = self.stacked_gemm(h, &w)? {
+            if let Some(src) = self.stacked_gemm(h, &w)? {
+                let heads = (r.n_heads, r.n_kv_heads, r.head_dim);
                 return self.qk_norm_rope_store_fused(
                     r.q,
                     r.k,

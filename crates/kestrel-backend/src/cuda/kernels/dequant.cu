@@ -122,17 +122,3 @@ extern "C" __global__ void f32_to_f16(const float* x, long long n, u16* out) { p
         out[i] = f2h(x[i]);
     }
 }
-
-// out = a and b ([rows, cols] f16 each, rows % 8 == 0) interleaved in groups
-// of 8 rows: out rows 16 j .. 16 j + 7 are a's rows 8 j .., the next 8 b's.
-// The layout of the stacked gate/up mirror (hgemm_glu). grid-stride.
-extern "C" __global__ void interleave8_f16(const u16* a, const u16* b, int rows, int cols, u16* out) { pdl_entry();
-    long long n = 2LL * rows * cols;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        long long r = i / cols;
-        int c = (int)(i % cols);
-        long long src = (r >> 4) * 8 + (r & 7);
-        out[i] = ((r & 8) ? b : a)[src * cols + c];
-    }
-}

@@ -60,19 +60,14 @@ extern "C" __global__ void gated_act(const float* gate, const float* up, int act
 }
 
 // gated_act on one GEMM's [rows, ld] output holding gate in columns
-// [0, cols) and up in [cols, 2 cols) of each row, or with il the two
-// interleaved in groups of 8 columns (gate 8 j .. 8 j + 7 at 16 j, their up
-// at 16 j + 8: the interleaved gate/up mirror, see interleave8_f16); out is
-// [rows, cols].
-extern "C" __global__ void gated_act_ld(const float* gu, long long ld, int cols, int il, int act, long long n,
-                                        float* out, u16* out16) { pdl_entry();
+// [0, cols) and up in [cols, 2 cols) of each row; out is [rows, cols].
+extern "C" __global__ void gated_act_ld(const float* gu, long long ld, int cols, int act, long long n, float* out,
+                                        u16* out16) { pdl_entry();
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
         long long r = i / cols, c = i % cols;
-        long long gi = il ? (c >> 3) * 16 + (c & 7) : c;
-        long long ui = il ? gi + 8 : cols + c;
-        float g = gu[r * ld + gi];
-        float v = (act == 0 ? silu(g) : gelu_tanh(g)) * gu[r * ld + ui];
+        float g = gu[r * ld + c];
+        float v = (act == 0 ? silu(g) : gelu_tanh(g)) * gu[r * ld + cols + c];
         out[i] = v;
         if (out16) out16[i] = f2h(v);
     }
@@ -382,56 +377,6 @@ __device__ float logical_block_sum(int n, int nthr, F f, float* scratch) {
 // hbuf holds head_dim floats. q, k, v are read through L2 (see attention.cu).
 #define ROPE_PER 4 // elements per logical thread: head_dim <= ROPE_PER * nthr
 
-// The work of rope_store_item once hbuf holds the head's raw values (each
-// logical thread's own elements, written by it or before a barrier): the
-// RMSNorm (when w), RoPE, then the stores: the result to `out` (may be null),
-// and for a KV head (pool non-null) K and, with has_v, V (vv: each logical thread's
-// elements d = tid + j * nthr) to the pool at `base`, and V to vrow (may be
-// null). wv and fr are the norm weights and inverse frequencies of those
-// elements. Shared with the QKV GEMM's cluster epilogue (hgemm_rope), so both
-// give the same bits.
-__device__ __forceinline__ void rope_item_finish(int nthr, float* hbuf, float* scratch, float* out, const float* w,
-                                                 const float (&wv)[ROPE_PER], const float (&fr)[ROPE_PER],
-                                                 const float (&vv)[ROPE_PER], bool has_v, int head_dim, float eps,
-                                                 int n_pairs, int style,
-                                                 float mscale, u32 pos, void* pool, long long base, long long v_off,
-                                                 int kvt, float* vrow) {
-    int tid = threadIdx.x;
-    bool live = tid < nthr;
-    if (w) {
-        float ss = logical_block_sum(head_dim, nthr, [&](int d) { return hbuf[d] * hbuf[d]; }, scratch);
-        float inv = rsqrtf(ss / (float)head_dim + eps);
-        #pragma unroll
-        for (int j = 0; j < ROPE_PER; j++) {
-            int d = tid + j * nthr;
-            if (live && d < head_dim) hbuf[d] = hbuf[d] * inv * wv[j];
-        }
-    }
-    __syncthreads();
-    #pragma unroll
-    for (int j = 0; j < ROPE_PER; j++) {
-        int i = tid + j * nthr;
-        if (live && i < n_pairs) {
-            int ia = style == 0 ? 2 * i : i;
-            int ib = style == 0 ? 2 * i + 1 : i + n_pairs;
-            rope_pair(&hbuf[ia], &hbuf[ib], pos, fr[j], mscale);
-        }
-    }
-    __syncthreads();
-    if (!live) return;
-    #pragma unroll
-    for (int j = 0; j < ROPE_PER; j++) {
-        int d = tid + j * nthr;
-        if (d >= head_dim) continue;
-        if (out) out[d] = hbuf[d];
-        if (pool) {
-            kv_store(pool, base + d, kvt, hbuf[d]);
-            if (has_v) kv_store(pool, base + v_off + d, kvt, vv[j]);
-        }
-        if (vrow && has_v) vrow[d] = vv[j];
-    }
-}
-
 __device__ void rope_store_item(int row, int y, int nthr, float* hbuf, float* scratch, float* q, float* k,
                                 const float* v, int n_heads, int n_kv_heads, int head_dim, const float* qw,
                                 const float* kw, float eps, const float* inv_freq, int n_pairs, int style,
@@ -486,10 +431,39 @@ __device__ void rope_store_item(int row, int y, int nthr, float* hbuf, float* sc
         int d = tid + j * nthr;
         if (live && d < head_dim) hbuf[d] = hv[j];
     }
+    if (w) {
+        float ss = logical_block_sum(head_dim, nthr, [&](int d) { return hbuf[d] * hbuf[d]; }, scratch);
+        float inv = rsqrtf(ss / (float)head_dim + eps);
+        #pragma unroll
+        for (int j = 0; j < ROPE_PER; j++) {
+            int d = tid + j * nthr;
+            if (live && d < head_dim) hbuf[d] = hbuf[d] * inv * wv[j];
+        }
+    }
+    __syncthreads();
+    #pragma unroll
+    for (int j = 0; j < ROPE_PER; j++) {
+        int i = tid + j * nthr;
+        if (live && i < n_pairs) {
+            int ia = style == 0 ? 2 * i : i;
+            int ib = style == 0 ? 2 * i + 1 : i + n_pairs;
+            rope_pair(&hbuf[ia], &hbuf[ib], pos, fr[j], mscale);
+        }
+    }
+    __syncthreads();
+    if (!live) return;
     long long base = layer_off + slot * kv_dim + (long long)kvh * head_dim;
-    float* vrow = vdst && !is_q ? vdst + ((long long)row * n_kv_heads + kvh) * head_dim : nullptr;
-    rope_item_finish(nthr, hbuf, scratch, write_back ? h : nullptr, w, wv, fr, vv, !is_q, head_dim, eps,
-                     n_pairs, style, mscale, pos, is_q ? nullptr : pool, base, v_off, kvt, vrow);
+    #pragma unroll
+    for (int j = 0; j < ROPE_PER; j++) {
+        int d = tid + j * nthr;
+        if (d >= head_dim) continue;
+        if (write_back) h[d] = hbuf[d];
+        if (!is_q) {
+            kv_store(pool, base + d, kvt, hbuf[d]);
+            kv_store(pool, base + v_off + d, kvt, vv[j]);
+            if (vdst) vdst[((long long)row * n_kv_heads + kvh) * head_dim + d] = vv[j];
+        }
+    }
 }
 
 // One layer's q/k norm + RoPE + K/V store in a single launch.

@@ -31,12 +31,10 @@
 // Shared memory of the warps' partial tiles: [HG_WARPS][NT][32 lanes][4].
 __host__ __device__ constexpr int hgemm_smem_floats(int nt) { return HG_WARPS * nt * 32 * 4; }
 
-// The block's 16 weight rows times the t activation rows, left as the warps'
-// partial tiles in `red` (hgemm_smem_floats(NT) floats; read them with
-// hgemm_sum). Calls pdl_entry after issuing its first weight loads.
 template <int NT>
-__device__ __forceinline__ void hgemm_partials(const u16* __restrict__ w, int m, int k, const u16* __restrict__ x,
-                                               int t, float* red) {
+__device__ __forceinline__ void hgemm_impl(const u16* __restrict__ w, int m, int k, const u16* __restrict__ x, int t,
+                                           float* __restrict__ out, int ldc) {
+    __shared__ __align__(16) float red[hgemm_smem_floats(NT)];
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
     int r0 = blockIdx.x * 16;
     // Rows past the end read the last row (not stored).
@@ -100,31 +98,16 @@ __device__ __forceinline__ void hgemm_partials(const u16* __restrict__ w, int m,
     for (int q = 0; q < NT; q++)
         *(float4*)(red + ((warp * NT + q) * 32 + lane) * 4) = make_float4(acc[q][0], acc[q][1], acc[q][2], acc[q][3]);
     __syncthreads();
-}
-
-// Output (n, r) of the block's tile (activation row n, weight row r0 + r):
-// tile q = n / 8 holds it on lane (g = r % 8, t = (n % 8) / 2) as element
-// (r >= 8 ? 2 : 0) + n % 2 (the m16n8 accumulator layout); the warps'
-// partials are summed in warp order.
-template <int NT>
-__device__ __forceinline__ float hgemm_sum(const float* red, int n, int r) {
-    int q = n >> 3, cn = n & 7;
-    int idx = (q * 32 + (r & 7) * 4 + (cn >> 1)) * 4 + (r >> 3) * 2 + (cn & 1);
-    float s = 0.0f;
-    #pragma unroll
-    for (int v = 0; v < HG_WARPS; v++) s += red[v * NT * 128 + idx];
-    return s;
-}
-
-template <int NT>
-__device__ __forceinline__ void hgemm_impl(const u16* __restrict__ w, int m, int k, const u16* __restrict__ x, int t,
-                                           float* __restrict__ out, int ldc) {
-    __shared__ __align__(16) float red[hgemm_smem_floats(NT)];
-    hgemm_partials<NT>(w, m, k, x, t, red);
-    int r0 = blockIdx.x * 16;
+    // Output (n, r): tile q = n / 8 holds it on lane (g = r % 8, t = (n % 8) / 2)
+    // as element (r >= 8 ? 2 : 0) + n % 2 (the m16n8 accumulator layout).
     for (int o = threadIdx.x; o < NT * 128; o += HG_THREADS) {
         int n = o >> 4, r = o & 15;
-        if (n < t && r0 + r < m) out[(long long)n * ldc + r0 + r] = hgemm_sum<NT>(red, n, r);
+        int q = n >> 3, cn = n & 7;
+        int idx = (q * 32 + (r & 7) * 4 + (cn >> 1)) * 4 + (r >> 3) * 2 + (cn & 1);
+        float s = 0.0f;
+        #pragma unroll
+        for (int v = 0; v < HG_WARPS; v++) s += red[v * NT * 128 + idx];
+        if (n < t && r0 + r < m) out[(long long)n * ldc + r0 + r] = s;
     }
 }
 
@@ -138,147 +121,3 @@ HGEMM_ENTRY(1)
 HGEMM_ENTRY(2)
 HGEMM_ENTRY(4)
 HGEMM_ENTRY(8)
-
-// The gate/up GEMM with the gated activation as its epilogue: w is the
-// stacked gate/up mirror interleaved in groups of 8 rows (weight rows 16b ..
-// 16b + 7 are gate rows 8b .., 16b + 8 .. 16b + 15 the up rows of the same
-// features), so a block's tile holds gate and up of 8 features and writes
-// act(gate) * up, gated_act's expression, on the f32 sums hgemm would have
-// stored: the same bits as hgemm + gated_act_ld, without the second launch
-// or the round trip of the f32 product through memory. out is [t, ldo]
-// (f32), out16 (may be null) its f16 copy; m = 2 * features.
-template <int NT>
-__device__ __forceinline__ void hgemm_glu_impl(const u16* __restrict__ w, int m, int k, const u16* __restrict__ x,
-                                               int t, int act, float* __restrict__ out, u16* __restrict__ out16,
-                                               int ldo) {
-    __shared__ __align__(16) float red[hgemm_smem_floats(NT)];
-    hgemm_partials<NT>(w, m, k, x, t, red);
-    int f0 = blockIdx.x * 8;
-    for (int o = threadIdx.x; o < NT * 64; o += HG_THREADS) {
-        int n = o >> 3, r = o & 7;
-        if (n >= t || 2 * (f0 + r) >= m) continue;
-        float g = hgemm_sum<NT>(red, n, r);
-        float v = (act == 0 ? silu(g) : gelu_tanh(g)) * hgemm_sum<NT>(red, n, r + 8);
-        long long i = (long long)n * ldo + f0 + r;
-        out[i] = v;
-        if (out16) out16[i] = f2h(v);
-    }
-}
-
-// grid = ceil(m / 16), block = HG_THREADS.
-#define HGEMM_GLU_ENTRY(NT)                                                                             \
-    extern "C" __global__ void __launch_bounds__(HG_THREADS) hgemm_glu_##NT(                           \
-        const u16* w, int m, int k, const u16* x, int t, int act, float* out, u16* out16, int ldo) {    \
-        hgemm_glu_impl<NT>(w, m, k, x, t, act, out, out16, ldo);                                        \
-    }
-HGEMM_GLU_ENTRY(1)
-HGEMM_GLU_ENTRY(2)
-HGEMM_GLU_ENTRY(4)
-HGEMM_GLU_ENTRY(8)
-
-// Distributed shared memory of a thread block cluster (sm_90).
-__device__ __forceinline__ void cluster_sync_all() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
-    asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
-#endif
-}
-
-// `p` (a shared-memory variable of this block) in the block of cluster rank `rank`.
-__device__ __forceinline__ float cluster_ld(const float* p, u32 rank) {
-    float v = 0.0f;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    u32 a, r;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
-    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(r) : "memory");
-#endif
-    return v;
-}
-
-// The stacked Q/K/V GEMM with qk_norm_rope_store as its epilogue, launched in
-// clusters of head_dim / 16 blocks (one cluster per head of the stacked
-// output: query heads, then KV heads' K, then their V). Each block computes
-// its 16 rows as hgemm does and keeps them in shared memory; after a cluster
-// barrier, the block of rank j gathers the whole head of activation rows j,
-// j + cs, ... from its cluster's shared memory and runs rope_store_item's work
-// on it (rope_item_finish, 128 logical threads as the standalone launch):
-// q to `q`, K to `k` and the pool; a V cluster stores V to the pool and
-// `vdst`. The same bits as hgemm + qk_norm_rope_store_pre on the stacked
-// output, without the second launch or the f32 product's round trip
-// through memory. A second barrier keeps every block's shared memory alive
-// until its cluster has read it.
-template <int NT>
-__device__ __forceinline__ void hgemm_rope_impl(const u16* __restrict__ w, int m, int k, const u16* __restrict__ x,
-                                                int t, float* q, float* kout, float* vdst, int n_heads,
-                                                int n_kv_heads, int head_dim, const float* qw, const float* kw,
-                                                float eps, const float* inv_freq, int n_pairs, int style,
-                                                float mscale, const u32* positions, void* pool, long long layer_off,
-                                                long long v_off, int kvt, const u32* slots) {
-    __shared__ __align__(16) float red[hgemm_smem_floats(NT)];
-    __shared__ float tile[NT * 8][16];
-    __shared__ float hbuf[ROPE_PER * 128];
-    __shared__ float scratch[32];
-    const int nthr = 128;
-    int cs = head_dim >> 4;
-    int y = blockIdx.x / cs;
-    u32 rank = (u32)(blockIdx.x % cs);
-    bool is_q = y < n_heads, is_k = !is_q && y < n_heads + n_kv_heads;
-    int kvh = is_q ? 0 : (is_k ? y - n_heads : y - n_heads - n_kv_heads);
-    const float* nw = is_q ? qw : (is_k ? kw : nullptr);
-    // The constants of this block's first row, before the PDL wait.
-    int tid = threadIdx.x;
-    float wv[ROPE_PER], fr[ROPE_PER];
-    #pragma unroll
-    for (int j = 0; j < ROPE_PER; j++) {
-        int d = tid + j * nthr;
-        bool in = tid < nthr && d < head_dim;
-        wv[j] = in && nw ? nw[d] : 0.0f;
-        fr[j] = tid < nthr && d < n_pairs ? inv_freq[d] : 0.0f;
-    }
-    hgemm_partials<NT>(w, m, k, x, t, red);
-    for (int o = threadIdx.x; o < NT * 128; o += HG_THREADS) {
-        int n = o >> 4, r = o & 15;
-        if (n < t) tile[n][r] = hgemm_sum<NT>(red, n, r);
-    }
-    cluster_sync_all();
-    int kv_dim = n_kv_heads * head_dim;
-    for (int n = (int)rank; n < t; n += cs) {
-        for (int d = tid; d < head_dim; d += HG_THREADS) hbuf[d] = cluster_ld(&tile[n][d & 15], (u32)(d >> 4));
-        u32 pos = positions[n];
-        long long slot = is_q ? 0 : (long long)slots[n];
-        long long base = layer_off + slot * kv_dim + (long long)kvh * head_dim;
-        if (is_q || is_k) {
-            float* out = is_q ? q + ((long long)n * n_heads + y) * head_dim
-                              : kout + ((long long)n * n_kv_heads + kvh) * head_dim;
-            // rope_item_finish's first barrier (in logical_block_sum, or its
-            // own when there is no norm) orders the gather before the reads.
-            // (wv stands in for the V values, which has_v = false ignores.)
-            rope_item_finish(nthr, hbuf, scratch, out, nw, wv, fr, wv, false, head_dim, eps, n_pairs, style,
-                             mscale, pos, is_q ? nullptr : pool, base, v_off, kvt, nullptr);
-        } else {
-            __syncthreads();
-            for (int d = tid; d < head_dim; d += HG_THREADS) {
-                kv_store(pool, base + v_off + d, kvt, hbuf[d]);
-                if (vdst) vdst[((long long)n * n_kv_heads + kvh) * head_dim + d] = hbuf[d];
-            }
-        }
-        __syncthreads();
-    }
-    cluster_sync_all();
-}
-
-// grid = ceil(m / 16) in clusters of head_dim / 16 blocks, block = HG_THREADS.
-#define HGEMM_ROPE_ENTRY(NT)                                                                               \
-    extern "C" __global__ void __launch_bounds__(HG_THREADS) hgemm_rope_##NT(                             \
-        const u16* w, int m, int k, const u16* x, int t, float* q, float* kout, float* vdst, int n_heads,  \
-        int n_kv_heads, int head_dim, const float* qw, const float* kw, float eps, const float* inv_freq,  \
-        int n_pairs, int style, float mscale, const u32* positions, void* pool, long long layer_off,        \
-        long long v_off, int kvt, const u32* slots) {                                                      \
-        hgemm_rope_impl<NT>(w, m, k, x, t, q, kout, vdst, n_heads, n_kv_heads, head_dim, qw, kw, eps,      \
-                            inv_freq, n_pairs, style, mscale, positions, pool, layer_off, v_off, kvt, slots); \
-    }
-HGEMM_ROPE_ENTRY(1)
-HGEMM_ROPE_ENTRY(2)
-HGEMM_ROPE_ENTRY(4)
-HGEMM_ROPE_ENTRY(8)
