@@ -45,8 +45,7 @@ pub(crate) struct Kernels {
     pdl: bool,
 }
 
-const PLAIN: [&str; 42] = [
-    "attention_cl",
+const PLAIN: [&str; 41] = [
     "tokens_from_keys",
     "sample_rows",
     "decode_program",
@@ -198,54 +197,6 @@ impl Kernels {
         smem: u32,
         args: &[Arg],
     ) -> Result<(), BackendError> {
-        self.launch_clustered(stream, name, grid, (1, 1, 1), block, smem, args)
-    }
-
-    /// Whether the device can run `name` in thread block clusters of
-    /// `cluster` blocks (sm_90) with `block` threads and `smem` bytes of
-    /// dynamic shared memory each: allows the non-portable sizes above 8,
-    /// then asks the driver how many such clusters fit at once (0: none).
-    pub fn cluster_fits(&self, name: &str, cluster: (u32, u32, u32), block: u32, smem: u32) -> bool {
-        use cudarc::driver::sys;
-        let Ok(f) = self.func(name) else { return false };
-        if cluster.0 * cluster.1 * cluster.2 > 8 {
-            let a = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED;
-            if self.set_attribute(name, a, 1).is_err() {
-                return false;
-            }
-        }
-        let mut attr = cluster_attribute(cluster);
-        let cfg = sys::CUlaunchConfig {
-            gridDimX: cluster.0,
-            gridDimY: cluster.1,
-            gridDimZ: cluster.2,
-            blockDimX: block,
-            blockDimY: 1,
-            blockDimZ: 1,
-            sharedMemBytes: smem,
-            hStream: std::ptr::null_mut(),
-            attrs: &mut attr,
-            numAttrs: 1,
-        };
-        let mut n = 0i32;
-        // SAFETY: `n`, `cfg` and `attr` outlive the call; the function is loaded.
-        let r = unsafe { sys::cuOccupancyMaxActiveClusters(&mut n, f.cu_function(), &cfg) };
-        r.result().is_ok() && n > 0
-    }
-
-    /// `launch` in thread block clusters of `cluster` blocks ((1, 1, 1):
-    /// none; check `cluster_fits` first).
-    #[allow(clippy::too_many_arguments)]
-    pub fn launch_clustered(
-        &self,
-        stream: &CudaStream,
-        name: &str,
-        grid: (u32, u32, u32),
-        cluster: (u32, u32, u32),
-        block: u32,
-        smem: u32,
-        args: &[Arg],
-    ) -> Result<(), BackendError> {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(()); // nothing to do (empty batch)
         }
@@ -254,22 +205,13 @@ impl Kernels {
         let mut params: Vec<*mut c_void> = vals.iter_mut().map(|v| v as *mut u64 as *mut c_void).collect();
         let err =
             |e: String| BackendError::Cuda(format!("launching '{name}' grid {grid:?} block {block}: {e}"));
-        let clustered = cluster != (1, 1, 1);
-        if self.pdl || clustered {
+        if self.pdl {
             use cudarc::driver::sys;
-            // SAFETY: all-zero attributes are valid plain data; the ids and
-            // values are set next.
-            let mut attrs: [sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
-            let mut n = 0;
-            if self.pdl {
-                attrs[n].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-                attrs[n].value.programmaticStreamSerializationAllowed = 1;
-                n += 1;
-            }
-            if clustered {
-                attrs[n] = cluster_attribute(cluster);
-                n += 1;
-            }
+            // SAFETY: an all-zero attribute is valid plain data; the id and
+            // value are set next.
+            let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attr.value.programmaticStreamSerializationAllowed = 1;
             let cfg = sys::CUlaunchConfig {
                 gridDimX: grid.0,
                 gridDimY: grid.1,
@@ -279,10 +221,10 @@ impl Kernels {
                 blockDimZ: 1,
                 sharedMemBytes: smem,
                 hStream: stream.cu_stream(),
-                attrs: attrs.as_mut_ptr(),
-                numAttrs: n as u32,
+                attrs: &mut attr,
+                numAttrs: 1,
             };
-            // SAFETY: as for `launch_kernel` below; `cfg` and `attrs` live
+            // SAFETY: as for `launch_kernel` below; `cfg` and `attr` live
             // through the call.
             let r = unsafe {
                 sys::cuLaunchKernelEx(&cfg, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut())
@@ -303,19 +245,6 @@ impl Kernels {
         }
         .map_err(|e| err(e.to_string()))
     }
-}
-
-/// The launch attribute of thread block clusters of `dims` blocks.
-fn cluster_attribute(dims: (u32, u32, u32)) -> cudarc::driver::sys::CUlaunchAttribute {
-    use cudarc::driver::sys;
-    // SAFETY: an all-zero attribute is valid plain data; the id and value
-    // are set next.
-    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-    attr.value.clusterDim.x = dims.0;
-    attr.value.clusterDim.y = dims.1;
-    attr.value.clusterDim.z = dims.2;
-    attr
 }
 
 /// Blocks for a grid-stride elementwise kernel over `n` elements.

@@ -242,14 +242,6 @@ pub struct CudaBackend {
     attn_dec: std::sync::atomic::AtomicBool,
     /// Keys per split of `attention_pre` (0: always the launch's splits).
     attn_kps: std::sync::atomic::AtomicUsize,
-    /// Whether decode steps on the per-head kernel merge their splits over a
-    /// thread block cluster (`attention_cl`; `KESTREL_ATTN_CLUSTER=0` off).
-    attn_cluster: std::sync::atomic::AtomicBool,
-    /// Largest `attention_cl` cluster the device runs, per dynamic shared
-    /// memory size (0: none).
-    attn_cluster_sizes: Mutex<Vec<(u32, u32)>>,
-    /// `attention_cl` launches so far (tests check that it ran).
-    attn_cluster_launches: std::sync::atomic::AtomicU64,
     /// Fewest splits of `attention_pre` however short the context (at least 1).
     attn_min_splits: std::sync::atomic::AtomicUsize,
     /// Most activation rows an f16 GEMM runs on `hgemm_*` (0: cuBLAS only).
@@ -369,9 +361,6 @@ impl CudaBackend {
             attn_dec: std::sync::atomic::AtomicBool::new(dec_enabled()),
             attn_kps: std::sync::atomic::AtomicUsize::new(default_keys_per_split()),
             attn_min_splits: std::sync::atomic::AtomicUsize::new(default_min_splits().max(1)),
-            attn_cluster: std::sync::atomic::AtomicBool::new(knobs::on_unless_zero("KESTREL_ATTN_CLUSTER")),
-            attn_cluster_sizes: Mutex::new(Vec::new()),
-            attn_cluster_launches: std::sync::atomic::AtomicU64::new(0),
             hgemm_rows: std::sync::atomic::AtomicUsize::new(matmul::default_hgemm_rows()),
             gemv_rows: std::sync::atomic::AtomicUsize::new(matmul::default_gemv_rows()),
             _module: module,
@@ -414,22 +403,6 @@ impl CudaBackend {
     /// change keep the old kernel.
     pub fn set_attention_dec(&self, on: bool) {
         self.attn_dec.store(on, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Lets decode steps on the per-head kernel merge their key splits over
-    /// a thread block cluster (`attention_cl`, sm_90; default on,
-    /// `KESTREL_ATTN_CLUSTER=0` starts it off) instead of through global
-    /// partials and a counter. Same bits. Graphs captured before a change
-    /// keep the old kernel.
-    pub fn set_attention_cluster(&self, on: bool) {
-        self.attn_cluster.store(on, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// `attention_cl` launches so far (each launch captured into a graph
-    /// counts once, however often the graph is replayed).
-    pub fn attention_cluster_launches(&self) -> u64 {
-        self.attn_cluster_launches
-            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Visible keys per split of decode attention on the per-head kernel
@@ -577,54 +550,6 @@ impl CudaBackend {
             return Ok(());
         }
         self.k.launch(&self.dev.stream, name, grid, block, smem, args)
-    }
-
-    /// `run` in thread block clusters of `cluster` blocks (the caller has
-    /// checked that the device runs them: `Kernels::cluster_fits`).
-    pub(crate) fn run_clustered(
-        &self,
-        name: &str,
-        grid: (u32, u32, u32),
-        cluster: (u32, u32, u32),
-        block: u32,
-        smem: u32,
-        args: &[Arg],
-    ) -> Result<()> {
-        self.dev
-            .ctx
-            .bind_to_thread()
-            .map_err(|e| BackendError::Cuda(format!("binding the context: {e}")))?;
-        self.x16_src.store(0, std::sync::atomic::Ordering::Relaxed);
-        self.record(name, grid, block, smem, args);
-        if knockout::skips(name) {
-            return Ok(());
-        }
-        self.k
-            .launch_clustered(&self.dev.stream, name, grid, cluster, block, smem, args)
-    }
-
-    /// Splits of `attention_cl` (one thread block cluster per query row and
-    /// head, `smem` bytes of dynamic shared memory per block): 16 where the
-    /// device runs clusters that large, else 8, at most `cap`; None where it
-    /// runs neither or the knob is off (`set_attention_cluster`). Asked of
-    /// the driver once per shared-memory size.
-    fn attention_cluster(&self, smem: u32, cap: usize) -> Option<usize> {
-        if !self.attn_cluster.load(std::sync::atomic::Ordering::Relaxed) {
-            return None;
-        }
-        let mut known = self.attn_cluster_sizes.lock().ok()?;
-        let size = match known.iter().find(|(s, _)| *s == smem) {
-            Some(&(_, n)) => n,
-            None => {
-                let n = [16u32, 8]
-                    .into_iter()
-                    .find(|&c| self.k.cluster_fits("attention_cl", (1, 1, c), 128, smem))
-                    .unwrap_or(0);
-                known.push((smem, n));
-                n
-            }
-        };
-        [16usize, 8].into_iter().find(|&c| c <= size as usize && c <= cap)
     }
 
     /// Pre-sizes the batch metadata (and argmax/gather buffers) so that no
@@ -972,26 +897,6 @@ impl CudaBackend {
         } else {
             target.div_ceil(blocks.max(1)).clamp(1, cap)
         };
-        // A decode step on the per-head kernel: keys other than each row's
-        // own position were stored by earlier steps, so they may be read
-        // before the wait (`attention_pre`), and its splits may merge over a
-        // thread block cluster (`attention_cl`).
-        let pre = !dec
-            && !tile
-            && !grouped
-            && fusion.is_none()
-            && pre_enabled()
-            && q.rows == batch.num_seqs
-            && !self.recording.load(std::sync::atomic::Ordering::Relaxed);
-        let kps = self.attn_kps.load(std::sync::atomic::Ordering::Relaxed);
-        let kmin = self.attn_min_splits.load(std::sync::atomic::Ordering::Relaxed);
-        let cl_smem = smem + ((p.head_dim + 2) * 4) as u32;
-        let cluster = if pre && kps > 0 && kmin >= 2 {
-            self.attention_cluster(cl_smem, cap)
-        } else {
-            None
-        };
-        let splits = cluster.unwrap_or(splits);
         let (part, counters) = if splits > 1 {
             // Partials per query head; counters per item (at most one per query head).
             let blocks = q.rows * p.n_heads;
@@ -1025,9 +930,12 @@ impl CudaBackend {
             ATTENTION_GQA[group.trailing_zeros() as usize]
         } else if fusion.is_some() {
             "attention_rope"
-        } else if cluster.is_some() {
-            "attention_cl"
-        } else if pre {
+        } else if pre_enabled()
+            && q.rows == batch.num_seqs
+            && !self.recording.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            // A decode step: keys other than each row's own position were
+            // stored by earlier steps, so they may be read before the wait.
             "attention_pre"
         } else {
             "attention"
@@ -1036,18 +944,19 @@ impl CudaBackend {
             args.remove(0);
             args.extend(self.rope_fusion_args(q, f, pool, layer, batch, p)?);
         }
-        if pre {
+        if name == "attention_pre" {
+            let kps = self.attn_kps.load(std::sync::atomic::Ordering::Relaxed);
             args.push(i32_of(kps, "keys per split")?);
+            let kmin = self.attn_min_splits.load(std::sync::atomic::Ordering::Relaxed);
             args.push(i32_of(kmin, "minimum attention splits")?);
         }
-        let grid = (q.rows as u32, heads as u32, splits as u32);
-        if let Some(c) = cluster {
-            self.run_clustered(name, grid, (1, 1, c as u32), 128, cl_smem, &args)?;
-            self.attn_cluster_launches
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        } else {
-            self.run(name, grid, if dec { 256 } else { 128 }, smem, &args)?;
-        }
+        self.run(
+            name,
+            (q.rows as u32, heads as u32, splits as u32),
+            if dec { 256 } else { 128 },
+            smem,
+            &args,
+        )?;
         self.mark_f16_side_output(out, out16);
         Ok(())
     }

@@ -143,14 +143,7 @@ __device__ __forceinline__ void att_load_round(const void* pool, long long layer
 // key at the row's own position (stored by qk_norm_rope_store just before)
 // are read after the wait, so the launch's critical path loses the chain
 // positions -> table -> K/V. Same arithmetic, same bits as without PRE.
-// CL (with PRE; attention_cl): the launch's splits along z form one thread
-// block cluster per (row, head); each split leaves its partial in its own
-// shared memory and split 0 merges them over distributed shared memory
-// after a cluster barrier, instead of the global partials, fence, counter
-// and reads of the last split to finish. Splits past the adaptive count take
-// no keys and merge as empty partials (weight 0), so the bits are those of
-// attention_pre with the same split count.
-template <int KVT, bool VEC, bool PRE = false, bool CL = false>
+template <int KVT, bool VEC, bool PRE = false>
 __device__ __forceinline__ void attention_impl(int row, int h, int z, int tid, int bar, float* sm,
                                      const float* q, const void* pool, long long layer_off,
                                      long long v_off, const u32* positions,
@@ -181,10 +174,10 @@ __device__ __forceinline__ void attention_impl(int row, int h, int z, int tid, i
         if (kps > 0) {
             int nkeys = pos + 1 - (window > 0 ? max(0, pos - window + 1) : 0);
             nsplit = min(splits, max(kmin, (nkeys + kps - 1) / kps));
-            if (z >= nsplit && !CL) return;
+            if (z >= nsplit) return;
         }
         table = block_tables + (long long)token_seq[row] * bt_stride;
-        if (z < nsplit) split_keys(pos, window, nsplit, z, &kbeg, &kend);
+        split_keys(pos, window, nsplit, z, &kbeg, &kend);
         att_load_round<KVT, VEC>(pool, layer_off, v_off, table, block_size, kv_dim, kvh, head_dim, lane,
                                  kbeg + warp, kend, pos, kk, vv);
         pdl_entry();
@@ -254,42 +247,7 @@ __device__ __forceinline__ void attention_impl(int row, int h, int z, int tid, i
     for (int w = 0; w < ATT_WARPS; w++) mt = fmaxf(mt, ms[w]);
     float lt = 0.0f;
     for (int w = 0; w < ATT_WARPS; w++) if (ls[w] > 0.0f) lt += ls[w] * expf(ms[w] - mt);
-    if (CL) {
-        long long rh = (long long)row * n_heads + h;
-        float* cp = sm + att_smem_floats(head_dim); // this split's (max, sum, values)
-        if (tid == 0) { cp[0] = mt; cp[1] = lt; }
-        for (int d = tid; d < head_dim; d += ATT_THREADS) {
-            float v = 0.0f;
-            for (int w = 0; w < ATT_WARPS; w++) if (ls[w] > 0.0f) v += accs[w * head_dim + d] * expf(ms[w] - mt);
-            cp[2 + d] = v;
-        }
-        cluster_sync_all();
-        if (z == 0) {
-            if (warp == 0) {
-                int zz = lane;
-                float lz = zz < splits ? cluster_ld(cp + 1, zz) : 0.0f;
-                bool ok = lz > 0.0f;
-                float m = ok ? cluster_ld(cp, zz) : -__int_as_float(0x7f800000);
-                float mx = warp_max(m);
-                float w = ok ? expf(m - mx) : 0.0f;
-                float lsum = warp_sum(lz * w);
-                wz[zz] = w;
-                if (zz == 0) misc[0] = lsum > 0.0f ? 1.0f / lsum : 0.0f;
-            }
-            bar_sync(bar, ATT_THREADS);
-            float inv_l = misc[0];
-            float* orow = out + rh * head_dim;
-            for (int d = tid; d < head_dim; d += ATT_THREADS) {
-                float v = 0.0f;
-                #pragma unroll 8
-                for (int zz = 0; zz < splits; zz++) v += wz[zz] * cluster_ld(cp + 2 + d, zz);
-                orow[d] = v * inv_l;
-                if (out16) out16[rh * head_dim + d] = f2h(orow[d]);
-            }
-        }
-        // Every split's shared memory stays alive until split 0 has read it.
-        cluster_sync_all();
-    } else if (nsplit == 1) {
+    if (nsplit == 1) {
         float* orow = out + ((long long)row * n_heads + h) * head_dim;
         for (int d = tid; d < head_dim; d += ATT_THREADS) {
             float v = 0.0f;
@@ -339,7 +297,7 @@ __device__ __forceinline__ void attention_impl(int row, int h, int z, int tid, i
 }
 
 // One (row, head, split) item of fused attention, dispatched on the KV type.
-template <bool PRE = false, bool CL = false>
+template <bool PRE = false>
 __device__ __forceinline__ void attention_item(int row, int h, int z, int tid, int bar, float* sm, const float* q,
                                                const void* pool, long long layer_off, long long v_off, int kvt,
                                                const u32* positions, const u32* token_seq, const u32* block_tables,
@@ -351,11 +309,11 @@ __device__ __forceinline__ void attention_item(int row, int h, int z, int tid, i
                  block_size, n_heads, n_kv_heads, head_dim, scale, window, cap, out, splits, part, counters, out16, kps, kmin
     bool vec = head_dim % 8 == 0;
     if (kvt == KV_F32) {
-        if (vec) attention_impl<KV_F32, true, PRE, CL>(ATT_ARGS); else attention_impl<KV_F32, false, PRE, CL>(ATT_ARGS);
+        if (vec) attention_impl<KV_F32, true, PRE>(ATT_ARGS); else attention_impl<KV_F32, false, PRE>(ATT_ARGS);
     } else if (kvt == KV_F16) {
-        if (vec) attention_impl<KV_F16, true, PRE, CL>(ATT_ARGS); else attention_impl<KV_F16, false, PRE, CL>(ATT_ARGS);
+        if (vec) attention_impl<KV_F16, true, PRE>(ATT_ARGS); else attention_impl<KV_F16, false, PRE>(ATT_ARGS);
     } else {
-        if (vec) attention_impl<KV_BF16, true, PRE, CL>(ATT_ARGS); else attention_impl<KV_BF16, false, PRE, CL>(ATT_ARGS);
+        if (vec) attention_impl<KV_BF16, true, PRE>(ATT_ARGS); else attention_impl<KV_BF16, false, PRE>(ATT_ARGS);
     }
 #undef ATT_ARGS
 }
@@ -390,22 +348,6 @@ extern "C" __global__ void attention_pre(const float* q, const void* pool, long 
     attention_item<true>(blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x, 1, sm, q, pool, layer_off, v_off, kvt,
                          positions, token_seq, block_tables, bt_stride, block_size, n_heads, n_kv_heads,
                          head_dim, scale, window, cap, out, splits, part, counters, out16, kps, kmin);
-}
-
-// attention_pre whose splits (grid z) form one thread block cluster per
-// (row, head) and merge over distributed shared memory (attention_impl's
-// CL); kps > 0 and kmin >= 2. Dynamic shared memory att_smem_floats(head_dim)
-// + head_dim + 2 floats; the partials and counters are not used.
-extern "C" __global__ void attention_cl(const float* q, const void* pool, long long layer_off,
-                                        long long v_off, int kvt, const u32* positions,
-                                        const u32* token_seq, const u32* block_tables, int bt_stride,
-                                        int block_size, int n_heads, int n_kv_heads, int head_dim,
-                                        float scale, int window, float cap, float* out, int splits,
-                                        float* part, u32* counters, u16* out16, int kps, int kmin) {
-    extern __shared__ float sm[];
-    attention_item<true, true>(blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x, 1, sm, q, pool, layer_off, v_off,
-                               kvt, positions, token_seq, block_tables, bt_stride, block_size, n_heads, n_kv_heads,
-                               head_dim, scale, window, cap, out, splits, part, counters, out16, kps, kmin);
 }
 
 // `attention` with the layer's q/k norm + RoPE + K/V store in the same
