@@ -47,6 +47,14 @@ fn stacking_on() -> bool {
     *ON.get_or_init(|| super::knobs::on_unless_zero("KESTREL_STACKED"))
 }
 
+/// Whether GEMMs of up to 8 rows and at least 2,048 columns take
+/// `hgemm_1c8` (all of a warp's weight spans loaded before the PDL wait;
+/// tuning knob `KESTREL_HGEMM_CHUNK8=1`, off by default).
+fn hgemm_chunk8() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| super::knobs::on_if_one("KESTREL_HGEMM_CHUNK8"))
+}
+
 /// Smallest compiled row capacity (1, 2, 4, 8) holding `n` rows.
 pub(crate) fn gemv_cap(n: usize) -> usize {
     match n {
@@ -609,6 +617,7 @@ impl CudaBackend {
     ) -> Result<(), BackendError> {
         if self.hgemm_takes(t, w.cols) {
             let name = match t.div_ceil(8) {
+                1 if w.cols >= 2048 && hgemm_chunk8() => "hgemm_1c8",
                 1 => "hgemm_1",
                 2 => "hgemm_2",
                 3..=4 => "hgemm_4",

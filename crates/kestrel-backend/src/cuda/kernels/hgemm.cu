@@ -31,7 +31,10 @@
 // Shared memory of the warps' partial tiles: [HG_WARPS][NT][32 lanes][4].
 __host__ __device__ constexpr int hgemm_smem_floats(int nt) { return HG_WARPS * nt * 32 * 4; }
 
-template <int NT>
+// CH: spans of weights a warp holds in registers at once (HG_CHUNK, or 8 for
+// hgemm_1c8: at k = 2048, the down projection, a warp's eight spans are then
+// all loaded before the PDL wait instead of four). Same products, same order.
+template <int NT, int CH = HG_CHUNK>
 __device__ __forceinline__ void hgemm_impl(const u16* __restrict__ w, int m, int k, const u16* __restrict__ x, int t,
                                            float* __restrict__ out, int ldc) {
     __shared__ __align__(16) float red[hgemm_smem_floats(NT)];
@@ -42,9 +45,9 @@ __device__ __forceinline__ void hgemm_impl(const u16* __restrict__ w, int m, int
     const u16* wb = w + (long long)min(r0 + g + 8, m - 1) * k + 8 * tq;
     int nsp = k >> 5;
     int mine = nsp > warp ? (nsp - warp + HG_WARPS - 1) / HG_WARPS : 0;
-    uint4 A[HG_CHUNK][2];
+    uint4 A[CH][2];
     #pragma unroll
-    for (int c = 0; c < HG_CHUNK; c++) {
+    for (int c = 0; c < CH; c++) {
         if (c < mine) {
             int p = warp + HG_WARPS * c;
             A[c][0] = *(const uint4*)(wa + p * 32);
@@ -53,7 +56,7 @@ __device__ __forceinline__ void hgemm_impl(const u16* __restrict__ w, int m, int
     }
     // The warp's later spans into L2 meanwhile: one lane per 64-byte half line.
     if (tq == 0) {
-        for (int c = HG_CHUNK; c < mine; c++) {
+        for (int c = CH; c < mine; c++) {
             int p = warp + HG_WARPS * c;
             asm volatile("prefetch.global.L2 [%0];" ::"l"(wa + p * 32));
             asm volatile("prefetch.global.L2 [%0];" ::"l"(wb + p * 32));
@@ -68,10 +71,10 @@ __device__ __forceinline__ void hgemm_impl(const u16* __restrict__ w, int m, int
     for (int q = 0; q < NT; q++)
         #pragma unroll
         for (int i = 0; i < 4; i++) acc[q][i] = 0.0f;
-    for (int c0 = 0; c0 < mine; c0 += HG_CHUNK) {
+    for (int c0 = 0; c0 < mine; c0 += CH) {
         if (c0 > 0) {
             #pragma unroll
-            for (int c = 0; c < HG_CHUNK; c++) {
+            for (int c = 0; c < CH; c++) {
                 if (c0 + c < mine) {
                     int p = warp + HG_WARPS * (c0 + c);
                     A[c][0] = *(const uint4*)(wa + p * 32);
@@ -80,7 +83,7 @@ __device__ __forceinline__ void hgemm_impl(const u16* __restrict__ w, int m, int
             }
         }
         #pragma unroll
-        for (int c = 0; c < HG_CHUNK; c++) {
+        for (int c = 0; c < CH; c++) {
             if (c0 + c < mine) {
                 int p = warp + HG_WARPS * (c0 + c);
                 uint4 b[NT];
@@ -121,3 +124,8 @@ HGEMM_ENTRY(1)
 HGEMM_ENTRY(2)
 HGEMM_ENTRY(4)
 HGEMM_ENTRY(8)
+
+extern "C" __global__ void __launch_bounds__(HG_THREADS) hgemm_1c8(const u16* w, int m, int k, const u16* x, int t,
+                                                                   float* out, int ldc) {
+    hgemm_impl<1, 8>(w, m, k, x, t, out, ldc);
+}
