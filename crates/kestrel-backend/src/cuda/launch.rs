@@ -252,26 +252,3 @@ impl Kernels {
 pub(crate) fn grid_for(n: usize) -> u32 {
     n.div_ceil(256).clamp(1, 65_535 * 8) as u32
 }
-
-/// Sets `kestrel_mma_ahead` (mma_q8.cu) when the tuning knob
-/// `KESTREL_LMHEAD_AHEAD=1` asks for it: each warp of the Q8_0 tensor-core
-/// LM head prefetches its next unit of rows into L2 while computing one.
-pub(crate) fn apply_lmhead_ahead(
-    dev: &super::device::Device,
-    module: &Arc<CudaModule>,
-) -> Result<(), BackendError> {
-    if !super::knobs::on_if_one("KESTREL_LMHEAD_AHEAD") {
-        return Ok(());
-    }
-    let err = |what: &str, e: cudarc::driver::DriverError| {
-        BackendError::Cuda(format!("KESTREL_LMHEAD_AHEAD: {what}: {e}"))
-    };
-    let mut sym = module
-        .get_global("kestrel_mma_ahead", &dev.stream)
-        .map_err(|e| err("kestrel_mma_ahead", e))?;
-    dev.stream
-        .memcpy_htod(&1i32.to_ne_bytes(), &mut sym)
-        .map_err(|e| err("writing kestrel_mma_ahead", e))?;
-    dev.stream.synchronize().map_err(|e| err("synchronize", e))?;
-    Ok(())
-}

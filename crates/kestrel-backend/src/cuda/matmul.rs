@@ -47,12 +47,15 @@ fn stacking_on() -> bool {
     *ON.get_or_init(|| super::knobs::on_unless_zero("KESTREL_STACKED"))
 }
 
-/// Whether GEMMs of up to 8 rows and at least 2,048 columns take
-/// `hgemm_1c8` (all of a warp's weight spans loaded before the PDL wait;
-/// tuning knob `KESTREL_HGEMM_CHUNK8=1`, off by default).
+/// Whether GEMMs of up to 8 rows and at least 2,048 columns (the down
+/// projection) take `hgemm_1c8`, whose warps load all eight of their weight
+/// spans before the PDL wait (tuning knob `KESTREL_HGEMM_CHUNK8=0` keeps
+/// `hgemm_1`). Same bits. H100, default model, tg128 alternated over three
+/// rounds: 1,851 / 1,789 / 1,842 tok/s against 1,802 / 1,766 / 1,804
+/// (benchmarks/NOTES-cuda.md, session 16).
 fn hgemm_chunk8() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| super::knobs::on_if_one("KESTREL_HGEMM_CHUNK8"))
+    *ON.get_or_init(|| super::knobs::on_unless_zero("KESTREL_HGEMM_CHUNK8"))
 }
 
 /// Smallest compiled row capacity (1, 2, 4, 8) holding `n` rows.

@@ -325,7 +325,6 @@ impl CudaBackend {
         let dev = Device::open(ordinal)?;
         let module = compile::load_module(&dev.ctx, dev.cc)?;
         l2::apply(&dev, &module)?;
-        launch::apply_lmhead_ahead(&dev, &module)?;
         let k = Kernels::load(&module, dev.cc)?;
         // The decode tiles need more than the default 48 KiB of shared memory.
         for (name, group) in [("attention_dec4", 4), ("attention_dec8", 8)] {

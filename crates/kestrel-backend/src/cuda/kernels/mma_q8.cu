@@ -208,30 +208,6 @@ __device__ __forceinline__ void mma_q8_argmax_store(const Q8Best& b, int nt, u64
     }
 }
 
-// The warp's next unit (its quants and scales) into L2 while it computes
-// this one, when the tuning knob KESTREL_LMHEAD_AHEAD is on (the host sets
-// kestrel_mma_ahead): the unit's own loads keep only two spans in flight
-// per warp, which at one activation row left the LM head at ~62% of the
-// DRAM bandwidth (86 us in the graph for 178 MB on an H100).
-extern "C" {
-__constant__ int kestrel_mma_ahead = 0;
-}
-
-__device__ __forceinline__ void mma_q8_unit_ahead(const u8* p0, const u16* p2, int wrows, int cols, long long u,
-                                                  long long units) {
-    if (!kestrel_mma_ahead || u >= units) return;
-    int lane = threadIdx.x & 31;
-    long long row0 = u * MMA_ROWS_PER_WARP;
-    int rows = (int)min((long long)MMA_ROWS_PER_WARP, wrows - row0);
-    long long bytes = (long long)rows * cols;
-    for (long long off = (long long)lane * 128; off < bytes; off += 32 * 128)
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(p0 + row0 * cols + off));
-    long long sbytes = (long long)rows * (cols >> 5) * 2;
-    const u8* sb = (const u8*)(p2 + row0 * (cols >> 5));
-    for (long long off = (long long)lane * 128; off < sbytes; off += 32 * 128)
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(sb + off));
-}
-
 template <int NT>
 __device__ __forceinline__ void mma_q8_body(const u8* p0, const u16* p2, int wrows, int cols, const float* x, int nt,
                                             float* out, u64* keys) {
@@ -274,19 +250,15 @@ __device__ __forceinline__ void mma_q8_body(const u8* p0, const u16* p2, int wro
     }
     __syncthreads();
     if (!keys) {
-        for (long long u = first; u < units; u += (long long)gridDim.x * MMA_WARPS) {
-            mma_q8_unit_ahead(p0, p2, wrows, cols, u + (long long)gridDim.x * MMA_WARPS, units);
+        for (long long u = first; u < units; u += (long long)gridDim.x * MMA_WARPS)
             mma_q8_unit<NT>(p0, p2, wrows, cols, xs, nt, out, u * MMA_ROWS_PER_WARP, nullptr);
-        }
         return;
     }
     Q8Best best;
     #pragma unroll
     for (int j = 0; j < 2; j++) { best.v[j] = -__int_as_float(0x7f800000); best.i[j] = 0x7fffffff; }
-    for (long long u = first; u < units; u += (long long)gridDim.x * MMA_WARPS) {
-        mma_q8_unit_ahead(p0, p2, wrows, cols, u + (long long)gridDim.x * MMA_WARPS, units);
+    for (long long u = first; u < units; u += (long long)gridDim.x * MMA_WARPS)
         mma_q8_unit<NT>(p0, p2, wrows, cols, xs, nt, out, u * MMA_ROWS_PER_WARP, &best);
-    }
     // The reduction reuses the activations' shared memory (every warp is
     // past its last read of them after this barrier).
     __syncthreads();
