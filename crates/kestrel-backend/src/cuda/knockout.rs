@@ -14,43 +14,62 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 
+/// Which launches of a kernel a rule skips.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Select {
+    All,
+    /// `name@i/n`: the launches whose running count is i modulo n.
+    Residue(u64, u64),
+}
+
 struct Rule {
     name: String,
-    /// (i, n) of `name@i/n`; None: every launch.
-    every: Option<(u64, u64)>,
+    select: Select,
 }
 
 struct Knockout {
     rules: Vec<Rule>,
     list: bool,
-    /// Launches of each ruled name so far, and how many were skipped.
-    counts: Mutex<HashMap<String, (u64, u64)>>,
+    /// Launches of each kernel seen so far (ruled ones, or all with `list`).
+    counts: Mutex<HashMap<String, u64>>,
 }
 
+/// The rules of a spec; malformed ones are dropped with a warning.
 fn parse(spec: &str) -> Vec<Rule> {
     spec.split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| match s.split_once('@') {
-            Some((name, sel)) => {
-                let every = sel
-                    .split_once('/')
-                    .and_then(|(i, n)| Some((i.parse().ok()?, n.parse().ok()?)))
-                    .filter(|&(i, n): &(u64, u64)| n > 0 && i < n);
-                if every.is_none() {
-                    eprintln!("KESTREL_KNOCKOUT: '{s}': expected name@i/n with i < n; ignored");
-                }
-                Rule {
-                    name: name.to_string(),
-                    every: every.or(Some((u64::MAX, 1))),
-                }
+        .filter_map(|s| {
+            let Some((name, sel)) = s.split_once('@') else {
+                return Some(Rule {
+                    name: s.to_string(),
+                    select: Select::All,
+                });
+            };
+            let residue = sel
+                .split_once('/')
+                .and_then(|(i, n)| Some((i.parse::<u64>().ok()?, n.parse::<u64>().ok()?)))
+                .filter(|&(i, n)| n > 0 && i < n);
+            if residue.is_none() {
+                eprintln!("KESTREL_KNOCKOUT: '{s}': expected name@i/n with i < n; ignored");
             }
-            None => Rule {
-                name: s.to_string(),
-                every: None,
-            },
+            residue.map(|(i, n)| Rule {
+                name: name.to_string(),
+                select: Select::Residue(i, n),
+            })
         })
         .collect()
+}
+
+/// Whether the `seen`-th launch (from 0) of `name` is skipped; None when no
+/// rule names it.
+fn decide(rules: &[Rule], name: &str, seen: u64) -> Option<bool> {
+    let mut ruled = rules.iter().filter(|r| r.name == name).peekable();
+    ruled.peek()?;
+    Some(ruled.any(|r| match r.select {
+        Select::All => true,
+        Select::Residue(i, n) => seen % n == i,
+    }))
 }
 
 fn knockout() -> Option<&'static Knockout> {
@@ -79,39 +98,26 @@ pub(crate) fn skips(name: &str) -> bool {
     let Some(k) = knockout() else {
         return false;
     };
+    let Ok(mut counts) = k.counts.lock() else {
+        return false;
+    };
     if k.list {
-        if let Ok(mut counts) = k.counts.lock() {
-            let c = counts.entry(name.to_string()).or_default();
-            if c.0 == 0 {
-                eprintln!("KESTREL_KNOCKOUT=list: launch of '{name}'");
-            }
-            c.0 += 1;
+        let seen = counts.entry(name.to_string()).or_default();
+        if *seen == 0 {
+            eprintln!("KESTREL_KNOCKOUT=list: launch of '{name}'");
         }
+        *seen += 1;
         return false;
     }
-    let mut hit = false;
-    let mut ruled = false;
-    for r in k.rules.iter().filter(|r| r.name == name) {
-        ruled = true;
-        let Ok(counts) = k.counts.lock() else {
-            return false;
-        };
-        let seen = counts.get(name).map_or(0, |c| c.0);
-        hit |= match r.every {
-            None => true,
-            Some((i, n)) => seen % n == i,
-        };
+    let seen = counts.get(name).copied().unwrap_or(0);
+    let Some(hit) = decide(&k.rules, name, seen) else {
+        return false;
+    };
+    // The first few skips say so, so a run shows its rules took effect.
+    if hit && seen < 4 {
+        eprintln!("KESTREL_KNOCKOUT: skipping launch {seen} of '{name}'");
     }
-    if ruled {
-        if let Ok(mut counts) = k.counts.lock() {
-            let c = counts.entry(name.to_string()).or_default();
-            c.0 += 1;
-            c.1 += hit as u64;
-            if c.1 == 1 && hit {
-                eprintln!("KESTREL_KNOCKOUT: skipping '{name}' launches");
-            }
-        }
-    }
+    counts.insert(name.to_string(), seen + 1);
     hit
 }
 
@@ -121,11 +127,23 @@ mod tests {
 
     #[test]
     fn rules_parse_names_and_residues() {
-        let r = parse("attention_pre, hgemm_1@1/4,bad@x");
-        assert_eq!(r.len(), 3);
-        assert_eq!((r[0].name.as_str(), r[0].every), ("attention_pre", None));
-        assert_eq!((r[1].name.as_str(), r[1].every), ("hgemm_1", Some((1, 4))));
-        // A malformed selector matches no launch (u64::MAX is never a residue).
-        assert_eq!(r[2].every, Some((u64::MAX, 1)));
+        let r = parse("attention_pre, hgemm_1@1/4,bad@x,worse@4/4");
+        assert_eq!(r.len(), 2, "malformed rules are dropped");
+        assert_eq!((r[0].name.as_str(), r[0].select), ("attention_pre", Select::All));
+        assert_eq!(
+            (r[1].name.as_str(), r[1].select),
+            ("hgemm_1", Select::Residue(1, 4))
+        );
+    }
+
+    #[test]
+    fn residues_pick_every_nth_launch_of_their_kernel_only() {
+        let r = parse("hgemm_1@1/4,embed");
+        let hits: Vec<u64> = (0..12)
+            .filter(|&s| decide(&r, "hgemm_1", s) == Some(true))
+            .collect();
+        assert_eq!(hits, [1, 5, 9]);
+        assert_eq!(decide(&r, "embed", 7), Some(true));
+        assert_eq!(decide(&r, "attention_pre", 0), None);
     }
 }
