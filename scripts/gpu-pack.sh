@@ -30,6 +30,10 @@ nvrtc=/tmp/nvrtc130/nvidia/cu13/lib ptxas=/tmp/nvcc130/nvidia/cu13/bin/ptxas
 KESTREL_PTX_OUT=/tmp/kestrel.ptx LD_LIBRARY_PATH=$nvrtc \
   cargo test --release -p kestrel-backend compile::tests::kernels_compile_with_nvrtc > /dev/null
 $ptxas -arch=sm_90 /tmp/kestrel.ptx -o ".gpu/kcache/$(cat /tmp/kestrel.ptx.key)-sm_90.cubin"
+# The diagnostic build with attention phase stamps (KESTREL_TRACE=1, cuda/trace.rs).
+KESTREL_TRACE=1 KESTREL_PTX_OUT=/tmp/kestrel-trace.ptx LD_LIBRARY_PATH=$nvrtc \
+  cargo test --release -p kestrel-backend compile::tests::kernels_compile_with_nvrtc > /dev/null
+$ptxas -arch=sm_90 /tmp/kestrel-trace.ptx -o ".gpu/kcache/$(cat /tmp/kestrel-trace.ptx.key)-sm_90.cubin"
 tar czf .gpu/bundle.tmp -C .gpu bin kcache && mv .gpu/bundle.tmp .gpu/bundle.tgz
 model=$(bash scripts/fetch-model.sh | tail -1 | sed "s/^[^:]*: //")
 # Pieces cut earlier at another size (37 MB once) would not fit: cut again.

@@ -26,6 +26,11 @@ const SOURCES: [(&str, &str); 9] = [
 
 pub(crate) fn full_source() -> String {
     let mut s = String::new();
+    // The diagnostic phase stamps (common.cu, cuda/trace.rs) are compiled in
+    // only on request, so the default module (and its cache key) is unchanged.
+    if super::trace::requested() {
+        s.push_str("#define KESTREL_TRACE 1\n");
+    }
     for (name, text) in SOURCES {
         s.push_str(&format!("// ---- {name} ----\n"));
         s.push_str(text);

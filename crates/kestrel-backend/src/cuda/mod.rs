@@ -24,6 +24,7 @@ mod megakernel;
 mod meta;
 mod sampling;
 mod timing;
+mod trace;
 mod weights;
 
 #[cfg(test)]
@@ -250,6 +251,9 @@ pub struct CudaBackend {
     /// mirrors (`matmul::default_gemv_rows`).
     gemv_rows: std::sync::atomic::AtomicUsize,
     _module: Arc<CudaModule>,
+    /// Attention phase stamps (`KESTREL_TRACE=1`, cuda/trace.rs), reported
+    /// when the backend is dropped.
+    trace: Option<DevBuf>,
     k: Kernels,
     kernels: KernelSet,
     state: Mutex<State>,
@@ -325,6 +329,7 @@ impl CudaBackend {
         let dev = Device::open(ordinal)?;
         let module = compile::load_module(&dev.ctx, dev.cc)?;
         l2::apply(&dev, &module)?;
+        let trace = trace::setup(&dev, &module)?;
         let k = Kernels::load(&module, dev.cc)?;
         // The decode tiles need more than the default 48 KiB of shared memory.
         for (name, group) in [("attention_dec4", 4), ("attention_dec8", 8)] {
@@ -364,6 +369,7 @@ impl CudaBackend {
             hgemm_rows: std::sync::atomic::AtomicUsize::new(matmul::default_hgemm_rows()),
             gemv_rows: std::sync::atomic::AtomicUsize::new(matmul::default_gemv_rows()),
             _module: module,
+            trace,
             k,
             kernels,
             state: Mutex::new(State::default()),

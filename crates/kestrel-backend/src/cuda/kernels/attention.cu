@@ -169,6 +169,8 @@ __device__ __forceinline__ void attention_impl(int row, int h, int z, int tid, i
     int nsplit = splits;
     const u32* table = nullptr;
     float kk[ATT_UNROLL][ATT_MAXJ], vv[ATT_UNROLL][ATT_MAXJ];
+    TRACE(long long tr0 = trace_now(); long long tr1 = tr0; long long tr2 = tr0; long long tr3 = tr0;
+          bool tr_me = PRE && tid == 0 && row == 0 && h == 0 && z == 0 && kestrel_trace;)
     if (PRE) {
         pos = (int)positions[row];
         if (kps > 0) {
@@ -181,6 +183,7 @@ __device__ __forceinline__ void attention_impl(int row, int h, int z, int tid, i
         att_load_round<KVT, VEC>(pool, layer_off, v_off, table, block_size, kv_dim, kvh, head_dim, lane,
                                  kbeg + warp, kend, pos, kk, vv);
         pdl_entry();
+        TRACE(tr1 = trace_now();)
     }
     // q null: the caller has put the scaled query head in qs already.
     if (q) {
@@ -196,6 +199,7 @@ __device__ __forceinline__ void attention_impl(int row, int h, int z, int tid, i
                                        pos, true, kk[r], vv[r]);
     }
     bar_sync(bar, ATT_THREADS);
+    TRACE(tr2 = trace_now();)
     if (!PRE) {
         pos = (int)positions[row];
         table = block_tables + (long long)token_seq[row] * bt_stride;
@@ -236,6 +240,7 @@ __device__ __forceinline__ void attention_impl(int row, int h, int z, int tid, i
             m = mn;
         }
     }
+    TRACE(tr3 = trace_now();)
     #pragma unroll
     for (int j = 0; j < ATT_MAXJ; j++) {
         int d = VEC ? lane * 8 + j : lane + 32 * j;
@@ -268,6 +273,16 @@ __device__ __forceinline__ void attention_impl(int row, int h, int z, int tid, i
         bar_sync(bar, ATT_THREADS);
         if (tid == 0) misc[1] = __int_as_float(atomicAdd(counters + rh, 1u) == (u32)(nsplit - 1));
         bar_sync(bar, ATT_THREADS);
+        TRACE(if (tr_me) {
+            long long t4 = trace_now(), re = *(volatile long long*)(kestrel_trace + TRACE_ROPE_END);
+            atomicAdd((unsigned long long*)kestrel_trace + TRACE_N, 1ull);
+            atomicAdd((unsigned long long*)kestrel_trace + TRACE_ENTRY_WAIT, (unsigned long long)(tr1 - tr0));
+            atomicAdd((unsigned long long*)kestrel_trace + TRACE_WAIT_Q, (unsigned long long)(tr2 - tr1));
+            atomicAdd((unsigned long long*)kestrel_trace + TRACE_KEYS, (unsigned long long)(tr3 - tr2));
+            atomicAdd((unsigned long long*)kestrel_trace + TRACE_PARTIAL, (unsigned long long)(t4 - tr3));
+            atomicAdd((unsigned long long*)kestrel_trace + TRACE_ROPE_WAIT, (unsigned long long)(tr1 - re));
+            atomicAdd((unsigned long long*)kestrel_trace + TRACE_ROPE_ENTRY, (unsigned long long)(tr0 - re));
+        })
         if (!__float_as_int(misc[1])) return;
         __threadfence();
         const float* p = part + rh * splits * (head_dim + 2);
@@ -293,6 +308,10 @@ __device__ __forceinline__ void attention_impl(int row, int h, int z, int tid, i
             if (out16) out16[rh * head_dim + d] = f2h(orow[d]);
         }
         if (tid == 0) counters[rh] = 0u;
+        TRACE(if (PRE && tid == 0 && rh == 0 && kestrel_trace) {
+            atomicAdd((unsigned long long*)kestrel_trace + TRACE_MERGE_N, 1ull);
+            atomicAdd((unsigned long long*)kestrel_trace + TRACE_MERGE, (unsigned long long)(trace_now() - tr1));
+        })
     }
 }
 

@@ -134,3 +134,33 @@ __device__ __forceinline__ void pdl_entry() {
     asm volatile("griddepcontrol.launch_dependents;" :::);
 #endif
 }
+
+// Phase stamps of decode attention (diagnostic; compiled in only when the
+// host sets KESTREL_TRACE=1, which prefixes the source with
+// `#define KESTREL_TRACE 1`, so the default module is unchanged). Slots of
+// kestrel_trace (i64, summed over launches, in ns of %globaltimer; the host
+// allocates and reads it, cuda/trace.rs): see TRACE_* below.
+#ifdef KESTREL_TRACE
+extern "C" {
+__device__ long long* kestrel_trace = 0;
+}
+__device__ __forceinline__ long long trace_now() {
+    long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+#define TRACE_N 0          // attention launches stamped (block (0, 0, 0))
+#define TRACE_ENTRY_WAIT 1 // kernel entry -> PDL wait returned
+#define TRACE_WAIT_Q 2     // wait returned -> query loaded (first barrier)
+#define TRACE_KEYS 3       // the split's keys
+#define TRACE_PARTIAL 4    // warp merge, partial written, fence, counter
+#define TRACE_MERGE_N 5    // merges stamped (the (0, 0) row/head's last split)
+#define TRACE_MERGE 6      // that block: wait returned -> merged output written
+#define TRACE_ROPE_END 7   // latest end of a qk_norm_rope_store_pre block (absolute)
+#define TRACE_ROPE_WAIT 8  // rope end -> attention's wait returned (block (0, 0, 0))
+#define TRACE_ROPE_ENTRY 9 // rope end -> attention's entry (negative: resident before)
+#define TRACE_SLOTS 10
+#define TRACE(...) __VA_ARGS__
+#else
+#define TRACE(...)
+#endif

@@ -494,6 +494,8 @@ extern "C" __global__ void qk_norm_rope_store_pre(float* q, float* k, const floa
     rope_store_item(blockIdx.x, blockIdx.y, blockDim.x, hbuf, scratch, q, k, v, n_heads, n_kv_heads, head_dim, qw,
                     kw, eps, inv_freq, n_pairs, style, mscale, positions, pool, layer_off, v_off, kvt, slots, src,
                     ld, vdst, true, true);
+    TRACE(if (threadIdx.x == 0 && kestrel_trace)
+              atomicMax((unsigned long long*)kestrel_trace + TRACE_ROPE_END, (unsigned long long)trace_now());)
 }
 
 // dst = src (n floats); for copying an activation inside a captured graph.
