@@ -28,7 +28,9 @@ pub(crate) fn setup(dev: &Device, module: &Arc<CudaModule>) -> Result<Option<Dev
     if !requested() {
         return Ok(None);
     }
-    let err = |what: &str, e: cudarc::driver::DriverError| BackendError::Cuda(format!("KESTREL_TRACE: {what}: {e}"));
+    let err = |what: &str, e: cudarc::driver::DriverError| {
+        BackendError::Cuda(format!("KESTREL_TRACE: {what}: {e}"))
+    };
     // Allocated zeroed.
     let buf = DevBuf::alloc(&dev.stream, SLOTS * 8, "trace stamps")?;
     let mut sym = module
@@ -56,7 +58,13 @@ pub(crate) fn report(dev: &Device, buf: &DevBuf) -> Result<String, BackendError>
         .chunks_exact(8)
         .map(|c| i64::from_ne_bytes(c.try_into().unwrap_or([0; 8])))
         .collect();
-    let mean = |slot: usize, n: i64| if n > 0 { v[slot] as f64 / n as f64 / 1000.0 } else { f64::NAN };
+    let mean = |slot: usize, n: i64| {
+        if n > 0 {
+            v[slot] as f64 / n as f64 / 1000.0
+        } else {
+            f64::NAN
+        }
+    };
     let (n, m) = (v[0], v[5]);
     Ok(format!(
         "KESTREL_TRACE: attention_pre, {n} launches stamped (block (0, 0, 0)), means in us:\n\
