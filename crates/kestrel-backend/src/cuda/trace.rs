@@ -14,8 +14,18 @@ use super::buffers::DevBuf;
 use super::device::Device;
 use crate::error::BackendError;
 
-/// i64 slots of the buffer (`TRACE_SLOTS` in common.cu).
+/// i64 slots of the buffer: `TRACE_*` in common.cu, which says what each
+/// sums (`TRACE_ROPE_END`, slot 7, is an absolute time the kernels share).
 const SLOTS: usize = 10;
+const N: usize = 0;
+const ENTRY_WAIT: usize = 1;
+const WAIT_Q: usize = 2;
+const KEYS: usize = 3;
+const PARTIAL: usize = 4;
+const MERGE_N: usize = 5;
+const MERGE: usize = 6;
+const ROPE_WAIT: usize = 8;
+const ROPE_ENTRY: usize = 9;
 
 /// Whether this process asked for the traced kernel module.
 pub(crate) fn requested() -> bool {
@@ -65,7 +75,7 @@ pub(crate) fn report(dev: &Device, buf: &DevBuf) -> Result<String, BackendError>
             f64::NAN
         }
     };
-    let (n, m) = (v[0], v[5]);
+    let (n, m) = (v[N], v[MERGE_N]);
     Ok(format!(
         "KESTREL_TRACE: attention_pre, {n} launches stamped (block (0, 0, 0)), means in us:\n\
          \x20 RoPE kernel's last block ends -> attention entry {:.2} (negative: resident before)\n\
@@ -75,13 +85,13 @@ pub(crate) fn report(dev: &Device, buf: &DevBuf) -> Result<String, BackendError>
          \x20 the split's keys {:.2}\n\
          \x20 warp merge, partial, fence, counter {:.2}\n\
          \x20 merging split ({m} stamped): wait -> output written {:.2}",
-        mean(9, n),
-        mean(8, n),
-        mean(1, n),
-        mean(2, n),
-        mean(3, n),
-        mean(4, n),
-        mean(6, m),
+        mean(ROPE_ENTRY, n),
+        mean(ROPE_WAIT, n),
+        mean(ENTRY_WAIT, n),
+        mean(WAIT_Q, n),
+        mean(KEYS, n),
+        mean(PARTIAL, n),
+        mean(MERGE, m),
     ))
 }
 
