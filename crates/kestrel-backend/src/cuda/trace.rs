@@ -54,20 +54,8 @@ pub(crate) fn setup(dev: &Device, module: &Arc<CudaModule>) -> Result<Option<Dev
     Ok(Some(buf))
 }
 
-/// The means of the stamps summed in `buf`, one line each.
-pub(crate) fn report(dev: &Device, buf: &DevBuf) -> Result<String, BackendError> {
-    let mut raw = [0u8; SLOTS * 8];
-    // SAFETY: `buf` holds SLOTS * 8 bytes; `raw` outlives the copy (the
-    // stream is synchronised before it is read).
-    unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut raw[..], buf.ptr, dev.stream.cu_stream()) }
-        .map_err(|e| BackendError::Cuda(format!("KESTREL_TRACE: reading the stamps: {e}")))?;
-    dev.stream
-        .synchronize()
-        .map_err(|e| BackendError::Cuda(format!("KESTREL_TRACE: synchronize: {e}")))?;
-    let v: Vec<i64> = raw
-        .chunks_exact(8)
-        .map(|c| i64::from_ne_bytes(c.try_into().unwrap_or([0; 8])))
-        .collect();
+/// The means of the stamps (the buffer's slots as read back), one line each.
+fn report(v: &[i64; SLOTS]) -> String {
     let mean = |slot: usize, n: i64| {
         if n > 0 {
             v[slot] as f64 / n as f64 / 1000.0
@@ -76,7 +64,7 @@ pub(crate) fn report(dev: &Device, buf: &DevBuf) -> Result<String, BackendError>
         }
     };
     let (n, m) = (v[N], v[MERGE_N]);
-    Ok(format!(
+    format!(
         "KESTREL_TRACE: attention_pre, {n} launches stamped (block (0, 0, 0)), means in us:\n\
          \x20 RoPE kernel's last block ends -> attention entry {:.2} (negative: resident before)\n\
          \x20 RoPE kernel's last block ends -> attention's PDL wait returns {:.2}\n\
@@ -92,7 +80,7 @@ pub(crate) fn report(dev: &Device, buf: &DevBuf) -> Result<String, BackendError>
         mean(KEYS, n),
         mean(PARTIAL, n),
         mean(MERGE, m),
-    ))
+    )
 }
 
 impl Drop for super::CudaBackend {
@@ -100,11 +88,9 @@ impl Drop for super::CudaBackend {
         let Some(buf) = &self.trace else {
             return;
         };
-        if self.dev.ctx.bind_to_thread().is_err() {
-            return;
-        }
-        match report(&self.dev, buf) {
-            Ok(text) => eprintln!("{text}"),
+        let mut v = [0i64; SLOTS];
+        match self.dtoh(&mut v, buf.ptr, "KESTREL_TRACE: reading the stamps") {
+            Ok(()) => eprintln!("{}", report(&v)),
             Err(e) => eprintln!("{e}"),
         }
     }
