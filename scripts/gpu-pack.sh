@@ -19,7 +19,7 @@ cargo build --release -p kestrel-cli
 cargo test --release --no-run 2>/dev/null
 rm -rf .gpu/bin .gpu/kcache && mkdir -p .gpu/bin .gpu/kcache .gpu/model
 cp target/release/kestrel .gpu/bin/
-for t in kestrel_backend cuda_overlap cuda_consistency cuda_megakernel cuda_reference; do
+for t in kestrel_backend cuda_overlap cuda_consistency cuda_megakernel cuda_reference cuda_sampling; do
   f=$(ls -t target/release/deps/${t}-* | grep -v '\.d$' | head -1)
   cp "$f" .gpu/bin/$t
 done
@@ -36,6 +36,9 @@ KESTREL_TRACE=1 KESTREL_PTX_OUT=/tmp/kestrel-trace.ptx LD_LIBRARY_PATH=$nvrtc \
 $ptxas -arch=sm_90 /tmp/kestrel-trace.ptx -o ".gpu/kcache/$(cat /tmp/kestrel-trace.ptx.key)-sm_90.cubin"
 tar czf .gpu/bundle.tmp -C .gpu bin kcache && mv .gpu/bundle.tmp .gpu/bundle.tgz
 model=$(bash scripts/fetch-model.sh | tail -1 | sed "s/^[^:]*: //")
+# The model's header (metadata, tokenizer) for a random-weight copy made on
+# the device (scripts/gpu-branch-check.sh): timing runs need no upload.
+head -c 6525120 "$model" > .gpu/dhdr
 # Pieces cut earlier at another size (37 MB once) would not fit: cut again.
 piece=30000000
 if [ "$(stat -c %s .gpu/model/xaa 2>/dev/null)" != "$piece" ]; then

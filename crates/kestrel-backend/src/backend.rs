@@ -173,6 +173,19 @@ pub trait Backend: Send + Sync {
     fn take_argmax(&self, _ticket: u64) -> Result<Vec<u32>> {
         Err(BackendError::Unsupported("queued argmax on this backend".into()))
     }
+    /// `queue_argmax` for rows that draw a token: the draw of every row of
+    /// `x` by `rows` (one entry per row; greedy rows take the argmax),
+    /// queued without waiting; `take_argmax` answers the ticket and
+    /// `feed_argmax` feeds its ids. Only where `queues_samples` says so.
+    fn queue_sample(&self, _x: &Self::Act, _rows: &[crate::layout::DeviceSample]) -> Result<u64> {
+        Err(BackendError::Unsupported(
+            "queued sampling on this backend".into(),
+        ))
+    }
+    /// Whether `queue_sample` takes this row (rows of `vocab` logits).
+    fn queues_sample(&self, _row: &crate::layout::DeviceSample, _vocab: usize) -> bool {
+        false
+    }
     /// Makes the batch's first `rows` input tokens the ids of the latest
     /// queued argmax's rows, in order, where they are computed (no wait).
     fn feed_argmax(&self, _batch: &mut Self::Batch, _rows: usize) -> Result<()> {

@@ -619,15 +619,28 @@ impl<B: Backend> Engine<B> {
         self.finish_step(report, t_emit)
     }
 
+    /// Whether a request's token can be left on the device for the next
+    /// step: plain greedy (the argmax), or a draw whose decision needs
+    /// nothing from the host but its random number (no penalty, no
+    /// logprobs) and that the backend queues (`Backend::queues_sample`).
+    fn queueable(&self, o: &SeqOutput) -> bool {
+        let vocab = self.model.config.vocab_size;
+        o.params.is_plain_greedy()
+            || (o.params.logprobs.is_none()
+                && o.sampler
+                    .device_shape(vocab)
+                    .is_some_and(|d| self.model.backend.queues_sample(&d, vocab)))
+    }
+
     /// Whether the step after the one in flight may be planned before its
-    /// tokens are known: every request is plain greedy (the argmax is its
-    /// token) and none can end by count with this token. An end by EOS or
-    /// a stop string only wastes its row of the next step.
+    /// tokens are known: every request's token stays on the device
+    /// (`queueable`) and none can end by count with this token. An end by
+    /// EOS or a stop string only wastes its row of the next step.
     fn lookahead_allowed(&self, ids: &[RequestId]) -> bool {
         ids.iter()
             .all(|id| match (self.outputs.get(id), self.sched.seq(*id)) {
                 (Some(o), Some(s)) => {
-                    o.params.is_plain_greedy()
+                    self.queueable(o)
                         && s.generated().len() + 1 < o.params.max_tokens
                         && s.tokens.len() + 1 < self.limits.max_model_len
                 }
@@ -635,16 +648,36 @@ impl<B: Backend> Engine<B> {
             })
     }
 
-    /// Launches a looked-ahead greedy step whose input tokens come from the
-    /// queued argmax on the device; returns its own argmax ticket.
+    /// Launches a looked-ahead step whose input tokens come from the queued
+    /// ids on the device (argmax or draws); returns its own ticket.
     fn launch_fed(&mut self, plan: &StepPlan) -> Result<u64, EngineError> {
         let model = self.model.clone();
         let rows = plan.layout.num_tokens();
-        let act = model.forward_fed(&plan.layout, &mut self.kv, &plan.logit_rows, rows)?;
-        model
-            .backend
-            .queue_argmax(&act)
-            .map_err(|e| EngineError::Model(e.into()))
+        let ids: Vec<RequestId> = plan.samplers().collect();
+        let greedy = ids
+            .iter()
+            .all(|id| self.outputs.get(id).is_none_or(|o| o.params.is_plain_greedy()));
+        let act = model.forward_fed(&plan.layout, &mut self.kv, &plan.logit_rows, rows, greedy)?;
+        let be = model.backend.as_ref();
+        let queued = if greedy {
+            be.queue_argmax(&act)
+        } else {
+            be.queue_sample(&act, &self.device_rows(&ids))
+        };
+        queued.map_err(|e| EngineError::Model(e.into()))
+    }
+
+    /// This step's device decision of each request of `ids` (its draw made
+    /// now, in step order); a request that is gone takes the argmax (its
+    /// token is dropped when emitted).
+    fn device_rows(&mut self, ids: &[RequestId]) -> Vec<DeviceSample> {
+        let vocab = self.model.config.vocab_size;
+        ids.iter()
+            .map(|id| match (self.outputs.get_mut(id), self.sched.seq(*id)) {
+                (Some(o), Some(seq)) => o.sampler.device_request(seq.prompt(), seq.generated(), vocab),
+                _ => DeviceSample::argmax(),
+            })
+            .collect()
     }
 
     /// Whether a step of `samplers` sequences streams its tokens during
@@ -767,18 +800,21 @@ impl<B: Backend> Engine<B> {
             Picked::Tokens(be.argmax_rows(&act).map_err(|e| EngineError::Model(e.into()))?)
         } else if on_device {
             let vocab = self.model.config.vocab_size;
-            let rows: Vec<DeviceSample> = ids
-                .iter()
-                .map(|id| match (self.outputs.get_mut(id), self.sched.seq(*id)) {
-                    (Some(o), Some(seq)) => o.sampler.device_request(seq.prompt(), seq.generated(), vocab),
-                    // Gone: any token (it is dropped when emitted).
-                    _ => DeviceSample::argmax(),
-                })
-                .collect();
-            Picked::Tokens(
-                be.sample_rows(&act, &rows)
-                    .map_err(|e| EngineError::Model(e.into()))?,
-            )
+            let rows = self.device_rows(ids);
+            let be = self.model.backend.as_ref();
+            // Draws the device can queue let the next step start before
+            // this one's tokens reach the host, as greedy steps do.
+            if self.overlap && rows.iter().all(|r| be.queues_sample(r, vocab)) {
+                Picked::Queued(
+                    be.queue_sample(&act, &rows)
+                        .map_err(|e| EngineError::Model(e.into()))?,
+                )
+            } else {
+                Picked::Tokens(
+                    be.sample_rows(&act, &rows)
+                        .map_err(|e| EngineError::Model(e.into()))?,
+                )
+            }
         } else {
             Picked::Logits(be.read_act(&act).map_err(|e| EngineError::Model(e.into()))?)
         };

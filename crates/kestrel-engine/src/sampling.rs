@@ -357,7 +357,7 @@ impl Sampler {
     /// (Only when every logit is -inf does the host skip the draw that this
     /// makes; the device then returns token 0, as the host does.)
     pub fn device_request(&mut self, prompt: &[u32], generated: &[u32], vocab: usize) -> DeviceSample {
-        let (rep, presence, frequency, use_counts) = self.penalty_settings();
+        let (rep, _, _, use_counts) = self.penalty_settings();
         let mut penalties = Vec::new();
         if rep.is_some() || use_counts {
             self.update_counts(prompt, generated, rep.is_some());
@@ -374,6 +374,27 @@ impl Sampler {
                 penalties.extend(self.output_counts.iter().map(|(&id, &c)| (id, c)));
             }
         }
+        let mut d = self.device_decision(vocab, penalties);
+        if !d.greedy {
+            d.u = self.rng.random::<f64>();
+        }
+        d
+    }
+
+    /// What `device_request` would return when no penalty applies (so the
+    /// decision needs neither the prompt nor the tokens generated so far),
+    /// without its random draw (u = 0); `None` when a penalty applies. The
+    /// engine asks the backend with it whether a step's draw can be queued
+    /// on the device before the previous step's token is known.
+    pub fn device_shape(&self, vocab: usize) -> Option<DeviceSample> {
+        let (rep, _, _, use_counts) = self.penalty_settings();
+        (rep.is_none() && !use_counts).then(|| self.device_decision(vocab, Vec::new()))
+    }
+
+    /// The device form of this sampler's settings with `penalties`, before
+    /// the draw (u = 0).
+    fn device_decision(&self, vocab: usize, penalties: Vec<(u32, u32)>) -> DeviceSample {
+        let (rep, presence, frequency, use_counts) = self.penalty_settings();
         let temperature = self.params.temperature;
         let inv_t = 1.0 / temperature;
         let greedy = !(temperature > 0.0 && inv_t.is_finite());
@@ -399,7 +420,7 @@ impl Sampler {
             repetition: rep.unwrap_or(1.0),
             presence: if use_counts { presence } else { 0.0 },
             frequency: if use_counts { frequency } else { 0.0 },
-            u: if greedy { 0.0 } else { self.rng.random::<f64>() },
+            u: 0.0,
             penalties,
         }
     }

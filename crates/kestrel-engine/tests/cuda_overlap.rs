@@ -1,7 +1,8 @@
-//! Overlapped greedy steps on CUDA (the engine's default there): each step
-//! is launched before the previous step's tokens reach the host, its input
-//! tokens fed from the previous argmax on the device. Every request's tokens
-//! must equal those of plain steps. Requests end by length only, so that
+//! Overlapped steps on CUDA (the engine's default there): each step is
+//! launched before the previous step's tokens reach the host, its input
+//! tokens fed from the previous argmax, or the previous draws (seeded
+//! sampling without penalties), on the device. Every request's tokens must
+//! equal those of plain steps. Requests end by length only, so that
 //! both runs batch the same rows in every step (an end by EOS costs the
 //! overlapped run one wasted row, which changes the batch shape and may
 //! change GEMM rounding). Skips, saying so, where no GPU is usable.
@@ -28,8 +29,9 @@ fn prompt(seq: usize, len: usize, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
-#[test]
-fn overlapped_steps_match_plain_steps() {
+/// Runs the requests (request i's parameters from `params`) with and
+/// without overlapped steps and compares their tokens.
+fn check(label: &str, params: impl Fn(usize) -> SamplingParams) {
     let be = match CudaBackend::new(0) {
         Ok(b) => Arc::new(b),
         Err(e) => {
@@ -62,12 +64,7 @@ fn overlapped_steps_match_plain_steps() {
         let total = e.stats().kv_blocks_total;
         let rxs: Vec<_> = (0..requests)
             .map(|i| {
-                let params = SamplingParams {
-                    max_tokens: 8 + (i * 7) % 40,
-                    ignore_eos: true,
-                    ..SamplingParams::default()
-                };
-                e.add_request(prompt(i, 5 + (i * 11) % 60, vocab), params)
+                e.add_request(prompt(i, 5 + (i * 11) % 60, vocab), params(i))
                     .expect("add")
                     .1
             })
@@ -81,7 +78,7 @@ fn overlapped_steps_match_plain_steps() {
         assert_eq!(
             e.block_manager().num_free_blocks(),
             total,
-            "overlap {overlap}: blocks leaked"
+            "{label}, overlap {overlap}: blocks leaked"
         );
         let tokens = rxs
             .iter()
@@ -105,10 +102,42 @@ fn overlapped_steps_match_plain_steps() {
     let (plain, none) = run(false);
     let (overlapped, some) = run(true);
     assert_eq!(none, 0);
-    assert!(some > 0, "no step was overlapped");
+    assert!(some > 0, "{label}: no step was overlapped");
     for (i, (a, b)) in plain.iter().zip(&overlapped).enumerate() {
-        assert_eq!(a.len(), 8 + (i * 7) % 40, "request {i}");
-        assert_eq!(a, b, "request {i}: overlapped steps changed its tokens");
+        assert_eq!(a.len(), params(i).max_tokens, "{label}: request {i}");
+        assert_eq!(a, b, "{label}: request {i}: overlapped steps changed its tokens");
     }
-    println!("{some} overlapped steps; {requests} requests identical");
+    println!("{label}: {some} overlapped steps; {requests} requests identical");
+}
+
+/// Request lengths vary so that batches shrink as requests end.
+fn max_tokens(i: usize) -> usize {
+    8 + (i * 7) % 40
+}
+
+#[test]
+fn overlapped_greedy_steps_match_plain_steps() {
+    check("greedy", |i| SamplingParams {
+        max_tokens: max_tokens(i),
+        ignore_eos: true,
+        ..SamplingParams::default()
+    });
+}
+
+/// Seeded draws (temperature, some with min-p, a few greedy requests in the
+/// same batches): queued on the device, the same draws in the same order.
+#[test]
+fn overlapped_sampled_steps_match_plain_steps() {
+    check("sampled", |i| SamplingParams {
+        max_tokens: max_tokens(i),
+        ignore_eos: true,
+        temperature: if i % 5 == 4 {
+            0.0
+        } else {
+            0.7 + 0.1 * (i % 4) as f32
+        },
+        min_p: if i % 3 == 0 { 0.05 } else { 0.0 },
+        seed: Some(1000 + i as u64),
+        ..SamplingParams::default()
+    });
 }

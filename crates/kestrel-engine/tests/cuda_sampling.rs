@@ -4,7 +4,8 @@
 //! the kept tokens in id order, so token i is picked N * p_i times up to
 //! one, where p_i is its probability after temperature, top-k, top-p and
 //! min-p. That checks the kept set and the weights exactly, not
-//! statistically. Greedy rows with penalties must equal the host sampler's
+//! statistically (rows without top-k and top-p take the chunked kernel,
+//! which walks in id order too). Greedy rows with penalties must equal the host sampler's
 //! choice. Skips, saying so, where no GPU is usable.
 
 use kestrel_backend::cuda::CudaBackend;
@@ -109,6 +110,11 @@ fn device_sampling_matches_the_sorted_reference_and_the_host_sampler() {
         (1000, 0.0, 1.0, 7, 1.0, 0.0),
         (1000, 0.0, 1.0, 0, 0.5, 0.0),
         (1000, 0.0, 1.0, 30, 0.4, 0.0),
+        // No top-k or top-p: the chunked sampler (2,048 ids per block),
+        // here over several chunks, with and without min-p, and ties.
+        (20000, 8.0, 1.0, 0, 1.0, 0.0),
+        (20000, 8.0, 1.3, 0, 1.0, 0.05),
+        (5000, 0.0, 1.0, 0, 1.0, 0.0),
     ];
     for (c, &(vocab, spread, t, k, p, mp)) in cases.iter().enumerate() {
         let mut logits = pseudo_logits(vocab, c as u64 + 1, spread);
@@ -135,6 +141,27 @@ fn device_sampling_matches_the_sorted_reference_and_the_host_sampler() {
                 "case {c}: max deviation {worst:.2}, {outside} picks outside the kept set"
             ));
         }
+    }
+
+    // Non-finite logits in a draw (the chunked sampler): +inf counts as the
+    // largest finite value, so it takes every draw; a row of -inf and NaN
+    // answers token 0, as the host does.
+    let mut inf_row = pseudo_logits(20000, 7, 8.0);
+    inf_row[12345] = f32::INFINITY;
+    inf_row[3] = f32::NAN;
+    let rows: Vec<DeviceSample> = (0..16)
+        .map(|j| row(1.0, 0, 1.0, 0.0, (j as f64 + 0.5) / 16.0))
+        .collect();
+    let got = sample(&be, &inf_row, &rows);
+    if got.iter().any(|&g| g != 12345) {
+        failures.push(format!("a +inf logit must take every draw: {got:?}"));
+    }
+    let dead: Vec<f32> = (0..20000)
+        .map(|i| if i % 2 == 0 { f32::NEG_INFINITY } else { f32::NAN })
+        .collect();
+    let got = sample(&be, &dead, &rows[..4]);
+    if got.iter().any(|&g| g != 0) {
+        failures.push(format!("a row without a finite logit must give token 0: {got:?}"));
     }
 
     // Greedy with penalties, on a Gemma-sized vocabulary: the host sampler's token.

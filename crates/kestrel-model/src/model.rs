@@ -432,17 +432,19 @@ impl<B: Backend> Model<B> {
     }
 
     /// `forward` whose first `fed_rows` input tokens are the ids of the
-    /// backend's latest `queue_argmax` (the layout's tokens there are
-    /// placeholders): an overlapped greedy decode step, launched before the
-    /// previous step's ids reach the host. Greedy-only, as `forward_greedy`.
+    /// backend's latest `queue_argmax` or `queue_sample` (the layout's
+    /// tokens there are placeholders): an overlapped decode step, launched
+    /// before the previous step's ids reach the host. With `greedy`, as
+    /// `forward_greedy` (the logits may only feed an argmax).
     pub fn forward_fed(
         &self,
         layout: &BatchLayout,
         kv: &mut B::KvPool,
         logit_rows: &[u32],
         fed_rows: usize,
+        greedy: bool,
     ) -> Result<Logits<'_, B>, ModelError> {
-        self.forward_impl(layout, kv, logit_rows, Some(fed_rows), true)
+        self.forward_impl(layout, kv, logit_rows, Some(fed_rows), greedy)
     }
 
     fn forward_impl(

@@ -43,7 +43,12 @@ pub(crate) fn id_of_key(k: u64) -> u32 {
 impl CudaBackend {
     pub(crate) fn queue_argmax_impl(&self, x: &CudaAct) -> Result<u64> {
         self.launch_argmax(x)?;
-        let rows = x.rows;
+        self.queue_keys(x.rows)
+    }
+
+    /// Queues the copy of the first `rows` keys of the argmax key buffer
+    /// (written by the launches just before) to the host.
+    pub(crate) fn queue_keys(&self, rows: usize) -> Result<u64> {
         let stream = &self.dev.stream;
         let mut st = self.lock()?;
         let keys = match st.ids.as_ref() {

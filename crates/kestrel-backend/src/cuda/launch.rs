@@ -45,10 +45,12 @@ pub(crate) struct Kernels {
     pdl: bool,
 }
 
-const PLAIN: [&str; 42] = [
+const PLAIN: [&str; 44] = [
     "hgemm_1c8",
     "tokens_from_keys",
     "sample_rows",
+    "sample_chunk_max",
+    "sample_chunk_draw",
     "decode_program",
     "decode_program_x2",
     "residual_norm",

@@ -231,6 +231,10 @@ pub(crate) struct State {
     sample_rows: Option<DevBuf>,
     sample_pens: Option<DevBuf>,
     sample_out: Option<DevBuf>,
+    /// The chunked sampler's row keys, chunk masses and row counters.
+    sample_keys: Option<DevBuf>,
+    sample_sums: Option<DevBuf>,
+    sample_count: Option<DevBuf>,
     /// Argmax ids queued for overlapped decode steps.
     queued: argmax_queue::ArgmaxQueue,
 }
@@ -1589,6 +1593,19 @@ impl Backend for CudaBackend {
 
     fn feed_argmax(&self, batch: &mut CudaBatch, rows: usize) -> Result<()> {
         self.feed_argmax_impl(batch, rows)
+    }
+
+    fn queue_sample(&self, x: &CudaAct, rows: &[crate::layout::DeviceSample]) -> Result<u64> {
+        if self.lock()?.argmax_ready.is_some_and(|(p, _)| p == x.ptr()) {
+            return Err(BackendError::Other(
+                "queue_sample: these rows hold no logits (the step computed only argmax ids)".into(),
+            ));
+        }
+        self.queue_sample_impl(x, rows)
+    }
+
+    fn queues_sample(&self, row: &crate::layout::DeviceSample, vocab: usize) -> bool {
+        self.supports_argmax_feed() && self.device_sampling(vocab) && sampling::chunked(row)
     }
 
     fn device_sampling(&self, vocab: usize) -> bool {

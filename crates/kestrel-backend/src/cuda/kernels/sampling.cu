@@ -304,3 +304,206 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(float* 
     __syncthreads();
     if (threadIdx.x == 0) out[blockIdx.x] = (u32)pick;
 }
+
+// Fast path for rows that only scale and draw (no penalty, top-k or top-p:
+// temperature, optionally min-p; OpenAI's defaults): the single-block
+// kernel above walks a 262k vocabulary on one SM in several passes (tens of
+// microseconds at one row); here each row's vocabulary is cut into chunks
+// of `chunk` consecutive ids (a multiple of SAMPLE_FAST_THREADS; thread t
+// owns chunk / SAMPLE_FAST_THREADS consecutive ids of it), one block each,
+// in two launches:
+// sample_chunk_max (the row's max, as argmax keys) and sample_chunk_draw
+// (each chunk's kept mass; the row's last chunk block to finish finds the
+// chunk holding u times the total, then the id inside it). The kept set
+// and weights are the chain's (scaled s = (l - max) / T, s >= ln min_p);
+// the walk order is by id, so the token for a given u may differ from the
+// single-block kernel's, not its distribution.
+#define SAMPLE_FAST_THREADS 256
+
+__device__ __forceinline__ float sample_sanitize(float l) {
+    if (l != l) return -__int_as_float(0x7f800000);
+    if (l == __int_as_float(0x7f800000)) return 3.402823466e38f;
+    return l;
+}
+
+// grid = (chunks, rows): keys[row] (zeroed before) gets the atomicMax of
+// (ordered bits of the chunk's max, ~id).
+extern "C" __global__ void __launch_bounds__(SAMPLE_FAST_THREADS) sample_chunk_max(const float* logits, int vocab,
+                                                                                    int chunk, u64* keys) {
+    pdl_entry();
+    __shared__ u64 sh[SAMPLE_FAST_THREADS / 32];
+    const float* x = logits + (long long)blockIdx.y * vocab;
+    const int per = chunk / SAMPLE_FAST_THREADS;
+    int i0 = blockIdx.x * chunk + threadIdx.x * per;
+    u64 best = 0;
+    for (int j = 0; j < per; j++) {
+        int i = i0 + j;
+        if (i < vocab) {
+            u64 k = ((u64)ordered_bits(sample_sanitize(x[i])) << 32) | (u64)(0xffffffffu - (u32)i);
+            best = k > best ? k : best;
+        }
+    }
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        u64 other = __shfl_xor_sync(0xffffffffu, best, o);
+        best = other > best ? other : best;
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) sh[warp] = best;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < SAMPLE_FAST_THREADS / 32; w++) best = sh[w] > best ? sh[w] : best;
+        atomicMax((unsigned long long*)keys + blockIdx.y, (unsigned long long)best);
+    }
+}
+
+// Weights of this thread's ids (`per` consecutive ones from i0): their
+// sum, in id order.
+__device__ __forceinline__ double sample_chunk_part(const float* x, int i0, int per, int vocab, float max,
+                                                    float inv_t, float min_p_log) {
+    const u32 neg_inf_key = s_key(-__int_as_float(0x7f800000));
+    double part = 0.0;
+    for (int j = 0; j < per; j++) {
+        int i = i0 + j;
+        if (i >= vocab) break;
+        float s = (sample_sanitize(x[i]) - max) * inv_t;
+        if (s_key(s) <= neg_inf_key || s < min_p_log) continue;
+        part += (double)expf(s);
+    }
+    return part;
+}
+
+// Warp 0 of a block: the item (0 .. n) whose share of the items' summed
+// mass holds goal, items in order. With `scale`, goal is u times the total.
+// Each lane sums a run of consecutive items, the lanes' sums are scanned,
+// and the lane whose [previous bound, own bound) holds the goal walks its
+// run: every bound is one computed sum, so the intervals partition the
+// total whatever the rounding. A goal that rounding left at or past the
+// total takes the last item with mass. *rest: the goal minus the mass
+// before the item; *total: the summed mass. All lanes return the item.
+template <typename F>
+__device__ int sample_pick(int n, F mass, double goal, bool scale, double* rest, double* total) {
+    int lane = threadIdx.x & 31;
+    int per = (n + 31) / 32, b0 = min(n, lane * per), b1 = min(n, b0 + per);
+    double p = 0.0;
+    for (int k = b0; k < b1; k++) p += mass(k);
+    double incl = p;
+    #pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        double y = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += y;
+    }
+    double excl = __shfl_up_sync(0xffffffffu, incl, 1);
+    if (lane == 0) excl = 0.0;
+    double tot = __shfl_sync(0xffffffffu, incl, 31);
+    *total = tot;
+    if (scale) goal *= tot;
+    u32 in = __ballot_sync(0xffffffffu, incl > excl && goal >= excl && goal < incl);
+    u32 live = __ballot_sync(0xffffffffu, incl > excl);
+    int who = in ? __ffs(in) - 1 : live ? 31 - __clz(live) : 0;
+    int item = -1;
+    double left = 0.0;
+    if (lane == who) {
+        double run = excl;
+        int lastk = -1;
+        double last_run = run;
+        for (int k = b0; k < b1; k++) {
+            double w = mass(k);
+            if (w <= 0.0) continue;
+            lastk = k;
+            last_run = run;
+            if (goal < run + w) break;
+            run += w;
+        }
+        item = lastk < 0 ? b0 : lastk;
+        left = goal - last_run;
+    }
+    item = __shfl_sync(0xffffffffu, item, who);
+    *rest = __shfl_sync(0xffffffffu, left, who);
+    return item;
+}
+
+// grid = (chunks, rows), after sample_chunk_max. sums: rows x chunks
+// doubles; counters: a u32 per row (zero between launches; the last block
+// resets it). The token goes to out[row] and, as an argmax-style key, to
+// keys[row] (so that the overlapped-step queue can take sampled rows as it
+// takes greedy ones).
+extern "C" __global__ void __launch_bounds__(SAMPLE_FAST_THREADS)
+    sample_chunk_draw(const float* logits, int vocab, int chunk, const SampleRow* rows, u64* keys, double* sums,
+                      u32* counters, u32* out) {
+    pdl_entry();
+    __shared__ double shd[33];
+    __shared__ double shd_m[SAMPLE_FAST_THREADS];
+    __shared__ int last_block, pick_chunk, pick;
+    __shared__ double goal_in;
+    const int row = blockIdx.y, chunks = gridDim.x, per = chunk / SAMPLE_FAST_THREADS;
+    const SampleRow r = rows[row];
+    const float* x = logits + (long long)row * vocab;
+    u64 key = keys[row];
+    // Every logit -inf (or NaN): token 0, as the single-block kernel.
+    const float max = __uint_as_float((u32)(key >> 32) & 0x80000000u ? (u32)(key >> 32) & 0x7fffffffu
+                                                                       : ~(u32)(key >> 32));
+    const bool dead = key == 0 || max == -__int_as_float(0x7f800000);
+    // Greedy rows (no penalties) take the max's id: no mass to sum.
+    double part = dead || r.greedy ? 0.0
+                                   : sample_chunk_part(x, blockIdx.x * chunk + threadIdx.x * per, per, vocab, max,
+                                                       r.inv_t, r.min_p_log);
+    double s = block_sum_t<double>(part, shd);
+    if (threadIdx.x == 0) {
+        sums[(long long)row * chunks + blockIdx.x] = s;
+        __threadfence();
+        last_block = atomicAdd(counters + row, 1u) == (u32)(chunks - 1);
+    }
+    __syncthreads();
+    if (!last_block) return;
+    __threadfence();
+    // The row's last block: the chunk holding u times the row's mass, then
+    // the id inside it (sample_pick: warp 0).
+    if (threadIdx.x < 32) {
+        const double* cs = sums + (long long)row * chunks;
+        double total;
+        int c = sample_pick(chunks, [&](int k) { return __ldcg(cs + k); }, r.u, true, &goal_in, &total);
+        if (threadIdx.x == 0) pick_chunk = dead || r.greedy || total <= 0.0 ? -1 : c;
+    }
+    __syncthreads();
+    const int pc = pick_chunk;
+    double* m = shd_m;
+    if (pc >= 0) {
+        m[threadIdx.x] =
+            sample_chunk_part(x, pc * chunk + threadIdx.x * per, per, vocab, max, r.inv_t, r.min_p_log);
+    }
+    __syncthreads();
+    if (pc >= 0 && threadIdx.x < 32) {
+        // goal_in is the goal's offset inside the chunk's mass.
+        double g = goal_in, unused;
+        int t = sample_pick(SAMPLE_FAST_THREADS, [&](int k) { return m[k]; }, g, false, &g, &unused);
+        if (threadIdx.x == 0) {
+            // The ids of thread t, in order (the last one with weight when
+            // rounding left the goal past them).
+            const u32 neg_inf_key = s_key(-__int_as_float(0x7f800000));
+            int i0 = pc * chunk + t * per, lastk = -1;
+            double run = 0.0;
+            for (int j = 0; j < per && i0 + j < vocab; j++) {
+                float sv = (sample_sanitize(x[i0 + j]) - max) * r.inv_t;
+                if (s_key(sv) <= neg_inf_key || sv < r.min_p_log) continue;
+                double w = (double)expf(sv);
+                if (w <= 0.0) continue;
+                lastk = i0 + j;
+                if (g < run + w) break;
+                run += w;
+            }
+            pick = lastk;
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        // Greedy, or nothing kept with weight (every weight underflowed):
+        // the max's id; 0 for a row without a finite logit.
+        u32 tok = pc >= 0 && pick >= 0 ? (u32)pick : dead ? 0u : 0xffffffffu - (u32)key;
+        out[row] = tok;
+        // As an argmax key for the step queue; the counter ready for the
+        // next launch (the keys are zeroed by the host before it).
+        keys[row] = ((u64)1 << 32) | (u64)(0xffffffffu - tok);
+        counters[row] = 0u;
+    }
+}
