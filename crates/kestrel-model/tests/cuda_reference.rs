@@ -3,11 +3,16 @@
 //! reference kernels. Skips, saying so, where no GPU is usable.
 //!
 //! Rules: fused and reference CUDA kernels must produce the same 32 greedy
-//! tokens for every prompt; against llama.cpp, the rule of
-//! reference_gemma3.rs (agreement at every teacher-forced step whose
-//! reference margin is robust); against the CPU backend the matched length
-//! is printed (the CPU quantizes activations to 8 bits as llama.cpp does,
-//! CUDA keeps them in f32, so near-ties may go either way).
+//! tokens for every prompt. Against the f32 oracle (the CPU backend with
+//! every matrix dequantized, `CpuBackend::with_f32_weights`: the arithmetic
+//! CUDA does, f32 activations): teacher-forced logits within
+//! `ORACLE_REL_L2` and the same top token wherever the oracle's margin is no
+//! near-tie. Against llama.cpp, the rule of reference_gemma3.rs (agreement
+//! at every teacher-forced step whose reference margin is robust), except at
+//! steps where the f32 oracle itself disagrees with llama.cpp: those are
+//! decided by llama.cpp's 8-bit activation rounding (docs/REFERENCE-NUMERICS.md),
+//! and CUDA must follow the oracle there. Against the CPU backend (8-bit
+//! activations, as llama.cpp) the matched length is printed.
 //! `KESTREL_GREEDY_JSON` overrides the location of greedy.json (the GPU
 //! machine has no ../shared).
 
@@ -22,6 +27,9 @@ use kestrel_model::Model;
 use serde_json::Value;
 
 const NEAR_TIE: f64 = 0.05;
+/// Bound on the teacher-forced logits' relative L2 distance from the f32
+/// oracle: f32 activations with f16 GEMM operands in prefill.
+const ORACLE_REL_L2: f64 = 2e-2;
 
 struct Case {
     prompt: String,
@@ -87,7 +95,53 @@ fn cuda_greedy_matches_cpu_reference_kernels_and_llama_cpp() {
     let t0 = std::time::Instant::now();
     let got_fused = run_all(&fused_model, &cases);
     println!("fused: {:.2} s", t0.elapsed().as_secs_f64());
-    let mut failures = common::check_against_reference(&fused_model, &greedy_json());
+    // The f32 oracle decides the steps that llama.cpp's 8-bit activation
+    // rounding decides (check_against_reference), and holds every
+    // teacher-forced step to the arithmetic CUDA does: the same top token
+    // wherever the oracle's margin is no near-tie, and logits within
+    // `ORACLE_REL_L2` (8-bit activations alone move them by 5-13%).
+    let exact = Model::load(&path, Arc::new(CpuBackend::new().with_f32_weights())).unwrap();
+    let mut failures = Vec::new();
+    let mut oracle_tops = Vec::new();
+    let (mut agree, mut total, mut max_rel) = (0, 0, 0f64);
+    for c in common::reference_cases(&greedy_json()) {
+        let want = common::teacher_forced(&exact, &c.prompt, &c.want);
+        let got = common::teacher_forced(&fused_model, &c.prompt, &c.want);
+        let mut tops = Vec::new();
+        for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+            let ((wt, wm), (gt, gm)) = (common::top_and_margin(w), common::top_and_margin(g));
+            max_rel = max_rel.max(common::rel_l2(g, w));
+            total += 1;
+            if wt == gt {
+                agree += 1;
+            } else {
+                println!(
+                    "{} step {i}: cuda {gt} (margin {gm:.3}), f32 oracle {wt} (margin {wm:.3})",
+                    c.name
+                );
+                if wm >= common::EXACT_TIE {
+                    failures.push(format!(
+                        "{} step {i}: cuda {gt}, f32 oracle {wt} with margin {wm:.3}",
+                        c.name
+                    ));
+                }
+            }
+            tops.push((wt, wm));
+        }
+        oracle_tops.push(tops);
+    }
+    drop(exact);
+    println!("teacher-forced against the f32 oracle: {agree}/{total} same top token, max logits rel-L2 {max_rel:.2e}");
+    if max_rel > ORACLE_REL_L2 {
+        failures.push(format!(
+            "logits rel-L2 to the f32 oracle {max_rel:.2e} > {ORACLE_REL_L2:.0e}"
+        ));
+    }
+    failures.extend(common::check_against_reference(
+        &fused_model,
+        &greedy_json(),
+        Some(&oracle_tops),
+    ));
     drop(fused_model);
     let reference = CudaBackend::with_kernels(0, KernelSet::Reference).unwrap();
     let ref_model = Model::load(&path, Arc::new(reference)).unwrap();

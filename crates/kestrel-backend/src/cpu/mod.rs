@@ -42,7 +42,7 @@ mod tests;
 
 use std::sync::{Arc, Mutex};
 
-use kestrel_formats::TensorView;
+use kestrel_formats::{DType, TensorView};
 
 pub use attention::CpuKvPool;
 pub use features::SimdLevel;
@@ -126,6 +126,8 @@ pub struct CpuBackend {
     /// for `take_argmax` and `feed_argmax` so that the engine's overlapped
     /// steps run (and are tested) on the CPU too.
     queued: Arc<Mutex<QueuedArgmax>>,
+    /// Matrices dequantized to f32 at upload (`with_f32_weights`).
+    f32_weights: bool,
 }
 
 /// The latest queued argmax results by ticket (the two newest are kept, as
@@ -174,6 +176,7 @@ impl CpuBackend {
             level,
             threads: rayon::current_num_threads(),
             queued: Arc::default(),
+            f32_weights: false,
         }
     }
 
@@ -189,6 +192,16 @@ impl CpuBackend {
         let mut b = CpuBackend::new();
         b.level = level;
         Ok(b)
+    }
+
+    /// This backend with every matrix dequantized to f32 when uploaded, so
+    /// that matmuls take f32 activations instead of llama.cpp's 8-bit ones:
+    /// the exact f32 arithmetic of the stored weights, an oracle for
+    /// backends that keep activations in floating point (CUDA). About four
+    /// times the memory of a 4-bit model and slower; for tests and checks.
+    pub fn with_f32_weights(mut self) -> CpuBackend {
+        self.f32_weights = true;
+        self
     }
 
     pub fn level(&self) -> SimdLevel {
@@ -256,14 +269,29 @@ impl Backend for CpuBackend {
 
     fn describe(&self) -> String {
         format!(
-            "cpu ({}, {} thread{})",
+            "cpu ({}, {} thread{}{})",
             self.level.name(),
             self.threads,
-            if self.threads == 1 { "" } else { "s" }
+            if self.threads == 1 { "" } else { "s" },
+            if self.f32_weights { ", f32 weights" } else { "" }
         )
     }
 
     fn upload_matrix(&self, t: &TensorView<'_>) -> Result<CpuWeight> {
+        if self.f32_weights && t.dtype != DType::F32 {
+            let values = t.to_f32().map_err(|e| BackendError::Tensor {
+                name: t.name.to_string(),
+                problem: e.to_string(),
+            })?;
+            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let view = TensorView {
+                name: t.name,
+                dtype: DType::F32,
+                shape: t.shape,
+                data: &bytes,
+            };
+            return CpuWeight::from_view(&view, false);
+        }
         CpuWeight::from_view(t, quant_dot::uses_x8(self.level, t.dtype))
     }
 
