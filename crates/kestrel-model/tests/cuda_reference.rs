@@ -28,8 +28,10 @@ use serde_json::Value;
 
 const NEAR_TIE: f64 = 0.05;
 /// Bound on the teacher-forced logits' relative L2 distance from the f32
-/// oracle: f32 activations with f16 GEMM operands in prefill.
-const ORACLE_REL_L2: f64 = 2e-2;
+/// oracle: f32 activations with f16 GEMM operands in prefill. Measured
+/// 1.6e-3 on an H100 (session 19); 8-bit activations alone move the logits
+/// by 1.2e-2 to 1.3e-1 (reference_gemma3.rs), so the bound separates the two.
+const ORACLE_REL_L2: f64 = 5e-3;
 
 struct Case {
     prompt: String,
