@@ -12,7 +12,7 @@ use super::device::guarded;
 use crate::error::BackendError;
 
 /// All kernels form one translation unit: the helpers come first.
-const SOURCES: [(&str, &str); 9] = [
+const SOURCES: [(&str, &str); 10] = [
     ("common.cu", include_str!("kernels/common.cu")),
     ("dequant.cu", include_str!("kernels/dequant.cu")),
     ("elementwise.cu", include_str!("kernels/elementwise.cu")),
@@ -22,6 +22,7 @@ const SOURCES: [(&str, &str); 9] = [
     ("hgemm.cu", include_str!("kernels/hgemm.cu")),
     ("megakernel.cu", include_str!("kernels/megakernel.cu")),
     ("sampling.cu", include_str!("kernels/sampling.cu")),
+    ("boundary.cu", include_str!("kernels/boundary.cu")),
 ];
 
 pub(crate) fn full_source() -> String {

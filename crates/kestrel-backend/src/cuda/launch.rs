@@ -45,7 +45,7 @@ pub(crate) struct Kernels {
     pdl: bool,
 }
 
-const PLAIN: [&str; 44] = [
+const PLAIN: [&str; 46] = [
     "hgemm_1c8",
     "tokens_from_keys",
     "sample_rows",
@@ -90,6 +90,8 @@ const PLAIN: [&str; 44] = [
     "residual_norm_pre",
     "qk_norm_rope_store_pre",
     "zero_u64",
+    "chain_pdl",
+    "chain_flag",
 ];
 
 impl Kernels {

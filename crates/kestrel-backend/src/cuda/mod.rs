@@ -9,6 +9,7 @@
 //! attention, host argmax) so that the two can be compared token by token.
 
 mod argmax_queue;
+mod boundary;
 mod buffers;
 mod compile;
 mod device;
@@ -37,6 +38,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use cudarc::driver::CudaModule;
 use kestrel_formats::TensorView;
 
+pub use boundary::BoundaryCost;
 pub use buffers::{CudaAct, CudaBatch, CudaKvPool, CudaRope, CudaVector, CudaWeight, DevBuf};
 pub use graph::DecodeGraph;
 

@@ -1481,3 +1481,25 @@ fn attention_block_fused_equals_unfused_bits() {
         }
     }
 }
+
+/// Both handoffs of the boundary chains hand over in order (the chain's
+/// final values count every kernel of every replay; `kernel_boundaries`
+/// errors otherwise), at one and three blocks per SM, and time something.
+#[test]
+fn kernel_boundary_chains_hand_over_in_order() {
+    let Some(be) = backend(KernelSet::Fused) else {
+        return;
+    };
+    let sms = be.sm_count() as u32;
+    for blocks in [sms, 3 * sms] {
+        let costs = be.kernel_boundaries(64, blocks, 3).unwrap();
+        assert_eq!(costs.len(), 3);
+        for c in costs {
+            println!(
+                "{} {} blocks: {:.2} us per kernel",
+                c.handoff, c.blocks, c.us_per_kernel
+            );
+            assert!(c.us_per_kernel > 0.0 && c.us_per_kernel.is_finite());
+        }
+    }
+}

@@ -101,6 +101,11 @@ pub struct Args {
     /// Write the capsule here (default: benchmarks/<time>-microbench-<device>.json).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// On CUDA, also time kernel handoffs: graphs of this many chained,
+    /// near-empty kernels (one and two blocks per SM), with the decode
+    /// graph's PDL wait and with release/acquire counters (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub boundaries: usize,
 }
 
 /// Most activation rows / sequences of a case (memory: an LM head output
@@ -297,7 +302,47 @@ fn on_cuda(n: usize, job: &Job) -> std::result::Result<Result<Finished>, String>
     {
         fused.set_max_attention_splits(s);
     }
-    Ok(job.execute(&reference, &fused, false, format!("cuda:{n}")))
+    let done = job.execute(&reference, &fused, false, format!("cuda:{n}"));
+    Ok(done.and_then(|mut d| {
+        if job.args.boundaries > 0 {
+            kernel_boundaries(&fused, job.args.boundaries, &mut d)?;
+        }
+        Ok(d)
+    }))
+}
+
+/// `--boundaries`: the handoff chains of `CudaBackend::kernel_boundaries`,
+/// added to the table and the capsule.
+#[cfg(feature = "cuda")]
+fn kernel_boundaries(
+    fused: &kestrel_backend::cuda::CudaBackend,
+    kernels: usize,
+    d: &mut Finished,
+) -> Result<()> {
+    const REPLAYS: usize = 20;
+    let sms = fused.sm_count().max(1) as u32;
+    let mut rows = Vec::new();
+    d.table.push_str(&format!(
+        "\nkernel handoffs (graphs of {kernels} chained near-empty kernels, best / median of {REPLAYS} replays):\n"
+    ));
+    for blocks in [sms, 2 * sms] {
+        for c in fused.kernel_boundaries(kernels, blocks, REPLAYS)? {
+            d.table.push_str(&format!(
+                "  {:<5} {:>4} blocks: {:.2} / {:.2} us per kernel\n",
+                c.handoff, c.blocks, c.us_per_kernel, c.us_per_kernel_median
+            ));
+            rows.push(json!({
+                "handoff": c.handoff,
+                "blocks": c.blocks,
+                "kernels": c.kernels,
+                "replays": REPLAYS,
+                "us_per_kernel_best": c.us_per_kernel,
+                "us_per_kernel_median": c.us_per_kernel_median,
+            }));
+        }
+    }
+    d.result["boundaries"] = json!(rows);
+    Ok(())
 }
 
 #[cfg(not(feature = "cuda"))]
