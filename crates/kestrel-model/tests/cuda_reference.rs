@@ -158,9 +158,7 @@ fn cuda_greedy_matches_cpu_reference_kernels_and_llama_cpp() {
         let (p, pl) = &got_cpu[i];
         let (m_ll, m_ref, m_cpu) = (matched(f, &c.want), matched(f, r), matched(f, p));
         // First-step logits, fused CUDA against the CPU backend.
-        let num: f64 = fl.iter().zip(pl).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
-        let den: f64 = pl.iter().map(|b| (*b as f64).powi(2)).sum();
-        let rel = (num / den.max(1e-30)).sqrt();
+        let rel = common::rel_l2(fl, pl);
         println!(
             "{:<45} llama.cpp {m_ll:>2}/{n} cuda-ref {m_ref:>2}/{n} cpu {m_cpu:>2}/{n} (README rule {req}) first-logits rel-L2 vs cpu {rel:.2e}",
             format!("{:?}", c.prompt),
