@@ -48,12 +48,6 @@ fn cuda_model() -> Option<Model<CudaBackend>> {
     }
 }
 
-fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
-}
-
 #[test]
 fn prefill_then_decode_equals_one_prefill() {
     let Some(model) = cuda_model() else { return };
@@ -70,7 +64,7 @@ fn prefill_then_decode_equals_one_prefill() {
                 continue; // long sequences: a sample of the splits
             }
             let got = last_logits(&model, seq, split, 0);
-            let d = rel_l2(&got, &whole);
+            let d = common::rel_l2(&got, &whole);
             let same = argmax(&got) == argmax(&whole);
             println!(
                 "seq {i} prefill {split:>2} + decode {:>2}: rel-L2 {d:.2e} argmax same {same}",
@@ -103,12 +97,12 @@ fn a_new_kv_pool_never_reuses_an_old_pools_graphs() {
         let same = again.iter().zip(&first).all(|(a, b)| a.to_bits() == b.to_bits());
         println!(
             "pool with {spare} spare blocks: rel-L2 {:.2e} vs the first pool",
-            rel_l2(&again, &first)
+            common::rel_l2(&again, &first)
         );
         assert!(
             same,
             "pool with {spare} spare blocks: logits differ (rel-L2 {:.2e})",
-            rel_l2(&again, &first)
+            common::rel_l2(&again, &first)
         );
     }
 }
