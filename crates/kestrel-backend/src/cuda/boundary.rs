@@ -40,7 +40,8 @@ pub struct BoundaryCost {
 
 impl CudaBackend {
     /// Times graphs of `kernels` chained launches of `blocks` blocks each,
-    /// for both handoffs, over `replays` replays (after one untimed).
+    /// for each handoff (see `BoundaryCost::handoff`), over `replays`
+    /// replays (after one untimed).
     pub fn kernel_boundaries(
         &self,
         kernels: usize,

@@ -91,6 +91,12 @@ pub const ROBUST: f64 = 0.15;
 /// of what 8-bit activations do).
 pub const EXACT_TIE: f64 = 0.05;
 
+/// The reference README's free-running rule: match up to the first
+/// near-tie (llama.cpp margin below `NEAR_TIE`) within the first 16 tokens.
+pub fn readme_required(margins: &[f64]) -> usize {
+    margins.iter().take(16).position(|&m| m < NEAR_TIE).unwrap_or(16)
+}
+
 /// One reference case of greedy.json.
 pub struct RefCase {
     pub name: String,
@@ -186,7 +192,7 @@ pub fn check_against_reference<B: Backend>(
         // Free-running.
         let (got, _) = greedy(model, prompt, want.len());
         let matched = got.iter().zip(want).take_while(|(a, b)| a == b).count();
-        let required = margins.iter().take(16).position(|&m| m < NEAR_TIE).unwrap_or(16);
+        let required = readme_required(margins);
         let all_robust = margins.iter().take(16).all(|&m| m >= ROBUST);
         if all_robust && matched < 16 {
             failures.push(format!(
@@ -236,18 +242,4 @@ pub fn check_against_reference<B: Backend>(
     }
     println!("free-running matched {free_matched}/{total}; teacher-forced agreement {forced_agree}/{total}");
     failures
-}
-
-/// Teacher-forced (top, margin) per case and step of `model`, for
-/// `check_against_reference`'s `exact`.
-pub fn teacher_forced_tops<B: Backend>(model: &Model<B>, path: &std::path::Path) -> Vec<Vec<(u32, f64)>> {
-    reference_cases(path)
-        .iter()
-        .map(|c| {
-            teacher_forced(model, &c.prompt, &c.want)
-                .iter()
-                .map(|r| top_and_margin(r))
-                .collect()
-        })
-        .collect()
 }
