@@ -71,6 +71,14 @@ pub struct SeqLayout {
 
 /// The flattened batch of one forward step (vLLM-style): tokens of several
 /// sequences, each a contiguous run of rows.
+///
+/// A row may also read keys that other rows of the same step store: the
+/// rows of one sequence entry (a prefill chunk), or single-row entries that
+/// share a block table at consecutive positions (a speculative step checks
+/// a sequence's drafts this way, so that it runs on the decode kernels).
+/// Such rows must be adjacent and in position order: backends that read a
+/// step's earlier keys before the step's stores finish rely on it (see
+/// [`BatchLayout::first_new_positions`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BatchLayout {
     pub tokens: Vec<u32>,
@@ -85,6 +93,53 @@ pub struct BatchLayout {
 impl BatchLayout {
     pub fn num_tokens(&self) -> usize {
         self.tokens.len()
+    }
+
+    /// For each row, the first position of its sequence whose key this
+    /// step stores: the row's own position, or, where the row before it
+    /// stores the key at the position just before (into the slot this row's
+    /// table maps that position to), that row's value. Keys from there on
+    /// exist only once the step's K/V stores ran; keys before it were in
+    /// the pool when the step began. `seq_of` maps rows to entries of
+    /// `seqs` (rows outside every entry keep their own position).
+    pub fn first_new_positions(&self, seq_of: &[u32]) -> Vec<u32> {
+        let bs = self.block_size.max(1);
+        let mut fresh: Vec<u32> = self.positions.clone();
+        for r in 1..fresh.len() {
+            let pos = self.positions[r];
+            if pos == 0 || self.positions[r - 1] + 1 != pos {
+                continue;
+            }
+            let prev = pos - 1;
+            let Some(s) = seq_of.get(r).and_then(|&i| self.seqs.get(i as usize)) else {
+                continue;
+            };
+            let Some(&block) = s.block_table.get((prev / bs) as usize) else {
+                continue;
+            };
+            if block as u64 * bs as u64 + (prev % bs) as u64 == self.slot_mapping[r - 1] as u64 {
+                fresh[r] = fresh[r - 1];
+            }
+        }
+        fresh
+    }
+
+    /// Whether some single-row sequence entry reads a key another entry of
+    /// this step stores (a speculative step's rows).
+    pub fn has_chained_rows(&self) -> bool {
+        let mut seq_of = vec![u32::MAX; self.tokens.len()];
+        for (i, s) in self.seqs.iter().enumerate() {
+            let (a, n) = (s.query_start as usize, s.query_len as usize);
+            if let Some(rows) = seq_of.get_mut(a..a + n) {
+                rows.fill(i as u32);
+            }
+        }
+        let fresh = self.first_new_positions(&seq_of);
+        fresh
+            .iter()
+            .zip(&self.positions)
+            .enumerate()
+            .any(|(r, (f, p))| f != p && seq_of.get(r) != seq_of.get(r.wrapping_sub(1)))
     }
 
     /// Layout of a single sequence whose tokens `tokens` sit at positions
@@ -181,5 +236,62 @@ impl DeviceSample {
             u: 0.0,
             penalties: Vec::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(table: &[u32], context_len: u32, row: u32, len: u32) -> SeqLayout {
+        SeqLayout {
+            block_table: table.to_vec(),
+            context_len,
+            query_start: row,
+            query_len: len,
+        }
+    }
+
+    /// Rows 0-2: one sequence's speculative rows (table [3, 1], positions
+    /// 15-17 across a block edge); row 3: another sequence's decode at the
+    /// next position number but in its own block; rows 4-5: a prefill chunk.
+    fn mixed() -> (BatchLayout, Vec<u32>) {
+        let t = [3u32, 1];
+        let layout = BatchLayout {
+            tokens: vec![1, 2, 3, 4, 5, 6],
+            positions: vec![15, 16, 17, 18, 0, 1],
+            slot_mapping: vec![3 * 16 + 15, 16, 17, 7 * 16 + 2, 9 * 16, 9 * 16 + 1],
+            seqs: vec![
+                entry(&t, 16, 0, 1),
+                entry(&t, 17, 1, 1),
+                entry(&t, 18, 2, 1),
+                entry(&[5, 7], 19, 3, 1),
+                entry(&[9], 2, 4, 2),
+            ],
+            block_size: 16,
+        };
+        (layout, vec![0, 1, 2, 3, 4, 4])
+    }
+
+    #[test]
+    fn first_new_positions_follow_the_rows_that_store_a_rows_keys() {
+        let (l, seq_of) = mixed();
+        assert_eq!(l.first_new_positions(&seq_of), vec![15, 15, 15, 18, 0, 0]);
+        assert!(l.has_chained_rows());
+    }
+
+    #[test]
+    fn plain_decode_and_prefill_steps_have_no_chained_rows() {
+        let (mut l, _) = mixed();
+        // Only the other sequence's decode and the prefill chunk.
+        l.tokens.drain(..3);
+        l.positions.drain(..3);
+        l.slot_mapping.drain(..3);
+        l.seqs.drain(..3);
+        for (i, s) in l.seqs.iter_mut().enumerate() {
+            s.query_start = [0, 1][i];
+        }
+        assert_eq!(l.first_new_positions(&[0, 1, 1]), vec![18, 0, 0]);
+        assert!(!l.has_chained_rows());
     }
 }

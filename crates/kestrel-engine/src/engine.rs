@@ -34,6 +34,7 @@ use crate::sampling::{score_token, Sampled, SamplingError, SamplingParams, MAX_L
 use crate::scheduler::{
     LongPrefill, PromptRows, Scheduler, SchedulerConfig, StepPlan, DEFAULT_MAX_PROMPT_LOGPROB_ROWS,
 };
+use crate::speculative::{confirmed, NgramSpeculation};
 
 /// Engine sizing. The CLI computes `num_kv_blocks` from `--num-kv-blocks` or
 /// from free device memory.
@@ -51,6 +52,9 @@ pub struct EngineConfig {
     pub long_prefill: LongPrefill,
     pub enable_prefix_caching: bool,
     pub kv_dtype: KvDType,
+    /// `Some`: greedy requests decode with n-gram speculation (see
+    /// [`crate::speculative`]) while few sequences run.
+    pub speculation: Option<NgramSpeculation>,
 }
 
 impl Default for EngineConfig {
@@ -63,6 +67,7 @@ impl Default for EngineConfig {
             long_prefill: LongPrefill::default(),
             enable_prefix_caching: true,
             kv_dtype: KvDType::F32,
+            speculation: None,
         }
     }
 }
@@ -100,6 +105,9 @@ impl EngineConfig {
                 "at least 1",
             );
         }
+        if let Some(s) = &self.speculation {
+            s.validate()?;
+        }
         Ok(())
     }
 }
@@ -133,6 +141,12 @@ pub struct EngineStats {
     /// Steps launched before the previous step's tokens were read (their
     /// input tokens fed from its argmax on the device).
     pub overlapped_steps: u64,
+    /// Speculative steps (some sequence checked drafted tokens).
+    pub speculative_steps: u64,
+    /// Tokens drafted by n-gram lookup and checked by the model.
+    pub draft_tokens: u64,
+    /// Drafted tokens the model confirmed (each saved a step).
+    pub accepted_tokens: u64,
 }
 
 /// Checks a request against what the engine can serve; shared by the
@@ -194,6 +208,8 @@ pub struct StepReport {
     pub num_sampled: usize,
     pub num_finished: usize,
     pub num_preempted: usize,
+    /// Drafted tokens the step checked (rows beyond one per sequence).
+    pub num_drafted: usize,
     /// Where the step's wall time went.
     pub times: StepTimes,
 }
@@ -468,6 +484,9 @@ impl<B: Backend> Engine<B> {
         if let Some(prev) = self.inflight.take() {
             return self.step_overlapped(prev, t0);
         }
+        if let Some(report) = self.step_speculative(t0)? {
+            return Ok(report);
+        }
         let plan = self.sched.schedule();
         let mut report = StepReport {
             num_seqs: plan.scheduled.len(),
@@ -536,13 +555,138 @@ impl<B: Backend> Engine<B> {
         self.finish_step(report, t_emit)
     }
 
+    /// The speculation settings when this step may speculate: speculation
+    /// is on, nobody waits, at most `max_seqs` sequences run and every one
+    /// is plain greedy (a draft is checked against the argmax).
+    fn speculating(&self) -> Option<NgramSpeculation> {
+        let spec = self.config.speculation?;
+        let running = self.sched.running();
+        let eligible = !running.is_empty()
+            && running.len() <= spec.max_seqs
+            && self.sched.num_waiting() == 0
+            && running
+                .iter()
+                .all(|id| self.outputs.get(id).is_some_and(|o| o.params.is_plain_greedy()));
+        eligible.then_some(spec)
+    }
+
+    /// A speculative decode step (see [`crate::speculative`]) when the
+    /// running sequences qualify and one of them has a draft; `None`, with
+    /// nothing changed, otherwise. Its tokens are read at once: the next
+    /// step's drafts depend on them.
+    fn step_speculative(&mut self, t0: Instant) -> Result<Option<StepReport>, EngineError> {
+        let Some(spec) = self.speculating() else {
+            return Ok(None);
+        };
+        let mut drafts = Vec::with_capacity(self.sched.num_running());
+        for &id in self.sched.running() {
+            let (Some(o), Some(s)) = (self.outputs.get(&id), self.sched.seq(id)) else {
+                return Ok(None);
+            };
+            // Rows past the request's last token or past the context would
+            // be computed for nothing.
+            let limit = o
+                .params
+                .max_tokens
+                .saturating_sub(s.generated().len() + 1)
+                .min(self.limits.max_model_len.saturating_sub(s.tokens.len()));
+            drafts.push((id, spec.propose(&s.tokens, limit)));
+        }
+        if drafts.iter().all(|(_, d)| d.is_empty()) {
+            return Ok(None);
+        }
+        let plan = match self.sched.schedule_draft(&drafts) {
+            Ok(Some(plan)) => plan,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                let msg = format!("the scheduler failed on this step: {e}");
+                for (id, _) in &drafts {
+                    self.fail(*id, &msg);
+                }
+                return Err(e.into());
+            }
+        };
+        let rows = plan.layout.num_tokens();
+        let mut report = StepReport {
+            num_seqs: plan.scheduled.len(),
+            num_tokens: rows,
+            num_drafted: rows - plan.scheduled.len(),
+            ..StepReport::default()
+        };
+        report.times.schedule = t0.elapsed();
+        let t1 = Instant::now();
+        let model = self.model.clone();
+        let picked = match model.forward_greedy(&plan.layout, &mut self.kv, &plan.logit_rows) {
+            Ok(act) => {
+                report.times.forward = t1.elapsed();
+                self.deliver_pending();
+                let t2 = Instant::now();
+                let ids = model.backend.argmax_rows(&act);
+                report.times.pick = t2.elapsed();
+                ids.map_err(|e| EngineError::Model(e.into()))
+            }
+            Err(e) => Err(e.into()),
+        };
+        let tokens = match picked {
+            Ok(t) if t.len() == rows => t,
+            got => {
+                let e = match got {
+                    Err(e) => e,
+                    Ok(t) => {
+                        EngineError::Request(format!("the model returned {} ids for {rows} rows", t.len()))
+                    }
+                };
+                let msg = format!("the model failed on this step: {e}");
+                for (id, _) in &drafts {
+                    self.fail(*id, &msg);
+                }
+                return Err(e);
+            }
+        };
+        let t_emit = Instant::now();
+        self.stats.steps += 1;
+        self.stats.speculative_steps += 1;
+        self.stats.tokens_computed += rows as u64;
+        let mut first = 0;
+        for (sch, (id, draft)) in plan.scheduled.iter().zip(&drafts) {
+            let picks = &tokens[first..first + sch.num_tokens];
+            first += sch.num_tokens;
+            let Some(computed) = self.sched.seq(*id).map(|s| s.num_computed) else {
+                continue;
+            };
+            let kept = confirmed(draft, picks);
+            self.stats.draft_tokens += draft.len() as u64;
+            self.stats.accepted_tokens += kept as u64;
+            let mut ended = false;
+            for &token in &picks[..=kept] {
+                report.num_sampled += 1;
+                let greedy = Sampled {
+                    token,
+                    logprob: None,
+                    top: Vec::new(),
+                };
+                if self.emit(*id, greedy, false, false)? {
+                    report.num_finished += 1;
+                    ended = true;
+                    break;
+                }
+            }
+            if !ended && self.sched.seq(*id).is_some() {
+                // The input token and the kept drafts have their KV now.
+                self.sched.complete_draft(*id, computed + 1 + kept)?;
+            }
+        }
+        self.finish_step(report, t_emit).map(Some)
+    }
+
     /// The step after an overlapped one (`prev` still on the device):
     /// launches the next greedy step first where its plan is certain
     /// without `prev`'s tokens, then reads those tokens and streams them
     /// while the device works.
     fn step_overlapped(&mut self, prev: InFlight, t0: Instant) -> Result<StepReport, EngineError> {
         let mut report = StepReport::default();
-        let planned = if self.overlap && self.lookahead_allowed(&prev.ids) {
+        // Where this step may speculate, its drafts need prev's tokens.
+        let planned = if self.overlap && self.lookahead_allowed(&prev.ids) && self.speculating().is_none() {
             self.sched.schedule_lookahead(&prev.ids, PLACEHOLDER_TOKEN)
         } else {
             Ok(None)
@@ -794,7 +938,9 @@ impl<B: Backend> Engine<B> {
             && ids
                 .iter()
                 .all(|id| self.outputs.get(id).is_none_or(|o| o.params.logprobs.is_none()));
-        let picked = if all_greedy && self.overlap {
+        // A step that may speculate next reads its tokens now (its drafts
+        // need them).
+        let picked = if all_greedy && self.overlap && self.speculating().is_none() {
             Picked::Queued(be.queue_argmax(&act).map_err(|e| EngineError::Model(e.into()))?)
         } else if all_greedy {
             Picked::Tokens(be.argmax_rows(&act).map_err(|e| EngineError::Model(e.into()))?)

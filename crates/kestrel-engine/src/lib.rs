@@ -11,6 +11,7 @@ pub mod perplexity;
 pub mod sampling;
 pub mod scheduler;
 pub mod session;
+pub mod speculative;
 pub mod stop;
 #[cfg(feature = "test-util")]
 pub mod test_util;
@@ -22,4 +23,5 @@ pub use perplexity::{perplexity, Perplexity};
 pub use sampling::{Sampled, Sampler, SamplingError, SamplingParams};
 pub use scheduler::LongPrefill;
 pub use session::{Generation, Session, BLOCK_SIZE};
+pub use speculative::NgramSpeculation;
 pub use stop::{StopMatcher, StopOutput};

@@ -677,6 +677,107 @@ impl Scheduler {
         }))
     }
 
+    /// Plans a speculative decode step: every running sequence (`drafts`
+    /// lists each once, in `running` order, with its drafted tokens,
+    /// possibly none) computes its last token and its drafts, one row each
+    /// at consecutive positions. Each row is its own single-token entry of
+    /// the layout (context up to and including its position, the sequence's
+    /// block table), so a row sees the keys of the rows before it, and the
+    /// step runs on the decode kernels; every row has a logits row. The
+    /// plan's `scheduled` holds one entry per sequence whose `num_tokens`
+    /// counts its rows. `Ok(None)`, with nothing changed, where the step is
+    /// not a pure decode step (a sequence waits or still prefills), the
+    /// token budget is short or the pool lacks the blocks; `Err` only on an
+    /// internal inconsistency of the block manager.
+    ///
+    /// The KV of rejected drafts stays in slots past the sequence's
+    /// computed length, which later steps overwrite before any read; call
+    /// [`complete_draft`](Self::complete_draft) with what was kept.
+    pub fn schedule_draft(
+        &mut self,
+        drafts: &[(SeqId, Vec<u32>)],
+    ) -> Result<Option<StepPlan>, SchedulerError> {
+        let rows: usize = drafts.iter().map(|(_, d)| d.len() + 1).sum();
+        if !self.waiting.is_empty()
+            || self.running.len() != drafts.len()
+            || self.running.iter().zip(drafts).any(|(r, (id, _))| r != id)
+            || rows > self.cfg.max_num_batched_tokens
+        {
+            return Ok(None);
+        }
+        let bs = self.blocks.block_size();
+        let mut need = 0;
+        for (id, draft) in drafts {
+            let (Some(s), Some(table)) = (self.seqs.get(id), self.blocks.block_table(*id)) else {
+                return Ok(None);
+            };
+            if s.num_computed + 1 != s.tokens.len() || s.prompt_logprobs_from.is_some() {
+                return Ok(None);
+            }
+            need += (s.tokens.len() + draft.len())
+                .div_ceil(bs)
+                .saturating_sub(table.len());
+        }
+        if need > self.blocks.num_free_blocks() {
+            return Ok(None);
+        }
+        for (id, draft) in drafts {
+            let slots = self.seqs.get(id).map_or(0, |s| s.tokens.len() + draft.len());
+            self.blocks.append_slots(*id, slots)?;
+        }
+        let mut layout = BatchLayout {
+            block_size: bs as u32,
+            ..BatchLayout::default()
+        };
+        let mut scheduled = Vec::with_capacity(drafts.len());
+        for (id, draft) in drafts {
+            let (Some(s), Some(table)) = (self.seqs.get(id), self.blocks.block_table(*id)) else {
+                continue;
+            };
+            let p = s.num_computed;
+            let inputs = std::iter::once(s.tokens[p]).chain(draft.iter().copied());
+            for (j, token) in inputs.enumerate() {
+                let pos = p + j;
+                let row = layout.tokens.len() as u32;
+                layout.tokens.push(token);
+                layout.positions.push(pos as u32);
+                layout
+                    .slot_mapping
+                    .push(table[pos / bs] * bs as u32 + (pos % bs) as u32);
+                layout.seqs.push(SeqLayout {
+                    block_table: table.to_vec(),
+                    context_len: pos as u32 + 1,
+                    query_start: row,
+                    query_len: 1,
+                });
+            }
+            scheduled.push(Scheduled {
+                id: *id,
+                num_tokens: draft.len() + 1,
+                sample: true,
+                prompt_rows: 0,
+            });
+        }
+        let logit_rows = (0..layout.tokens.len() as u32).collect();
+        Ok(Some(StepPlan {
+            layout,
+            logit_rows,
+            scheduled,
+            prompt_rows: Vec::new(),
+            preempted: Vec::new(),
+        }))
+    }
+
+    /// Records a speculative step's outcome for one sequence: its leading
+    /// `computed` tokens have their KV in the pool (the input token and the
+    /// kept drafts, which the caller has appended by now).
+    pub fn complete_draft(&mut self, id: SeqId, computed: usize) -> Result<(), SchedulerError> {
+        let s = self.seqs.get_mut(&id).ok_or(SchedulerError::Unknown { id })?;
+        s.num_computed = computed.min(s.tokens.len());
+        self.blocks.commit(id, &s.tokens[..s.num_computed])?;
+        Ok(())
+    }
+
     /// Replaces a sequence's last token (the placeholder of
     /// `schedule_lookahead`) with the sampled one.
     pub fn set_last_token(&mut self, id: SeqId, token: u32) -> Result<(), SchedulerError> {

@@ -11,7 +11,7 @@ use kestrel_backend::{Backend, BatchLayout, KvDType};
 use kestrel_engine::engine::{Engine, EngineConfig, RequestOptions};
 use kestrel_engine::events::{Event, EventReceiver, FinishReason, PromptLogprob, Usage};
 use kestrel_engine::test_util::default_model as fixture;
-use kestrel_engine::{SamplingParams, Session};
+use kestrel_engine::{NgramSpeculation, SamplingParams, Session};
 use serde_json::Value;
 
 const GEN: usize = 12;
@@ -847,4 +847,89 @@ fn shared_prefix_arriving_together_is_computed_once() {
         others * full as u64,
         "every request after the first takes the shared blocks from the cache: {stats:?}"
     );
+}
+
+/// N-gram speculation checks drafted tokens in one step, yet every request
+/// gets exactly plain greedy decoding's tokens, text and finish: in a batch,
+/// alone with counts that end it inside a step's accepted run, and with a
+/// stop string. The drafts must really run and be accepted (this model's
+/// greedy text repeats itself), or the test proves nothing.
+#[test]
+fn speculative_decoding_keeps_greedy_output_identical() {
+    let refs = references();
+    let prompts: Vec<Vec<u32>> = refs.iter().map(|r| r.prompt.clone()).collect();
+    let gen = 40;
+    let spec = NgramSpeculation {
+        tokens: 4,
+        ..NgramSpeculation::default()
+    };
+    let cfg = |speculation| EngineConfig {
+        num_kv_blocks: 128,
+        speculation,
+        ..EngineConfig::default()
+    };
+    let mut plain_e = engine(cfg(None));
+    let plain = run_batch(&mut plain_e, &prompts, gen);
+    let mut e = engine(cfg(Some(spec)));
+    let together = run_batch(&mut e, &prompts, gen);
+    let (ps, ss) = (plain_e.stats(), e.stats());
+    assert_eq!(ps.speculative_steps, 0, "speculation is off by default");
+    assert!(
+        ss.speculative_steps > 0 && ss.accepted_tokens > 0,
+        "drafts should run and some be accepted: {ss:?}"
+    );
+    assert!(ss.accepted_tokens <= ss.draft_tokens);
+    assert!(
+        ss.steps < ps.steps,
+        "accepted drafts should save steps: {} with speculation, {} without",
+        ss.steps,
+        ps.steps
+    );
+    assert_eq!(ss.tokens_generated, ps.tokens_generated);
+    for (i, (s, p)) in together.iter().zip(&plain).enumerate() {
+        assert_eq!(s.tokens, p.tokens, "request {i}: speculative output differs");
+        assert_eq!(s.text, p.text, "request {i}");
+        assert_eq!(s.reason, Some(FinishReason::Length));
+        assert_eq!(s.usage, p.usage, "request {i}");
+    }
+    assert_eq!(ss.kv_blocks_used, 0);
+    e.block_manager().check_invariants().expect("pool consistent");
+
+    // Alone, with counts that end requests mid-draft.
+    for (i, p) in prompts.iter().enumerate().take(4) {
+        let n = 9 + 6 * i;
+        let got = run_batch(&mut e, std::slice::from_ref(p), n).remove(0);
+        assert_eq!(got.tokens, plain[i].tokens[..n], "request {i} cut at {n}");
+        assert_eq!(got.reason, Some(FinishReason::Length));
+    }
+
+    // A stop string late in a repeating text: the output ends right before
+    // its first occurrence, as without speculation.
+    let (i, text) = plain
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (i, p.text.as_str()))
+        .max_by_key(|(_, t)| t.len())
+        .expect("outputs");
+    let word = text[text.len() * 3 / 4..]
+        .split_whitespace()
+        .nth(1)
+        .expect("a word late in the text")
+        .to_string();
+    let cut = text.find(word.as_str()).expect("the word occurs");
+    let stopping = SamplingParams {
+        stop: vec![word.clone()],
+        ..greedy(gen)
+    };
+    let before = e.stats().accepted_tokens;
+    let (_, rx) = e.add_request(prompts[i].clone(), stopping).expect("add");
+    while e.has_work() {
+        e.step().expect("step");
+    }
+    let got = collect(&rx);
+    assert_eq!(got.reason, Some(FinishReason::Stop), "stop {word:?}");
+    assert_eq!(got.text, text[..cut], "text must end right before {word:?}");
+    assert!(e.stats().accepted_tokens > before, "drafts ran before the stop");
+    assert_eq!(e.stats().kv_blocks_used, 0);
+    e.block_manager().check_invariants().expect("pool consistent");
 }

@@ -91,9 +91,12 @@ struct LogitBufs<B: Backend> {
     logits: B::Act,
 }
 
-/// A decode graph's key: token count, KV pool, and whether the step is
-/// greedy-only (its LM head may fold in the argmax, `Backend::matmul_argmax`).
-type GraphKey = (usize, u64, bool);
+/// A decode graph's key: token count, KV pool, whether the step is
+/// greedy-only (its LM head may fold in the argmax, `Backend::matmul_argmax`)
+/// and whether rows read keys other rows store (a speculative step: a
+/// backend may launch such a step differently, see
+/// `BatchLayout::has_chained_rows`).
+type GraphKey = (usize, u64, bool, bool);
 
 /// Persistent per-model step state: scratch by token count, logits by logit
 /// row count, and decode graphs by `GraphKey`, each with whether its LM head
@@ -529,7 +532,8 @@ impl<B: Backend> Model<B> {
             });
         }
         st.current = m;
-        let key = (n, be.pool_id(kv), greedy);
+        let chained = graphable && n > 1 && layout.has_chained_rows();
+        let key = (n, be.pool_id(kv), greedy, chained);
         if graphable {
             if let Some((g, folded)) = st.graphs.get(&key) {
                 if be.replay(g)? {

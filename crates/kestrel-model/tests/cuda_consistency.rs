@@ -106,3 +106,90 @@ fn a_new_kv_pool_never_reuses_an_old_pools_graphs() {
         );
     }
 }
+
+/// A speculative step's layout: `tokens` at positions `start..`, one
+/// single-row sequence entry per token sharing `table`, each seeing the keys
+/// up to its own position (the rows before it store theirs in the same step).
+fn chained(tokens: &[u32], start: usize, table: &[u32], bs: usize) -> BatchLayout {
+    let mut l = BatchLayout {
+        block_size: bs as u32,
+        ..BatchLayout::default()
+    };
+    for (j, &t) in tokens.iter().enumerate() {
+        let p = start + j;
+        l.tokens.push(t);
+        l.positions.push(p as u32);
+        l.slot_mapping.push(table[p / bs] * bs as u32 + (p % bs) as u32);
+        l.seqs.push(kestrel_backend::layout::SeqLayout {
+            block_table: table.to_vec(),
+            context_len: p as u32 + 1,
+            query_start: j as u32,
+            query_len: 1,
+        });
+    }
+    l
+}
+
+/// Rows of one sequence at consecutive positions in one decode step (how
+/// the engine checks speculative drafts) read the keys the rows before them
+/// store in that same step: each row's logits equal those of decoding the
+/// tokens one step at a time. The slots first hold other tokens' K/V (a
+/// rejected draft's), so a row that read a key before the step stored it
+/// would see the stale one. Both KV types (their decode attention kernels
+/// differ), and row counts on either side of the grouped-kernel switch.
+#[test]
+fn speculative_rows_equal_one_token_steps() {
+    let Some(model) = cuda_model() else { return };
+    let bs = 16usize;
+    let prompt: Vec<u32> = (0..37u32).map(|i| 2 + (i * 7919) % 200_000).collect();
+    let next: Vec<u32> = (0..12u32).map(|i| 1000 + (i * 104_729) % 200_000).collect();
+    let stale: Vec<u32> = (0..12u32).map(|i| 5000 + (i * 15_485_863) % 200_000).collect();
+    let mut failures = Vec::new();
+    for kvt in [KvDType::F32, KvDType::F16] {
+        for rows in [2usize, 5, 12] {
+            let blocks = (prompt.len() + rows).div_ceil(bs) + 1;
+            let table: Vec<u32> = (0..blocks as u32).rev().collect();
+            let spec = model.kv_spec(blocks, bs, kvt);
+            // One token per step.
+            let mut kv = model.backend.alloc_kv(&spec).unwrap();
+            let pre = BatchLayout::single(&prompt, 0, &table, bs as u32);
+            drop(model.forward(&pre, &mut kv, &[0]).unwrap());
+            let mut want = Vec::new();
+            for j in 0..rows {
+                let l = BatchLayout::single(&next[j..j + 1], (prompt.len() + j) as u32, &table, bs as u32);
+                let logits = model.forward(&l, &mut kv, &[0]).unwrap();
+                want.push(model.backend.read_act(&logits).unwrap());
+            }
+            // The rows in one step, after a step of other tokens at the same
+            // positions; twice, so that the second runs the captured graph.
+            let mut kv = model.backend.alloc_kv(&spec).unwrap();
+            drop(model.forward(&pre, &mut kv, &[0]).unwrap());
+            let all: Vec<u32> = (0..rows as u32).collect();
+            let mut got = Vec::new();
+            for _ in 0..2 {
+                let s = chained(&stale[..rows], prompt.len(), &table, bs);
+                drop(model.forward(&s, &mut kv, &all).unwrap());
+                let l = chained(&next[..rows], prompt.len(), &table, bs);
+                let logits = model.forward(&l, &mut kv, &all).unwrap();
+                got = model.backend.read_act(&logits).unwrap();
+            }
+            let vocab = model.config.vocab_size;
+            for (j, w) in want.iter().enumerate() {
+                let g = &got[j * vocab..(j + 1) * vocab];
+                let d = common::rel_l2(g, w);
+                let (tw, margin) = common::top_and_margin(w);
+                let same_top = argmax(g) as u32 == tw;
+                println!("{kvt:?} rows {rows} row {j}: rel-L2 {d:.2e}, top {tw} margin {margin:.3} same {same_top}");
+                if d > 5e-3 || (!same_top && margin >= 0.05) {
+                    failures.push(format!(
+                        "{kvt:?}, {rows} rows, row {j}: rel-L2 {d:.2e}, same top {same_top}"
+                    ));
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "speculative rows differ from single steps: {failures:#?}"
+    );
+}

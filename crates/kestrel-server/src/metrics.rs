@@ -147,6 +147,18 @@ impl Metrics {
             "Prompt tokens served from the prefix cache since start.",
             engine.prefix_cache.tokens_saved,
         );
+        counter(
+            &mut out,
+            "kestrel_spec_draft_tokens_total",
+            "Tokens drafted by n-gram speculation and checked by the model since start.",
+            engine.draft_tokens,
+        );
+        counter(
+            &mut out,
+            "kestrel_spec_accepted_tokens_total",
+            "Drafted tokens the model confirmed (each one a decode step saved) since start.",
+            engine.accepted_tokens,
+        );
         let gauges: [(&str, &str, f64); 6] = [
             (
                 "kestrel_num_requests_running",

@@ -253,6 +253,13 @@ pub struct CudaBatch {
     pub(crate) positions: u64,
     pub(crate) slots: u64,
     pub(crate) token_seq: u64,
+    /// Per row, the first position of its sequence this step stores
+    /// (`BatchLayout::first_new_positions`): attention reads keys from
+    /// there on only after the step's K/V stores.
+    pub(crate) fresh: u64,
+    /// Some row reads a key another row of the step stores (a prefill
+    /// chunk, or a speculative step's rows).
+    pub(crate) chained: bool,
     pub(crate) block_tables: u64,
     pub(crate) bt_stride: usize,
     pub(crate) block_size: usize,

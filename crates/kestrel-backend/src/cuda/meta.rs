@@ -4,7 +4,8 @@
 //! when a batch does not fit), so a CUDA graph captured over one step reads
 //! the next step's tokens, positions, slots and block tables on replay.
 //! Layout (u32): tokens | positions | slots | token_seq (row -> sequence) |
-//! block tables `[cap_seqs, bt_stride]`.
+//! fresh (row -> first position of its sequence this step stores, see
+//! `BatchLayout::first_new_positions`) | block tables `[cap_seqs, bt_stride]`.
 //!
 //! The capacities are generous (so that graphs rarely go stale), which makes
 //! the buffer large (~330 KB at 256 sequences of 1,024 blocks) while a step
@@ -20,6 +21,9 @@ use cudarc::driver::{sys, CudaStream};
 use super::buffers::{CudaBatch, DevBuf, PinnedStaging};
 use crate::error::BackendError;
 use crate::layout::BatchLayout;
+
+/// Per-row arrays ahead of the block tables.
+const ROW_ARRAYS: usize = 5;
 
 #[derive(Default)]
 pub(crate) struct Meta {
@@ -115,7 +119,7 @@ impl Meta {
         let ct = tokens.max(self.cap_tokens).max(8).next_power_of_two();
         let cs = seqs.max(self.cap_seqs).max(8).next_power_of_two();
         let bs = blocks.max(self.bt_stride).max(16).next_power_of_two();
-        let words = 4 * ct + cs * bs;
+        let words = ROW_ARRAYS * ct + cs * bs;
         self.buf = Some(DevBuf::alloc(stream, words * 4, "batch metadata")?);
         self.cap_tokens = ct;
         self.cap_seqs = cs;
@@ -130,20 +134,23 @@ impl Meta {
         self.reserve(stream, n, ns, max_blocks)?;
         let (ct, stride) = (self.cap_tokens, self.bt_stride);
         const WHAT: &str = "batch metadata";
-        // Packed: the four per-row arrays, then each sequence's table in
+        // Packed: the per-row arrays, then each sequence's table in
         // `max_blocks` words (unused tail words are never read: kernels look
         // up only blocks below the context length). After the step's sync
         // the previous copy is always done: `ready` returns at once.
-        let words = 4 * n + ns * max_blocks;
+        let fresh = b.first_new_positions(&seq_of);
+        let chained = fresh.iter().zip(&b.positions).any(|(f, p)| f != p);
+        let words = ROW_ARRAYS * n + ns * max_blocks;
         let staging = PinnedStaging::ready(&mut self.staging, stream, words, 4096, WHAT)?;
         let h = staging.as_mut_slice(WHAT)?;
         h[..n].copy_from_slice(&b.tokens);
         h[n..2 * n].copy_from_slice(&b.positions);
         h[2 * n..3 * n].copy_from_slice(&b.slot_mapping);
         h[3 * n..4 * n].copy_from_slice(&seq_of);
+        h[4 * n..5 * n].copy_from_slice(&fresh);
         let mut max_block = 0;
         for (si, s) in b.seqs.iter().enumerate() {
-            let o = 4 * n + si * max_blocks;
+            let o = ROW_ARRAYS * n + si * max_blocks;
             h[o..o + s.block_table.len()].copy_from_slice(&s.block_table);
             max_block = max_block.max(s.block_table.iter().copied().max().unwrap_or(0));
         }
@@ -155,8 +162,14 @@ impl Meta {
         // Rows of the per-row arrays are `ct` words apart on the device, the
         // tables `stride` words apart.
         let copies = [
-            (0usize, n, ct, 4usize, 0u64),
-            (4 * n, max_blocks, stride, ns, 16 * ct as u64),
+            (0usize, n, ct, ROW_ARRAYS, 0u64),
+            (
+                ROW_ARRAYS * n,
+                max_blocks,
+                stride,
+                ns,
+                4 * (ROW_ARRAYS * ct) as u64,
+            ),
         ];
         for (src, width, pitch, height, dst) in copies {
             if width == 0 || height == 0 {
@@ -197,7 +210,9 @@ impl Meta {
             positions: p + 4 * ct as u64,
             slots: p + 8 * ct as u64,
             token_seq: p + 12 * ct as u64,
-            block_tables: p + 16 * ct as u64,
+            fresh: p + 16 * ct as u64,
+            chained,
+            block_tables: p + 4 * (ROW_ARRAYS * ct) as u64,
             bt_stride: stride,
             block_size: b.block_size as usize,
             num_tokens: n,

@@ -962,6 +962,10 @@ impl CudaBackend {
             let kmin = self.attn_min_splits.load(std::sync::atomic::Ordering::Relaxed);
             args.push(i32_of(kmin, "minimum attention splits")?);
         }
+        if dec || name == "attention_pre" {
+            // Which keys they may read before the PDL wait.
+            args.push(Arg::Ptr(batch.fresh));
+        }
         self.run(
             name,
             (q.rows as u32, heads as u32, splits as u32),
@@ -1035,6 +1039,9 @@ impl CudaBackend {
             && (1..=fused::PROLOGUE_MAX_ROWS).contains(&rows)
             && rows == batch.num_seqs
             && rows == batch.num_tokens
+            // Its items store their row's key themselves: a row that reads
+            // another row's key would race with that store.
+            && !batch.chained
             && p.head_dim <= 256
             && 2 * rope.n_pairs <= p.head_dim
             && self.attention_kind(rows, batch, p, pool) == (false, false, false)

@@ -75,6 +75,8 @@ pub struct BenchArgs {
     pub max_num_batched_tokens: usize,
     #[command(flatten)]
     pub long_prefill: super::long_prefill_args::LongPrefillArgs,
+    #[command(flatten)]
+    pub speculation: super::speculation_args::SpeculationArgs,
     /// Write the capsule here (default: benchmarks/<date>-bench-<device>.json).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -151,6 +153,7 @@ impl BackendTask for BenchTask {
                 long_prefill: a.long_prefill.get(),
                 prompt_len: a.prompt_len,
                 gen_len: a.gen_len,
+                speculation: a.speculation.get()?,
             };
             if !a.batch.is_empty() {
                 let v = bench_engine::batch_curve(&model, &tok, &o, &a.batch, a.runs, &mut rows)?;

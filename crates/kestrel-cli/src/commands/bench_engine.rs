@@ -31,6 +31,7 @@ pub struct EngineBenchOpts {
     pub long_prefill: kestrel_engine::LongPrefill,
     pub prompt_len: usize,
     pub gen_len: usize,
+    pub speculation: Option<kestrel_engine::NgramSpeculation>,
 }
 
 /// Distinct pseudo-random prompt tokens for sequence `seq`.
@@ -75,6 +76,7 @@ fn engine<B: Backend>(
         long_prefill: o.long_prefill,
         enable_prefix_caching: prefix_cache,
         kv_dtype: o.kv,
+        speculation: o.speculation,
     };
     Engine::new(model.clone(), tok.clone(), cfg).context("creating the engine")
 }
@@ -118,6 +120,10 @@ fn phase_means_us(steps: &[&(StepReport, Duration)]) -> [f64; 4] {
     sum.map(|v| v / steps.len().max(1) as f64)
 }
 
+/// One batch-curve run: decode tok/s, end-to-end tok/s, step ms, step
+/// phases (us), and the speculation counts (drafted, accepted).
+type RunResult = (f64, f64, f64, [f64; 4], (u64, u64));
+
 /// Decode throughput at each batch size in `sizes`; `runs` runs each.
 pub fn batch_curve<B: Backend>(
     model: &Arc<Model<B>>,
@@ -129,7 +135,7 @@ pub fn batch_curve<B: Backend>(
 ) -> Result<Value> {
     let mut out = Vec::new();
     for &n in sizes {
-        let once = || -> Result<(f64, f64, f64, [f64; 4])> {
+        let once = || -> Result<RunResult> {
             let mut e = engine(model, tok, o, n, o.prompt_len + o.gen_len, false)?;
             let mut rxs = Vec::with_capacity(n);
             for s in 0..n {
@@ -147,10 +153,11 @@ pub fn batch_curve<B: Backend>(
                     o.gen_len
                 );
             }
-            // Steps in which every sequence decoded one token.
+            // Steps in which every sequence decoded (one token, or with
+            // speculation its drafts too).
             let full: Vec<&(StepReport, Duration)> = tl
                 .iter()
-                .filter(|(r, _)| r.num_seqs == n && r.num_tokens == n)
+                .filter(|(r, _)| r.num_seqs == n && r.num_tokens == n + r.num_drafted)
                 .collect();
             let toks: usize = full.iter().map(|(r, _)| r.num_sampled).sum();
             let secs: f64 = full.iter().map(|(_, d)| d.as_secs_f64()).sum();
@@ -161,16 +168,25 @@ pub fn batch_curve<B: Backend>(
             } else {
                 secs * 1e3 / full.len() as f64
             };
-            Ok((decode, total, step_ms, phase_means_us(&full)))
+            let st = e.stats();
+            Ok((
+                decode,
+                total,
+                step_ms,
+                phase_means_us(&full),
+                (st.draft_tokens, st.accepted_tokens),
+            ))
         };
         once().with_context(|| format!("warmup of batch {n}"))?;
         let (mut dec, mut tot, mut step, mut phases) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut drafts = Vec::new();
         for _ in 0..runs.max(1) {
-            let (d, t, s, p) = once()?;
+            let (d, t, s, p, dr) = once()?;
             dec.push(d);
             tot.push(t);
             step.push(s);
             phases.push(p);
+            drafts.push(dr);
         }
         let name = format!("batch{n}");
         let r_dec =
@@ -185,13 +201,27 @@ pub fn batch_curve<B: Backend>(
              step phases (last run, us): schedule {:.1}, forward {:.1}, pick {:.1}, emit {:.1}",
             r_dec.stats.median, r_step.stats.median, r_tot.stats.median, p[0], p[1], p[2], p[3]
         );
+        if let Some(&(drafted, accepted)) = drafts.last().filter(|_| o.speculation.is_some()) {
+            eprintln!(
+                "           speculation (last run): {accepted} of {drafted} drafted tokens accepted ({:.0}%), \
+                 {} of {} tokens came from drafts",
+                100.0 * accepted as f64 / drafted.max(1) as f64,
+                accepted,
+                n * o.gen_len
+            );
+        }
         let phases: Vec<Value> = phases
             .iter()
             .map(|p| json!({"schedule_us": p[0], "forward_us": p[1], "pick_us": p[2], "emit_us": p[3]}))
             .collect();
         out.push(
             json!({"sequences": n, "decode_tok_s": r_dec.raw, "end_to_end_tok_s": r_tot.raw,
-                        "step_ms": r_step.raw, "step_phases": phases}),
+                        "step_ms": r_step.raw, "step_phases": phases,
+                        "speculation": o.speculation.map(|s| json!({
+                            "tokens": s.tokens, "min_ngram": s.min_ngram, "max_ngram": s.max_ngram,
+                            "max_seqs": s.max_seqs,
+                            "drafted": drafts.iter().map(|d| d.0).collect::<Vec<_>>(),
+                            "accepted": drafts.iter().map(|d| d.1).collect::<Vec<_>>()}))}),
         );
         rows.extend([r_dec, r_tot, r_step]);
     }

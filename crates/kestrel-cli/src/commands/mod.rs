@@ -13,5 +13,6 @@ pub mod report;
 pub mod run;
 pub mod sampling_args;
 pub mod serve;
+pub mod speculation_args;
 pub mod tokenize;
 pub mod validate;

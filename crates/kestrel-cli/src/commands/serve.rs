@@ -42,6 +42,8 @@ pub struct ServeArgs {
     pub max_num_batched_tokens: usize,
     #[command(flatten)]
     pub long_prefill: super::long_prefill_args::LongPrefillArgs,
+    #[command(flatten)]
+    pub speculation: super::speculation_args::SpeculationArgs,
     /// Blocks of 16 tokens in the paged KV pool (default: sized from free
     /// device memory on a GPU, see --gpu-memory-utilization; 1024 on the CPU).
     #[arg(long)]
@@ -103,6 +105,7 @@ impl BackendTask for ServeTask {
             max_num_seqs: a.max_num_seqs,
             max_num_batched_tokens: a.max_num_batched_tokens,
             long_prefill: a.long_prefill.get(),
+            speculation: a.speculation.get()?,
             ..EngineConfig::default()
         };
         let tok = Arc::new(tok);

@@ -6,6 +6,7 @@
 #define ATT_WARPS 4
 #define ATT_MAXJ 8 // head_dim <= 32 * ATT_MAXJ
 #define ATT_UNROLL 4
+#define ATT_NO_SKIP 0x7fffffff // att_load_round / dec_issue_tile: load every key
 
 __device__ __forceinline__ long long kv_slot(const u32* table, int block_size, int k) {
     return (long long)table[k / block_size] * block_size + (k % block_size);
@@ -120,7 +121,8 @@ __device__ __forceinline__ void att_load_key(const void* pool, long long layer_o
 }
 
 // The K and V of ATT_UNROLL keys of one warp's round (k0, k0 + ATT_WARPS,
-// ...), zeros past kend and for key `skip` (the caller loads that one later).
+// ...), zeros past kend and for keys from `skip` on (this step's keys, which
+// the caller loads after the PDL wait; ATT_NO_SKIP: none).
 template <int KVT, bool VEC>
 __device__ __forceinline__ void att_load_round(const void* pool, long long layer_off, long long v_off,
                                                const u32* table, int block_size, int kv_dim, int kvh,
@@ -131,7 +133,7 @@ __device__ __forceinline__ void att_load_round(const void* pool, long long layer
     for (int u = 0; u < ATT_UNROLL; u++) {
         int key = k0 + u * ATT_WARPS;
         att_load_key<KVT, VEC>(pool, layer_off, v_off, table, block_size, kv_dim, kvh, head_dim, lane, key,
-                               key <= kend && key != skip, kk[u], vv[u]);
+                               key <= kend && key < skip, kk[u], vv[u]);
     }
 }
 
@@ -140,9 +142,11 @@ __device__ __forceinline__ void att_load_round(const void* pool, long long layer
 // the position, the block table and the K/V of the warp's first round of
 // keys, all written before the previous kernel began (the KV pool by earlier
 // steps; the metadata by the host before the replay). Only the query and the
-// key at the row's own position (stored by qk_norm_rope_store just before)
-// are read after the wait, so the launch's critical path loses the chain
-// positions -> table -> K/V. Same arithmetic, same bits as without PRE.
+// keys this step stores (qk_norm_rope_store, just before) are read after the
+// wait: the row's own position, and in a speculative step the positions of
+// the same sequence's earlier rows, from `fresh[row]` on (null: the own
+// position only). So the launch's critical path loses the chain positions ->
+// table -> K/V. Same arithmetic, same bits as without PRE.
 template <int KVT, bool VEC, bool PRE = false>
 __device__ __forceinline__ void attention_impl(int row, int h, int z, int tid, int bar, float* sm,
                                      const float* q, const void* pool, long long layer_off,
@@ -150,7 +154,8 @@ __device__ __forceinline__ void attention_impl(int row, int h, int z, int tid, i
                                      const u32* token_seq, const u32* block_tables, int bt_stride,
                                      int block_size, int n_heads, int n_kv_heads, int head_dim,
                                      float scale, int window, float cap, float* out, int splits,
-                                     float* part, u32* counters, u16* out16, int kps = 0, int kmin = 1) {
+                                     float* part, u32* counters, u16* out16, int kps = 0, int kmin = 1,
+                                     const u32* fresh = nullptr) {
     float* qs = sm;
     float* accs = sm + head_dim;
     float* ms = accs + ATT_WARPS * head_dim;
@@ -160,7 +165,7 @@ __device__ __forceinline__ void attention_impl(int row, int h, int z, int tid, i
     int lane = tid & 31, warp = tid >> 5;
     int kvh = h / (n_heads / n_kv_heads);
     int kv_dim = n_kv_heads * head_dim;
-    int pos = 0, kbeg = 0, kend = -1;
+    int pos = 0, kbeg = 0, kend = -1, first_new = 0;
     // Splits in use: the grid's `splits` (also the partials' stride), or
     // with kps > 0 (PRE only) one per kps visible keys, at least kmin and
     // at most `splits`: short contexts then merge few partials, and the
@@ -180,8 +185,9 @@ __device__ __forceinline__ void attention_impl(int row, int h, int z, int tid, i
         }
         table = block_tables + (long long)token_seq[row] * bt_stride;
         split_keys(pos, window, nsplit, z, &kbeg, &kend);
+        first_new = fresh ? (int)fresh[row] : pos;
         att_load_round<KVT, VEC>(pool, layer_off, v_off, table, block_size, kv_dim, kvh, head_dim, lane,
-                                 kbeg + warp, kend, pos, kk, vv);
+                                 kbeg + warp, kend, first_new, kk, vv);
         pdl_entry();
         TRACE(tr1 = trace_now();)
     }
@@ -191,12 +197,15 @@ __device__ __forceinline__ void attention_impl(int row, int h, int z, int tid, i
         for (int d = tid; d < head_dim; d += ATT_THREADS) qs[d] = __ldcg(qr + d) * scale;
     }
     if (PRE) {
-        // The key at the row's own position, if it is in the first round.
+        // This step's keys (the own position, and earlier rows' in a
+        // speculative step) that fall in the first round.
         #pragma unroll
-        for (int r = 0; r < ATT_UNROLL; r++)
-            if (kbeg + warp + r * ATT_WARPS == pos && pos <= kend)
+        for (int r = 0; r < ATT_UNROLL; r++) {
+            int key = kbeg + warp + r * ATT_WARPS;
+            if (key >= first_new && key <= kend)
                 att_load_key<KVT, VEC>(pool, layer_off, v_off, table, block_size, kv_dim, kvh, head_dim, lane,
-                                       pos, true, kk[r], vv[r]);
+                                       key, true, kk[r], vv[r]);
+        }
     }
     bar_sync(bar, ATT_THREADS);
     TRACE(tr2 = trace_now();)
@@ -222,7 +231,7 @@ __device__ __forceinline__ void attention_impl(int row, int h, int z, int tid, i
     for (int k0 = kbeg + warp; k0 <= kend; k0 += ATT_WARPS * ATT_UNROLL) {
         if (!PRE || k0 != kbeg + warp)
             att_load_round<KVT, VEC>(pool, layer_off, v_off, table, block_size, kv_dim, kvh, head_dim, lane, k0,
-                                     kend, -1, kk, vv);
+                                     kend, ATT_NO_SKIP, kk, vv);
         #pragma unroll
         for (int u = 0; u < ATT_UNROLL; u++) {
             if (k0 + u * ATT_WARPS > kend) break; // uniform across the warp
@@ -323,9 +332,10 @@ __device__ __forceinline__ void attention_item(int row, int h, int z, int tid, i
                                                int bt_stride, int block_size, int n_heads, int n_kv_heads,
                                                int head_dim, float scale, int window, float cap, float* out,
                                                int splits, float* part, u32* counters, u16* out16, int kps = 0,
-                                               int kmin = 1) {
+                                               int kmin = 1, const u32* fresh = nullptr) {
 #define ATT_ARGS row, h, z, tid, bar, sm, q, pool, layer_off, v_off, positions, token_seq, block_tables, bt_stride, \
-                 block_size, n_heads, n_kv_heads, head_dim, scale, window, cap, out, splits, part, counters, out16, kps, kmin
+                 block_size, n_heads, n_kv_heads, head_dim, scale, window, cap, out, splits, part, counters, out16, kps, kmin, \
+                 fresh
     bool vec = head_dim % 8 == 0;
     if (kvt == KV_F32) {
         if (vec) attention_impl<KV_F32, true, PRE>(ATT_ARGS); else attention_impl<KV_F32, false, PRE>(ATT_ARGS);
@@ -352,21 +362,23 @@ extern "C" __global__ void attention(const float* q, const void* pool, long long
                    scale, window, cap, out, splits, part, counters, out16);
 }
 
-// `attention` for decode steps (one query row per sequence), with the
+// `attention` for decode steps (one query row per sequence entry), with the
 // reads that do not depend on the previous kernel issued before waiting
 // for it (attention_impl's PRE), and with kps > 0 one split per kps keys
-// (at least kmin, at most `splits`). Same arguments plus kps and kmin; with
-// kps = 0 the same bits.
+// (at least kmin, at most `splits`). Same arguments plus kps, kmin and
+// fresh (per row, the first position this step stores for the row's
+// sequence); with kps = 0 the same bits.
 extern "C" __global__ void attention_pre(const float* q, const void* pool, long long layer_off,
                                          long long v_off, int kvt, const u32* positions,
                                          const u32* token_seq, const u32* block_tables, int bt_stride,
                                          int block_size, int n_heads, int n_kv_heads, int head_dim,
                                          float scale, int window, float cap, float* out, int splits,
-                                         float* part, u32* counters, u16* out16, int kps, int kmin) {
+                                         float* part, u32* counters, u16* out16, int kps, int kmin,
+                                         const u32* fresh) {
     extern __shared__ float sm[];
     attention_item<true>(blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x, 1, sm, q, pool, layer_off, v_off, kvt,
                          positions, token_seq, block_tables, bt_stride, block_size, n_heads, n_kv_heads,
-                         head_dim, scale, window, cap, out, splits, part, counters, out16, kps, kmin);
+                         head_dim, scale, window, cap, out, splits, part, counters, out16, kps, kmin, fresh);
 }
 
 // `attention` with the layer's q/k norm + RoPE + K/V store in the same
@@ -814,7 +826,7 @@ __device__ __forceinline__ void reduce_scatter_step(float* v, int lane) {
 }
 
 // cp.async copies of keys t0 .. t0 + nk - 1 (K and V rows) into the tiles,
-// all but key `skip` (-1: none).
+// all but those from key `skip` on (ATT_NO_SKIP: none).
 template <int G>
 __device__ __forceinline__ void dec_issue_tile(u16* Ks, u16* Vs, const u32* tbl, const u32* table, const void* pool,
                                                long long layer_off, long long v_off, int block_size, int b0,
@@ -822,7 +834,7 @@ __device__ __forceinline__ void dec_issue_tile(u16* Ks, u16* Vs, const u32* tbl,
     int cpr = head_dim / 8; // 16-byte chunks per K or V row
     for (int c = threadIdx.x; c < nk * cpr; c += DEC_THREADS) {
         int kk = c / cpr, col = c - kk * cpr;
-        if (t0 + kk == skip) continue;
+        if (t0 + kk >= skip) continue;
         long long base = layer_off + att_slot(tbl, table, block_size, b0, t0 + kk) * kv_dim +
                          (long long)kvh * head_dim + col * 8;
         cp_async16(Ks + kk * head_dim + col * 8, (const u16*)pool + base);
@@ -837,7 +849,7 @@ __device__ __forceinline__ void attention_dec_impl(int row, int kvh, int z, unsi
                                                    const u32* block_tables, int bt_stride, int block_size,
                                                    int n_heads, int n_kv_heads, int head_dim, float scale,
                                                    int window, float cap, float* out, int splits, float* part,
-                                                   u32* counters, u16* out16) {
+                                                   u32* counters, u16* out16, const u32* fresh) {
     constexpr int T = dec_tile(G);
     constexpr int KPW = 32 / G; // keys per warp in the score stage
     const float NEG_INF = -__int_as_float(0x7f800000);
@@ -864,15 +876,19 @@ __device__ __forceinline__ void attention_dec_impl(int row, int kvh, int z, unsi
     __syncthreads();
     // Positions, block tables and the keys of earlier steps are in memory
     // before the step starts, so these copies run before waiting for the
-    // previous kernel (PDL) and overlap its tail; q and the own key are
-    // its results.
+    // previous kernel (PDL) and overlap its tail; q and this step's keys
+    // (the own position, and in a speculative step the same sequence's
+    // earlier rows, from fresh[row] on) are its results.
+    int first_new = fresh ? (int)fresh[row] : pos;
     int nk0 = kend - kbeg + 1 < T ? kend - kbeg + 1 : T;
     dec_issue_tile<G>(Ks, Vs, tbl, table, pool, layer_off, v_off, block_size, b0, kv_dim, kvh, head_dim, kbeg, nk0,
-                      pos);
+                      first_new);
     pdl_entry();
-    if (pos >= kbeg && pos < kbeg + nk0)
-        dec_issue_tile<G>(Ks + (pos - kbeg) * head_dim, Vs + (pos - kbeg) * head_dim, tbl, table, pool, layer_off,
-                          v_off, block_size, b0, kv_dim, kvh, head_dim, pos, 1, -1);
+    int t_new = max(first_new, kbeg);
+    if (t_new < kbeg + nk0)
+        dec_issue_tile<G>(Ks + (t_new - kbeg) * head_dim, Vs + (t_new - kbeg) * head_dim, tbl, table, pool,
+                          layer_off, v_off, block_size, b0, kv_dim, kvh, head_dim, t_new, kbeg + nk0 - t_new,
+                          ATT_NO_SKIP);
     {
         const float4* q4 = (const float4*)(q + ((long long)row * n_heads + h0) * head_dim);
         for (int i = tid; i < G * head_dim / 4; i += DEC_THREADS) {
@@ -897,7 +913,7 @@ __device__ __forceinline__ void attention_dec_impl(int row, int kvh, int z, unsi
         int nk = min(T, kend - t0 + 1);
         if (t0 != kbeg)
             dec_issue_tile<G>(Ks, Vs, tbl, table, pool, layer_off, v_off, block_size, b0, kv_dim, kvh, head_dim, t0,
-                              nk, -1);
+                              nk, ATT_NO_SKIP);
         cp_async_wait_all();
         __syncthreads();
 
@@ -1013,7 +1029,8 @@ __device__ __forceinline__ void attention_dec_impl(int row, int kvh, int z, unsi
         const float* q, const void* pool, long long layer_off, long long v_off, int kvt,             \
         const u32* positions, const u32* token_seq, const u32* block_tables, int bt_stride,          \
         int block_size, int n_heads, int n_kv_heads, int head_dim, float scale, int window,          \
-        float cap, float* out, int splits, float* part, u32* counters, u16* out16) {                \
+        float cap, float* out, int splits, float* part, u32* counters, u16* out16,                  \
+        const u32* fresh) {                                                                          \
         extern __shared__ __align__(16) unsigned char dec_sm[];                                      \
         if (kvt == KV_F16)                                                                           \
             attention_dec_impl<KV_F16, G>(DEC_ARGS);                                                 \
@@ -1022,7 +1039,7 @@ __device__ __forceinline__ void attention_dec_impl(int row, int kvh, int z, unsi
     }
 #define DEC_ARGS blockIdx.x, blockIdx.y, blockIdx.z, dec_sm, q, pool, layer_off, v_off, positions, token_seq, \
                  block_tables, bt_stride, block_size, n_heads, n_kv_heads, head_dim, scale, window, cap, out,  \
-                 splits, part, counters, out16
+                 splits, part, counters, out16, fresh
 ATT_DEC_ENTRY(attention_dec4, 4)
 ATT_DEC_ENTRY(attention_dec8, 8)
 #undef DEC_ARGS
