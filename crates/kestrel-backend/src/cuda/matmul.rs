@@ -249,7 +249,7 @@ impl CudaBackend {
         let t = x.rows;
         let keys = {
             let mut st = self.lock()?;
-            self.graph_scratch(&mut st, |s| &mut s.ids, t * 8, "argmax keys")?
+            Self::argmax_keys(&self.dev, &mut st, t * 8)?
         };
         self.run(
             "zero_u64",

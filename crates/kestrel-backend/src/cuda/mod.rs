@@ -570,7 +570,7 @@ impl CudaBackend {
         let mut st = self.lock()?;
         st.meta
             .reserve(&self.dev.stream, max_tokens, max_seqs, max_blocks_per_seq)?;
-        Self::ensure(&self.dev, &mut st.ids, max_tokens * 8, "argmax keys")?;
+        Self::argmax_keys(&self.dev, &mut st, max_tokens * 8)?;
         Self::ensure(&self.dev, &mut st.gather, max_tokens * 4, "gather indices")?;
         Ok(())
     }
@@ -595,6 +595,35 @@ impl CudaBackend {
             st.meta.epoch += 1;
         }
         Self::ensure(&self.dev, pick(st), bytes, what)
+    }
+
+    /// The argmax key buffer, grown to at least `bytes` with its contents
+    /// kept: a queued argmax's keys must survive until the next step feeds
+    /// on them (`feed_argmax`), and a step may grow the buffer in between
+    /// (`reserve_batch` at the first decode step after a prefill once put a
+    /// zero key, token 0, into the second generated token). Growing marks
+    /// captured graphs stale, as `graph_scratch` does; refused while
+    /// capturing.
+    pub(crate) fn argmax_keys(dev: &Device, st: &mut State, bytes: usize) -> Result<u64> {
+        if let Some(old) = st.ids.as_ref().filter(|b| b.bytes < bytes) {
+            if st.capturing {
+                return Err(BackendError::Other(
+                    "argmax keys: a graph capture must not allocate; run the step once before capturing"
+                        .into(),
+                ));
+            }
+            let new = DevBuf::alloc(&dev.stream, bytes.next_power_of_two().max(256), "argmax keys")?;
+            // SAFETY: both buffers hold at least old.bytes bytes; the copy is
+            // ordered on the stream after every write of the old keys, and the
+            // old buffer's free after the copy.
+            unsafe {
+                cudarc::driver::result::memcpy_dtod_async(new.ptr, old.ptr, old.bytes, dev.stream.cu_stream())
+            }
+            .map_err(|e| BackendError::Cuda(format!("keeping the argmax keys: {e}")))?;
+            st.ids = Some(new);
+            st.meta.epoch += 1;
+        }
+        Self::ensure(dev, &mut st.ids, bytes, "argmax keys")
     }
 
     fn ensure(dev: &Device, b: &mut Option<DevBuf>, bytes: usize, what: &str) -> Result<u64> {
@@ -706,7 +735,7 @@ impl CudaBackend {
                     "argmax during capture needs reserve_batch first".into(),
                 ));
             }
-            Self::ensure(&self.dev, &mut st.ids, x.rows * 8, "argmax keys")?
+            Self::argmax_keys(&self.dev, &mut st, x.rows * 8)?
         };
         if x.rows == 0 {
             return Ok(());

@@ -240,7 +240,7 @@ impl CudaBackend {
         let (packed, _) = pack(rows)?;
         let keys = {
             let mut st = self.lock()?;
-            Self::ensure(&self.dev, &mut st.ids, rows.len() * 8, "argmax keys")?
+            Self::argmax_keys(&self.dev, &mut st, rows.len() * 8)?
         };
         self.launch_chunked(x, row_bytes(&packed), keys)?;
         self.queue_keys(rows.len())
