@@ -237,6 +237,10 @@ pub(crate) struct State {
     sample_keys: Option<DevBuf>,
     sample_sums: Option<DevBuf>,
     sample_count: Option<DevBuf>,
+    /// Pinned copies of the chunked sampler's row parameters, used in turn
+    /// (see `launch_chunked`), and which one is next.
+    sample_staging: [Option<buffers::PinnedStaging<u8>>; 2],
+    sample_next: usize,
     /// Argmax ids queued for overlapped decode steps.
     queued: argmax_queue::ArgmaxQueue,
 }

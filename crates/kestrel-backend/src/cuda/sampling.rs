@@ -1,7 +1,7 @@
 //! Sampling on the device (kernels/sampling.cu): the engine's sampler chain
 //! per logits row, one block per row; only token ids come back.
 
-use super::buffers::{CudaAct, DevBuf};
+use super::buffers::{CudaAct, DevBuf, PinnedStaging};
 use super::launch::{i32_of, Arg};
 use super::CudaBackend;
 use crate::error::BackendError;
@@ -185,14 +185,37 @@ impl CudaBackend {
                     "sample_rows inside a graph capture".into(),
                 ));
             }
-            (
+            let ptrs = (
                 sized(self, &mut st.sample_rows, row_bytes.len(), "sampling parameters")?,
                 sized(self, &mut st.sample_sums, n * chunks * 8, "sampling chunk masses")?,
                 sized(self, &mut st.sample_count, n * 4, "sampling row counters")?,
                 sized(self, &mut st.sample_out, n * 4, "sampled tokens")?,
-            )
+            );
+            // The parameters go up through pinned memory without a stream
+            // sync: an overlapped step's draw is queued right behind its
+            // forward pass, and a synchronous copy made the host wait for
+            // that pass before it could launch the next step. Two stagings
+            // in turn: rewriting one waits only for the copy two draws
+            // back, long done by then.
+            let what = "sampling parameters";
+            let slot = st.sample_next;
+            st.sample_next = 1 - slot;
+            let staging =
+                PinnedStaging::ready(&mut st.sample_staging[slot], &self.dev.stream, row_bytes.len(), 256, what)?;
+            let host = &mut staging.as_mut_slice(what)?[..row_bytes.len()];
+            host.copy_from_slice(row_bytes);
+            self.dev
+                .ctx
+                .bind_to_thread()
+                .map_err(|e| BackendError::Cuda(format!("binding the context: {e}")))?;
+            // SAFETY: the device buffer holds row_bytes.len() bytes (sized
+            // above); the pinned source is not rewritten before the event
+            // recorded after this copy has passed (`ready`).
+            unsafe { cudarc::driver::result::memcpy_htod_async(ptrs.0, host, self.dev.stream.cu_stream()) }
+                .map_err(|e| BackendError::Cuda(format!("{what}: {e}")))?;
+            staging.record(&self.dev.stream, what)?;
+            ptrs
         };
-        self.htod(rows_ptr, row_bytes, "sampling parameters")?;
         self.run(
             "zero_u64",
             (1, 1, 1),
