@@ -200,8 +200,13 @@ impl CudaBackend {
             let what = "sampling parameters";
             let slot = st.sample_next;
             st.sample_next = 1 - slot;
-            let staging =
-                PinnedStaging::ready(&mut st.sample_staging[slot], &self.dev.stream, row_bytes.len(), 256, what)?;
+            let staging = PinnedStaging::ready(
+                &mut st.sample_staging[slot],
+                &self.dev.stream,
+                row_bytes.len(),
+                256,
+                what,
+            )?;
             let host = &mut staging.as_mut_slice(what)?[..row_bytes.len()];
             host.copy_from_slice(row_bytes);
             self.dev
