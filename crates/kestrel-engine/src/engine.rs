@@ -74,13 +74,7 @@ impl Default for EngineConfig {
 
 impl EngineConfig {
     pub fn validate(&self) -> Result<(), EngineError> {
-        let bad = |field: &'static str, value: usize, expected: &'static str| {
-            Err(EngineError::Config {
-                field,
-                value: value.to_string(),
-                expected,
-            })
-        };
+        let bad = |field, value: usize, expected| Err(EngineError::config(field, value, expected));
         if self.num_kv_blocks == 0 || self.num_kv_blocks >= u32::MAX as usize / self.block_size.max(1) {
             return bad(
                 "num_kv_blocks",

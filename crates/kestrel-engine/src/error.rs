@@ -32,3 +32,14 @@ pub enum EngineError {
     #[error("the engine has stopped and accepts no more requests")]
     Stopped,
 }
+
+impl EngineError {
+    /// A `Config` error for `field`, which is `value` but should be `expected`.
+    pub(crate) fn config(field: &'static str, value: impl ToString, expected: &'static str) -> Self {
+        EngineError::Config {
+            field,
+            value: value.to_string(),
+            expected,
+        }
+    }
+}

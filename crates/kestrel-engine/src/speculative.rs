@@ -53,13 +53,7 @@ const SEARCH_WINDOW: usize = 4096;
 
 impl NgramSpeculation {
     pub fn validate(&self) -> Result<(), EngineError> {
-        let bad = |field: &'static str, value: usize, expected: &'static str| {
-            Err(EngineError::Config {
-                field,
-                value: value.to_string(),
-                expected,
-            })
-        };
+        let bad = |field, value: usize, expected| Err(EngineError::config(field, value, expected));
         if !(1..=MAX_DRAFT_TOKENS).contains(&self.tokens) {
             return bad("speculation.tokens", self.tokens, "an integer in [1, 16]");
         }

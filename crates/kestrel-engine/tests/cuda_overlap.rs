@@ -33,20 +33,7 @@ fn prompt(seq: usize, len: usize, vocab: usize) -> Vec<u32> {
 /// Runs the requests (request i's parameters from `params`) with and
 /// without overlapped steps and compares their tokens.
 fn check(label: &str, params: impl Fn(usize) -> SamplingParams) {
-    let be = match CudaBackend::new(0) {
-        Ok(b) => Arc::new(b),
-        Err(e) => {
-            println!("SKIP: no CUDA device: {e}");
-            return;
-        }
-    };
-    let path = kestrel_formats::default_model_path();
-    let model =
-        Arc::new(Model::load(&path, be).unwrap_or_else(|e| panic!("loading {}: {e}", path.display())));
-    let tok = match model.file() {
-        ModelFile::Gguf(g) => Arc::new(Tokenizer::from_gguf(g).expect("tokenizer")),
-        _ => panic!("the default model is a GGUF file"),
-    };
+    let Some((model, tok)) = cuda_model() else { return };
     let vocab = model.config.vocab_size;
     let requests = 24;
     let run = |overlap: bool| -> (Vec<Vec<u32>>, u64) {
