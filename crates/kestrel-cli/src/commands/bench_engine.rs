@@ -193,8 +193,15 @@ pub fn batch_curve<B: Backend>(
             Row::new(&name, "decode_tok_s", "tok/s", Better::Higher, dec).with_param("concurrency", n as f64);
         let r_tot = Row::new(&name, "end_to_end_tok_s", "tok/s", Better::Higher, tot)
             .with_param("concurrency", n as f64);
+        // With speculation a step yields several tokens per sequence: its
+        // time is a step's, not a token's.
+        let step_metric = if o.speculation.is_some() {
+            "step_ms"
+        } else {
+            "tpot_ms"
+        };
         let r_step =
-            Row::new(&name, "tpot_ms", "ms", Better::Lower, step).with_param("concurrency", n as f64);
+            Row::new(&name, step_metric, "ms", Better::Lower, step).with_param("concurrency", n as f64);
         let p = phases.last().copied().unwrap_or_default();
         eprintln!(
             "{name:>9}: decode {:>10.1} tok/s  (step {:.3} ms; with prefill {:.1} tok/s)\n           \
