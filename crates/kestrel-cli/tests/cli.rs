@@ -450,3 +450,30 @@ fn engine_benchmarks_run_on_a_small_vocabulary() {
     assert_eq!(it["tpot_during_ms"].as_array().unwrap().len(), chunks.len());
     assert!(it["ratio"].as_f64().unwrap() > 0.0, "{it}");
 }
+
+#[test]
+fn out_of_range_speculation_settings_are_named_before_loading() {
+    // A model path that does not exist: the settings fail first.
+    for (args, needles) in [
+        (
+            vec!["--spec-tokens", "17"],
+            vec!["--spec-", "speculation.tokens", "17", "[1, 16]"],
+        ),
+        (
+            vec!["--spec-tokens", "4", "--spec-ngram-min", "5"],
+            vec!["speculation.min_ngram", "5"],
+        ),
+    ] {
+        for cmd in ["serve", "bench"] {
+            let mut a = vec![cmd, "no-such-model.gguf"];
+            a.extend(&args);
+            let out = kestrel(&a);
+            assert_clean_error(&out, &needles);
+            assert!(
+                !text(&out.stderr).contains("no-such-model"),
+                "{cmd}: settings must be checked before the model: {}",
+                text(&out.stderr)
+            );
+        }
+    }
+}

@@ -1114,3 +1114,56 @@ async fn load_256_streams_with_a_random_quarter_cancelled() {
         took.as_secs_f64()
     );
 }
+
+/// A server started with n-gram speculation (`kestrel serve --spec-tokens`)
+/// answers greedy requests, streamed and not, with the text of a server
+/// without it, and `/metrics` counts the drafts it checked and kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn speculation_serves_the_same_greedy_text_and_counts_its_drafts() {
+    let body = json!({"prompt": "The three primary colors are", "max_tokens": 40,
+                      "temperature": 0, "ignore_eos": true});
+    let plain = start(engine_config(128, 8), |_| {}).await;
+    let want = post(plain.addr, "/v1/completions", &body).await.json();
+    let want = want["choices"][0]["text"].as_str().expect("text").to_string();
+    let m = get(plain.addr, "/metrics").await.text();
+    assert!(m.contains("kestrel_spec_draft_tokens_total 0"), "{m}");
+
+    let cfg = kestrel_engine::EngineConfig {
+        speculation: Some(kestrel_engine::NgramSpeculation::default()),
+        ..engine_config(128, 8)
+    };
+    let spec = start(cfg, |_| {}).await;
+    let got = post(spec.addr, "/v1/completions", &body).await.json();
+    assert_eq!(got["choices"][0]["text"].as_str(), Some(want.as_str()));
+    assert_eq!(got["usage"]["completion_tokens"], 40);
+    // Streamed: the same text in pieces (a step may bring several tokens).
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let events = post(spec.addr, "/v1/completions", &streamed).await.text();
+    let text: String = events
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| {
+            let v: Value = serde_json::from_str(d).expect("SSE data is JSON");
+            v["choices"][0]["text"].as_str().unwrap_or_default().to_string()
+        })
+        .collect();
+    assert_eq!(text, want);
+    wait_idle(spec.addr).await;
+    let m = get(spec.addr, "/metrics").await.text();
+    let value = |name: &str| -> f64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{m}"))
+    };
+    let (drafted, accepted) = (
+        value("kestrel_spec_draft_tokens_total"),
+        value("kestrel_spec_accepted_tokens_total"),
+    );
+    assert!(
+        accepted > 0.0 && accepted <= drafted,
+        "drafted {drafted}, accepted {accepted}"
+    );
+}

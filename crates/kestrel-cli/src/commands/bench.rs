@@ -86,6 +86,8 @@ pub struct BenchArgs {
 }
 
 pub fn main(args: BenchArgs) -> Result<()> {
+    // Settings are checked before the model loads.
+    args.speculation.get()?;
     let path = model_path::resolve(args.model.clone())?;
     dispatch_with(args.device, args.kernels, BenchTask { args, path })
 }

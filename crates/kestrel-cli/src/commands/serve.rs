@@ -73,6 +73,8 @@ pub struct ServeArgs {
 }
 
 pub fn main(args: ServeArgs) -> Result<()> {
+    // Settings are checked before the model loads.
+    args.speculation.get()?;
     if !(args.shutdown_grace.is_finite() && args.shutdown_grace >= 0.0) {
         anyhow::bail!(
             "--shutdown-grace is {}, expected a number of seconds >= 0",
