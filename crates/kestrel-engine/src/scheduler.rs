@@ -229,6 +229,47 @@ pub enum SchedulerError {
     Blocks(#[from] BlockError),
 }
 
+/// Appends `tokens` at positions `from..` of a sequence whose KV lives in
+/// `table`: as one entry (a chunk; its rows see each other's keys) or, with
+/// `per_row`, one single-row entry per token (a speculative step's rows,
+/// each seeing the keys up to its own position). Returns the first row.
+fn push_tokens(
+    layout: &mut BatchLayout,
+    tokens: impl IntoIterator<Item = u32>,
+    from: usize,
+    table: &[u32],
+    per_row: bool,
+) -> u32 {
+    let bs = layout.block_size as usize;
+    let start = layout.tokens.len() as u32;
+    let mut p = from;
+    for t in tokens {
+        layout.tokens.push(t);
+        layout.positions.push(p as u32);
+        layout
+            .slot_mapping
+            .push(table[p / bs] * bs as u32 + (p % bs) as u32);
+        if per_row {
+            layout.seqs.push(SeqLayout {
+                block_table: table.to_vec(),
+                context_len: p as u32 + 1,
+                query_start: layout.tokens.len() as u32 - 1,
+                query_len: 1,
+            });
+        }
+        p += 1;
+    }
+    if !per_row {
+        layout.seqs.push(SeqLayout {
+            block_table: table.to_vec(),
+            context_len: p as u32,
+            query_start: start,
+            query_len: (p - from) as u32,
+        });
+    }
+    start
+}
+
 pub struct Scheduler {
     cfg: SchedulerConfig,
     blocks: BlockManager,
@@ -562,22 +603,15 @@ impl Scheduler {
             let (Some(s), Some(table)) = (self.seqs.get(&sch.id), self.blocks.block_table(sch.id)) else {
                 continue;
             };
-            let start = layout.tokens.len() as u32;
             let from = s.num_computed;
             let to = from + sch.num_tokens;
-            layout.tokens.extend_from_slice(&s.tokens[from..to]);
-            for p in from..to {
-                layout.positions.push(p as u32);
-                layout
-                    .slot_mapping
-                    .push(table[p / bs] * bs as u32 + (p % bs) as u32);
-            }
-            layout.seqs.push(SeqLayout {
-                block_table: table.to_vec(),
-                context_len: to as u32,
-                query_start: start,
-                query_len: sch.num_tokens as u32,
-            });
+            let start = push_tokens(
+                &mut layout,
+                s.tokens[from..to].iter().copied(),
+                from,
+                table,
+                false,
+            );
             if sch.sample {
                 logit_rows.push(start + sch.num_tokens as u32 - 1);
             }
@@ -736,21 +770,7 @@ impl Scheduler {
             };
             let p = s.num_computed;
             let inputs = std::iter::once(s.tokens[p]).chain(draft.iter().copied());
-            for (j, token) in inputs.enumerate() {
-                let pos = p + j;
-                let row = layout.tokens.len() as u32;
-                layout.tokens.push(token);
-                layout.positions.push(pos as u32);
-                layout
-                    .slot_mapping
-                    .push(table[pos / bs] * bs as u32 + (pos % bs) as u32);
-                layout.seqs.push(SeqLayout {
-                    block_table: table.to_vec(),
-                    context_len: pos as u32 + 1,
-                    query_start: row,
-                    query_len: 1,
-                });
-            }
+            push_tokens(&mut layout, inputs, p, table, true);
             scheduled.push(Scheduled {
                 id: *id,
                 num_tokens: draft.len() + 1,
