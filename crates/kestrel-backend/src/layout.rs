@@ -103,43 +103,46 @@ impl BatchLayout {
     /// the pool when the step began. `seq_of` maps rows to entries of
     /// `seqs` (rows outside every entry keep their own position).
     pub fn first_new_positions(&self, seq_of: &[u32]) -> Vec<u32> {
-        let bs = self.block_size.max(1);
         let mut fresh: Vec<u32> = self.positions.clone();
         for r in 1..fresh.len() {
-            let pos = self.positions[r];
-            if pos == 0 || self.positions[r - 1] + 1 != pos {
-                continue;
-            }
-            let prev = pos - 1;
             let Some(s) = seq_of.get(r).and_then(|&i| self.seqs.get(i as usize)) else {
                 continue;
             };
-            let Some(&block) = s.block_table.get((prev / bs) as usize) else {
-                continue;
-            };
-            if block as u64 * bs as u64 + (prev % bs) as u64 == self.slot_mapping[r - 1] as u64 {
+            if self.prev_row_stores_key_of(r, s) {
                 fresh[r] = fresh[r - 1];
             }
         }
         fresh
     }
 
-    /// Whether some single-row sequence entry reads a key another entry of
-    /// this step stores (a speculative step's rows).
+    /// Whether some sequence entry reads a key that another entry of this
+    /// step stores (a speculative step's rows): the row before an entry's
+    /// first row stores the key that row reads just before its position.
     pub fn has_chained_rows(&self) -> bool {
-        let mut seq_of = vec![u32::MAX; self.tokens.len()];
-        for (i, s) in self.seqs.iter().enumerate() {
-            let (a, n) = (s.query_start as usize, s.query_len as usize);
-            if let Some(rows) = seq_of.get_mut(a..a + n) {
-                rows.fill(i as u32);
-            }
-        }
-        let fresh = self.first_new_positions(&seq_of);
-        fresh
+        self.seqs
             .iter()
-            .zip(&self.positions)
-            .enumerate()
-            .any(|(r, (f, p))| f != p && seq_of.get(r) != seq_of.get(r.wrapping_sub(1)))
+            .any(|s| s.query_len > 0 && self.prev_row_stores_key_of(s.query_start as usize, s))
+    }
+
+    /// Whether row `r - 1` stores the key that row `r`, of entry `s`, reads
+    /// at the position just before its own (the slot `s`'s table maps that
+    /// position to).
+    fn prev_row_stores_key_of(&self, r: usize, s: &SeqLayout) -> bool {
+        let (Some(&pos), Some(&before)) = (
+            self.positions.get(r),
+            r.checked_sub(1).and_then(|q| self.positions.get(q)),
+        ) else {
+            return false;
+        };
+        if pos == 0 || before + 1 != pos {
+            return false;
+        }
+        let (prev, bs) = (pos - 1, self.block_size.max(1));
+        let slot = s
+            .block_table
+            .get((prev / bs) as usize)
+            .map(|&block| block as u64 * bs as u64 + (prev % bs) as u64);
+        slot.is_some() && slot == self.slot_mapping.get(r - 1).map(|&x| x as u64)
     }
 
     /// Layout of a single sequence whose tokens `tokens` sit at positions

@@ -249,7 +249,7 @@ impl CudaBackend {
         let t = x.rows;
         let keys = {
             let mut st = self.lock()?;
-            Self::argmax_keys(&self.dev, &mut st, t * 8)?
+            self.argmax_keys(&mut st, t * 8)?
         };
         self.run(
             "zero_u64",

@@ -574,7 +574,7 @@ impl CudaBackend {
         let mut st = self.lock()?;
         st.meta
             .reserve(&self.dev.stream, max_tokens, max_seqs, max_blocks_per_seq)?;
-        Self::argmax_keys(&self.dev, &mut st, max_tokens * 8)?;
+        self.argmax_keys(&mut st, max_tokens * 8)?;
         Self::ensure(&self.dev, &mut st.gather, max_tokens * 4, "gather indices")?;
         Ok(())
     }
@@ -601,33 +601,39 @@ impl CudaBackend {
         Self::ensure(&self.dev, pick(st), bytes, what)
     }
 
-    /// The argmax key buffer, grown to at least `bytes` with its contents
-    /// kept: a queued argmax's keys must survive until the next step feeds
-    /// on them (`feed_argmax`), and a step may grow the buffer in between
-    /// (`reserve_batch` at the first decode step after a prefill once put a
-    /// zero key, token 0, into the second generated token). Growing marks
-    /// captured graphs stale, as `graph_scratch` does; refused while
-    /// capturing.
-    pub(crate) fn argmax_keys(dev: &Device, st: &mut State, bytes: usize) -> Result<u64> {
-        if let Some(old) = st.ids.as_ref().filter(|b| b.bytes < bytes) {
-            if st.capturing {
-                return Err(BackendError::Other(
-                    "argmax keys: a graph capture must not allocate; run the step once before capturing"
-                        .into(),
-                ));
+    /// The argmax key buffer (a `graph_scratch`), grown to at least `bytes`
+    /// with its contents kept: a queued argmax's keys must survive until the
+    /// next step feeds on them (`feed_argmax`), and a step may grow the
+    /// buffer in between (`reserve_batch` at the first decode step after a
+    /// prefill once put a zero key, token 0, into the second generated
+    /// token).
+    pub(crate) fn argmax_keys(&self, st: &mut State, bytes: usize) -> Result<u64> {
+        let old = st.ids.take_if(|b| b.bytes < bytes);
+        let ptr = match self.graph_scratch(st, |s| &mut s.ids, bytes, "argmax keys") {
+            Ok(p) => p,
+            Err(e) => {
+                // Refused (while capturing): the keys stay where they were.
+                if old.is_some() {
+                    st.ids = old;
+                }
+                return Err(e);
             }
-            let new = DevBuf::alloc(&dev.stream, bytes.next_power_of_two().max(256), "argmax keys")?;
-            // SAFETY: both buffers hold at least old.bytes bytes; the copy is
-            // ordered on the stream after every write of the old keys, and the
-            // old buffer's free after the copy.
+        };
+        if let Some(old) = old {
+            // SAFETY: the new buffer is larger than the old one; the copy is
+            // ordered on the stream after every write of the old keys, and
+            // the old buffer's free (its drop here) after the copy.
             unsafe {
-                cudarc::driver::result::memcpy_dtod_async(new.ptr, old.ptr, old.bytes, dev.stream.cu_stream())
+                cudarc::driver::result::memcpy_dtod_async(
+                    ptr,
+                    old.ptr,
+                    old.bytes,
+                    self.dev.stream.cu_stream(),
+                )
             }
             .map_err(|e| BackendError::Cuda(format!("keeping the argmax keys: {e}")))?;
-            st.ids = Some(new);
-            st.meta.epoch += 1;
         }
-        Self::ensure(dev, &mut st.ids, bytes, "argmax keys")
+        Ok(ptr)
     }
 
     fn ensure(dev: &Device, b: &mut Option<DevBuf>, bytes: usize, what: &str) -> Result<u64> {
@@ -739,7 +745,7 @@ impl CudaBackend {
                     "argmax during capture needs reserve_batch first".into(),
                 ));
             }
-            Self::argmax_keys(&self.dev, &mut st, x.rows * 8)?
+            self.argmax_keys(&mut st, x.rows * 8)?
         };
         if x.rows == 0 {
             return Ok(());

@@ -268,7 +268,7 @@ impl CudaBackend {
         let (packed, _) = pack(rows)?;
         let keys = {
             let mut st = self.lock()?;
-            Self::argmax_keys(&self.dev, &mut st, rows.len() * 8)?
+            self.argmax_keys(&mut st, rows.len() * 8)?
         };
         self.launch_chunked(x, row_bytes(&packed), keys)?;
         self.queue_keys(rows.len())
