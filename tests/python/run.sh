@@ -44,9 +44,10 @@ echo "$sse" | grep -q '^data: {.*"object":"chat.completion.chunk"' || { echo "ru
 [ "$(echo "$sse" | grep '^data: ' | tail -n 1)" = "data: [DONE]" ] || { echo "run.sh: curl SSE does not end with [DONE]:" >&2; echo "$sse" >&2; exit 1; }
 echo "run.sh: curl SSE ok"
 
-# The startup line names the address, the model and the device.
-grep -q "listening on http://127.0.0.1:$port | model .* | device " "$log" \
-    || { echo "run.sh: no startup line with address, model and device:" >&2; cat "$log" >&2; exit 1; }
+# The startup line names the address, the model, the device and the
+# speculation (on by default: the tests above ran through it).
+grep -q "listening on http://127.0.0.1:$port | model .* | device .* | speculation n-gram, up to 4 drafts" "$log" \
+    || { echo "run.sh: no startup line with address, model, device and speculation:" >&2; cat "$log" >&2; exit 1; }
 
 # Graceful shutdown: SIGINT stops accepting while a stream goes on; SIGTERM
 # (a second signal) aborts it, which still ends it with [DONE]; the server

@@ -8,6 +8,7 @@ use kestrel_tokenizer::{StreamState, Tokenizer};
 use crate::error::EngineError;
 use crate::events::{Event, EventSender, FinishReason, Usage};
 use crate::sampling::{Sampled, Sampler, SamplingParams};
+use crate::speculative::DraftPace;
 use crate::stop::StopMatcher;
 
 pub struct SeqOutput {
@@ -20,6 +21,8 @@ pub struct SeqOutput {
     pub sink: EventSender,
     /// `Some(n)`: the prompt is scored, with `n` alternatives per token.
     pub prompt_logprobs: Option<usize>,
+    /// How far the request drafts when the engine speculates.
+    pub pace: DraftPace,
 }
 
 impl SeqOutput {
@@ -37,6 +40,7 @@ impl SeqOutput {
             params,
             sink,
             prompt_logprobs: None,
+            pace: DraftPace::default(),
         }
     }
 

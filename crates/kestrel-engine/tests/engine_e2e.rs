@@ -904,19 +904,29 @@ fn speculative_decoding_keeps_greedy_output_identical() {
     }
 
     // A stop string late in a repeating text: the output ends right before
-    // its first occurrence, as without speculation.
+    // its first occurrence, as without speculation. The string is the
+    // shortest one (of at least 4 bytes) starting at the latest word whose
+    // first occurrence is there: in a looping text most late phrases
+    // already occurred early, and drafts must have run before the stop.
     let (i, text) = plain
         .iter()
         .enumerate()
         .map(|(i, p)| (i, p.text.as_str()))
         .max_by_key(|(_, t)| t.len())
         .expect("outputs");
-    let word = text[text.len() * 3 / 4..]
-        .split_whitespace()
-        .nth(1)
-        .expect("a word late in the text")
-        .to_string();
-    let cut = text.find(word.as_str()).expect("the word occurs");
+    let (cut, word) = text
+        .match_indices(' ')
+        .map(|(p, _)| p)
+        .rev()
+        .find_map(|p| {
+            (p + 4..=text.len())
+                .filter(|&end| text.is_char_boundary(end))
+                .map(|end| &text[p..end])
+                .find(|w| text.find(w) == Some(p))
+                .map(|w| (p, w.to_string()))
+        })
+        .expect("a phrase first occurring after the text's start");
+    assert!(cut > text.len() / 3, "{word:?} at {cut} of {text:?} is not late");
     let stopping = SamplingParams {
         stop: vec![word.clone()],
         ..greedy(gen)

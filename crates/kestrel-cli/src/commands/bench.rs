@@ -87,7 +87,7 @@ pub struct BenchArgs {
 
 pub fn main(args: BenchArgs) -> Result<()> {
     // Settings are checked before the model loads.
-    args.speculation.get()?;
+    args.speculation.get(0)?;
     let path = model_path::resolve(args.model.clone())?;
     dispatch_with(args.device, args.kernels, BenchTask { args, path })
 }
@@ -155,7 +155,7 @@ impl BackendTask for BenchTask {
                 long_prefill: a.long_prefill.get(),
                 prompt_len: a.prompt_len,
                 gen_len: a.gen_len,
-                speculation: a.speculation.get()?,
+                speculation: a.speculation.get(0)?,
             };
             if !a.batch.is_empty() {
                 let v = bench_engine::batch_curve(&model, &tok, &o, &a.batch, a.runs, &mut rows)?;

@@ -16,6 +16,7 @@ use kestrel_engine::{Engine, EngineConfig};
 use kestrel_model::Model;
 use kestrel_server::{AppState, ServerOptions, DEFAULT_MAX_BODY_BYTES};
 
+use super::speculation_args::SERVE_SPEC_TOKENS;
 use crate::device::{dispatch_with, BackendTask, Device, Kernels, KvArg};
 use crate::{loading, model_path};
 
@@ -74,7 +75,7 @@ pub struct ServeArgs {
 
 pub fn main(args: ServeArgs) -> Result<()> {
     // Settings are checked before the model loads.
-    args.speculation.get()?;
+    args.speculation.get(SERVE_SPEC_TOKENS)?;
     if !(args.shutdown_grace.is_finite() && args.shutdown_grace >= 0.0) {
         anyhow::bail!(
             "--shutdown-grace is {}, expected a number of seconds >= 0",
@@ -107,8 +108,15 @@ impl BackendTask for ServeTask {
             max_num_seqs: a.max_num_seqs,
             max_num_batched_tokens: a.max_num_batched_tokens,
             long_prefill: a.long_prefill.get(),
-            speculation: a.speculation.get()?,
+            speculation: a.speculation.get(SERVE_SPEC_TOKENS)?,
             ..EngineConfig::default()
+        };
+        let speculation = match config.speculation {
+            Some(s) => format!(
+                "n-gram, up to {} drafts (greedy requests, at most {} running)",
+                s.tokens, s.max_seqs
+            ),
+            None => "off".into(),
         };
         let tok = Arc::new(tok);
         let engine = Engine::new(Arc::new(model), tok.clone(), config)?.spawn()?;
@@ -139,7 +147,7 @@ impl BackendTask for ServeTask {
                 .with_context(|| format!("cannot listen on {addr}"))?;
             let local = listener.local_addr()?;
             eprintln!(
-                "kestrel serve: listening on http://{local} | model {name} ({}, context {max_len} tokens) | device {device}{}",
+                "kestrel serve: listening on http://{local} | model {name} ({}, context {max_len} tokens) | device {device} | speculation {speculation}{}",
                 self.path.display(),
                 if a.api_key.is_some() { " | API key required" } else { "" }
             );
