@@ -550,9 +550,8 @@ impl<B: Backend> Engine<B> {
     }
 
     /// The speculation settings when this step may speculate: speculation
-    /// is on, nobody waits, at most `max_seqs` sequences run, every one is
-    /// plain greedy (a draft is checked against the argmax) and one of them
-    /// is not pausing its drafts (see [`crate::speculative::DraftPace`]).
+    /// is on, nobody waits, at most `max_seqs` sequences run and every one
+    /// is plain greedy (a draft is checked against the argmax).
     fn speculating(&self) -> Option<NgramSpeculation> {
         let spec = self.config.speculation?;
         let running = self.sched.running();
@@ -561,59 +560,33 @@ impl<B: Backend> Engine<B> {
             && self.sched.num_waiting() == 0
             && running
                 .iter()
-                .all(|id| self.outputs.get(id).is_some_and(|o| o.params.is_plain_greedy()))
-            && running.iter().any(|id| self.drafts_now(*id));
+                .all(|id| self.outputs.get(id).is_some_and(|o| o.params.is_plain_greedy()));
         eligible.then_some(spec)
     }
 
-    /// Whether sequence `id` drafts on a speculative step now.
-    fn drafts_now(&self, id: RequestId) -> bool {
-        match (self.outputs.get(&id), self.sched.seq(id)) {
-            (Some(o), Some(s)) => o.pace.ready(s.generated().len()),
-            _ => false,
-        }
-    }
-
     /// A speculative decode step (see [`crate::speculative`]) when the
-    /// running sequences qualify and one of them has a draft; `None`
-    /// otherwise, with nothing changed but the pacing of sequences that
-    /// found no draft. Its tokens are read at once: the next step's drafts
-    /// depend on them.
+    /// running sequences qualify and one of them has a draft; `None`, with
+    /// nothing changed, otherwise. Its tokens are read at once: the next
+    /// step's drafts depend on them.
     fn step_speculative(&mut self, t0: Instant) -> Result<Option<StepReport>, EngineError> {
         let Some(spec) = self.speculating() else {
             return Ok(None);
         };
         let mut drafts = Vec::with_capacity(self.sched.num_running());
-        // Sequences that drafted (or tried to): their pacing is updated.
-        let mut tried = Vec::with_capacity(self.sched.num_running());
         for &id in self.sched.running() {
             let (Some(o), Some(s)) = (self.outputs.get(&id), self.sched.seq(id)) else {
                 return Ok(None);
             };
-            let generated = s.generated().len();
-            if !o.pace.ready(generated) {
-                drafts.push((id, Vec::new()));
-                continue;
-            }
             // Rows past the request's last token or past the context would
             // be computed for nothing.
             let limit = o
                 .params
                 .max_tokens
-                .saturating_sub(generated + 1)
+                .saturating_sub(s.generated().len() + 1)
                 .min(self.limits.max_model_len.saturating_sub(s.tokens.len()));
-            let draft = spec.propose(&s.tokens, limit);
-            if limit > 0 {
-                tried.push((id, generated));
-            }
-            drafts.push((id, draft));
+            drafts.push((id, spec.propose(&s.tokens, limit)));
         }
         if drafts.iter().all(|(_, d)| d.is_empty()) {
-            for (id, generated) in tried {
-                if let Some(o) = self.outputs.get_mut(&id) {
-                    o.pace.record(0, 0, generated);
-                }
-            }
             return Ok(None);
         }
         let plan = match self.sched.schedule_draft(&drafts) {
@@ -678,11 +651,6 @@ impl<B: Backend> Engine<B> {
             let kept = confirmed(draft, picks);
             self.stats.draft_tokens += draft.len() as u64;
             self.stats.accepted_tokens += kept as u64;
-            if let Some(&(_, generated)) = tried.iter().find(|(t, _)| t == id) {
-                if let Some(o) = self.outputs.get_mut(id) {
-                    o.pace.record(draft.len(), kept, generated + kept + 1);
-                }
-            }
             let mut ended = false;
             for &token in &picks[..=kept] {
                 report.num_sampled += 1;

@@ -8,7 +8,6 @@ use kestrel_tokenizer::{StreamState, Tokenizer};
 use crate::error::EngineError;
 use crate::events::{Event, EventSender, FinishReason, Usage};
 use crate::sampling::{Sampled, Sampler, SamplingParams};
-use crate::speculative::DraftPace;
 use crate::stop::StopMatcher;
 
 pub struct SeqOutput {
@@ -21,8 +20,6 @@ pub struct SeqOutput {
     pub sink: EventSender,
     /// `Some(n)`: the prompt is scored, with `n` alternatives per token.
     pub prompt_logprobs: Option<usize>,
-    /// How far the request drafts when the engine speculates.
-    pub pace: DraftPace,
 }
 
 impl SeqOutput {
@@ -40,7 +37,6 @@ impl SeqOutput {
             params,
             sink,
             prompt_logprobs: None,
-            pace: DraftPace::default(),
         }
     }
 

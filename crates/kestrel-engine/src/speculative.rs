@@ -110,53 +110,6 @@ impl NgramSpeculation {
     }
 }
 
-/// Longest pause after drafts that kept failing, in generated tokens.
-const MAX_PAUSE: usize = 16;
-
-/// When one sequence drafts, adapted to how its drafts fared.
-///
-/// A speculative step is not free: its tokens must be read before the next
-/// step is planned (plain greedy steps overlap the host with the device
-/// instead), and on CUDA rows that read each other's keys lose the fused
-/// RoPE in attention. Text that repeats itself repays that many times over;
-/// text that does not only pays it. So a step whose drafts all fail pauses
-/// the sequence's speculation for 1, 2, 4 ... (at most [`MAX_PAUSE`])
-/// generated tokens, during which it decodes plainly, and a sequence that
-/// found no draft at all looks again after one token. The length of a
-/// draft is not adapted: up to 8 rows a step costs the GPU about what one
-/// row does (H100: a shorter draft after a partial success gave 4,326
-/// output tok/s on natural prompts against 5,349 for full drafts). The
-/// pacing changes how many steps a request takes, never its tokens.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DraftPace {
-    /// No drafts before the sequence has generated this many tokens.
-    resume_at: usize,
-    /// Speculative steps in a row whose drafts all failed.
-    misses: u32,
-}
-
-impl DraftPace {
-    /// Whether the sequence drafts once it has generated `generated` tokens.
-    pub fn ready(&self, generated: usize) -> bool {
-        generated >= self.resume_at
-    }
-
-    /// Records a speculative step that drafted `drafted` tokens (0: no
-    /// earlier occurrence proposed any) and kept `kept`, after which the
-    /// sequence has generated `generated` tokens.
-    pub fn record(&mut self, drafted: usize, kept: usize, generated: usize) {
-        if drafted == 0 {
-            self.resume_at = generated + 1;
-        } else if kept == 0 {
-            self.misses = self.misses.saturating_add(1);
-            let pause = 1usize.checked_shl(self.misses - 1).unwrap_or(MAX_PAUSE);
-            self.resume_at = generated + pause.min(MAX_PAUSE);
-        } else {
-            self.misses = 0;
-        }
-    }
-}
-
 /// How many leading drafts the model confirmed: `picked[j]` is the model's
 /// token after the input of row `j` (the last token, then the drafts), so
 /// draft `j` stands while it equals `picked[j]` and every draft before it
@@ -220,36 +173,6 @@ mod tests {
         assert_eq!(confirmed(&[4, 5, 6], &[4, 9, 6, 7]), 1);
         assert_eq!(confirmed(&[4, 5, 6], &[1, 5, 6, 7]), 0);
         assert_eq!(confirmed(&[], &[1]), 0);
-    }
-
-    #[test]
-    fn failed_drafts_pause_a_sequence_longer_each_time() {
-        let mut p = DraftPace::default();
-        assert!(p.ready(0));
-        // Drafts that stand keep it drafting every step.
-        p.record(4, 2, 10);
-        assert!(p.ready(10));
-        // Nothing stands: a pause of 1, then 2, 4, 8, 16 tokens.
-        p.record(4, 0, 15);
-        assert!(!p.ready(15) && p.ready(16));
-        p.record(4, 0, 16);
-        assert!(!p.ready(17) && p.ready(18));
-        p.record(4, 0, 18);
-        assert!(!p.ready(21) && p.ready(22));
-        for _ in 0..70 {
-            p.record(4, 0, 100);
-        }
-        assert!(!p.ready(115) && p.ready(116), "pauses stop growing at 16 tokens");
-        // No draft found: look again after one token, the streak unchanged.
-        p.record(0, 0, 120);
-        assert!(!p.ready(120) && p.ready(121));
-        p.record(4, 0, 121);
-        assert!(!p.ready(136) && p.ready(137));
-        // One success ends the streak: the next miss pauses one token again.
-        p.record(4, 1, 200);
-        assert!(p.ready(200));
-        p.record(4, 0, 203);
-        assert!(!p.ready(203) && p.ready(204));
     }
 
     #[test]

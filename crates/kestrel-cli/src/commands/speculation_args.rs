@@ -7,10 +7,13 @@ use kestrel_engine::NgramSpeculation;
 
 /// Drafted tokens per step where `kestrel serve` is not told otherwise.
 /// Speculation yields exactly the tokens of plain greedy decoding and a
-/// speculative step costs about what a plain one does, so a server
-/// speculates by default. H100, `bench-serve --concurrency 1` greedy on
-/// `benchmarks/prompts/natural.jsonl`: 5,349 output tok/s against 1,799
-/// plain (75% of drafts accepted); the 2-core CPU: 92 against 59.
+/// speculative step costs about what a plain one does (H100: 0.56 against
+/// 0.54 ms), so a server speculates by default. H100, `bench-serve
+/// --concurrency 1` greedy on `benchmarks/prompts/natural.jsonl`: ~5,200
+/// output tok/s against ~1,800 plain (75% of drafts accepted); the 2-core
+/// CPU: 92 against 59. Pausing a sequence's drafts after failures (1, 2,
+/// 4 .. 16 tokens) was measured and dropped: ~4,900 tok/s, since drafts
+/// right after a failure often stand, and a failed step costs only ~4%.
 pub const SERVE_SPEC_TOKENS: usize = 4;
 
 /// Prompt-lookup speculation for greedy requests. Each command states its
