@@ -146,26 +146,68 @@ impl BatchLayout {
     }
 
     /// Layout of a single sequence whose tokens `tokens` sit at positions
-    /// `start..start+len`, with KV in `block_table`.
+    /// `start..start+len`, with KV in `block_table`: one entry (a prefill
+    /// chunk; its rows see each other's keys).
     pub fn single(tokens: &[u32], start: u32, block_table: &[u32], block_size: u32) -> Self {
-        let n = tokens.len() as u32;
-        let positions: Vec<u32> = (start..start + n).collect();
-        let slot_mapping = positions
-            .iter()
-            .map(|&p| block_table[(p / block_size) as usize] * block_size + p % block_size)
-            .collect();
-        BatchLayout {
-            tokens: tokens.to_vec(),
-            positions,
-            slot_mapping,
-            seqs: vec![SeqLayout {
-                block_table: block_table.to_vec(),
-                context_len: start + n,
-                query_start: 0,
-                query_len: n,
-            }],
+        let mut l = BatchLayout {
             block_size,
+            ..BatchLayout::default()
+        };
+        l.push_tokens(tokens.iter().copied(), start as usize, block_table, false);
+        l
+    }
+
+    /// The same tokens as one single-row entry per token, each seeing the
+    /// keys up to its own position: a speculative step's rows (the last
+    /// token, then the drafts), which decode kernels and graphs take as
+    /// they take rows of different sequences.
+    pub fn chained(tokens: &[u32], start: u32, block_table: &[u32], block_size: u32) -> Self {
+        let mut l = BatchLayout {
+            block_size,
+            ..BatchLayout::default()
+        };
+        l.push_tokens(tokens.iter().copied(), start as usize, block_table, true);
+        l
+    }
+
+    /// Appends `tokens` at positions `from..` of a sequence whose KV lives
+    /// in `table`: as one entry (a chunk; its rows see each other's keys)
+    /// or, with `per_row`, one single-row entry per token (see `chained`).
+    /// Returns the first row.
+    pub fn push_tokens(
+        &mut self,
+        tokens: impl IntoIterator<Item = u32>,
+        from: usize,
+        table: &[u32],
+        per_row: bool,
+    ) -> u32 {
+        let bs = self.block_size as usize;
+        let start = self.tokens.len() as u32;
+        let mut p = from;
+        for t in tokens {
+            self.tokens.push(t);
+            self.positions.push(p as u32);
+            self.slot_mapping
+                .push(table[p / bs] * bs as u32 + (p % bs) as u32);
+            if per_row {
+                self.seqs.push(SeqLayout {
+                    block_table: table.to_vec(),
+                    context_len: p as u32 + 1,
+                    query_start: self.tokens.len() as u32 - 1,
+                    query_len: 1,
+                });
+            }
+            p += 1;
         }
+        if !per_row {
+            self.seqs.push(SeqLayout {
+                block_table: table.to_vec(),
+                context_len: p as u32,
+                query_start: start,
+                query_len: (p - from) as u32,
+            });
+        }
+        start
     }
 }
 

@@ -78,6 +78,9 @@ fn run_prints_only_the_greedy_text_on_stdout() {
         err.contains("prefill:") && err.contains("decode:") && err.contains("tok/s"),
         "{err}"
     );
+    // Greedy runs speculate by default (the text is llama.cpp's all the
+    // same): "lazy dog" repeats, so drafts run.
+    assert!(err.contains("drafted tokens accepted"), "{err}");
 }
 
 #[test]
@@ -464,8 +467,11 @@ fn out_of_range_speculation_settings_are_named_before_loading() {
             vec!["speculation.min_ngram", "5"],
         ),
     ] {
-        for cmd in ["serve", "bench"] {
+        for cmd in ["serve", "bench", "run", "chat"] {
             let mut a = vec![cmd, "no-such-model.gguf"];
+            if cmd == "run" {
+                a.extend(["--prompt", "x"]);
+            }
             a.extend(&args);
             let out = kestrel(&a);
             assert_clean_error(&out, &needles);

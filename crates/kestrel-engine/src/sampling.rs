@@ -135,8 +135,6 @@ fn out_of_range(name: &'static str, value: impl std::fmt::Display, expected: &'s
 }
 
 impl SamplingParams {
-    /// Checks every parameter against its allowed range (OpenAI's where it
-    /// defines one); the first violation is returned.
     /// Greedy with nothing that needs the logits on the host: the argmax
     /// (the lowest id on ties, as the sampler picks) is the whole decision,
     /// so it can be taken on the device.
@@ -148,6 +146,8 @@ impl SamplingParams {
             && self.logprobs.is_none()
     }
 
+    /// Checks every parameter against its allowed range (OpenAI's where it
+    /// defines one); the first violation is returned.
     pub fn validate(&self) -> Result<(), SamplingError> {
         if !(0.0..=MAX_TEMPERATURE).contains(&self.temperature) {
             return Err(out_of_range(

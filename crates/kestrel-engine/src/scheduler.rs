@@ -37,7 +37,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use kestrel_backend::{BatchLayout, SeqLayout};
+use kestrel_backend::BatchLayout;
 
 use crate::block_manager::{BlockError, BlockManager, SeqId};
 
@@ -227,47 +227,6 @@ pub enum SchedulerError {
     Unknown { id: SeqId },
     #[error(transparent)]
     Blocks(#[from] BlockError),
-}
-
-/// Appends `tokens` at positions `from..` of a sequence whose KV lives in
-/// `table`: as one entry (a chunk; its rows see each other's keys) or, with
-/// `per_row`, one single-row entry per token (a speculative step's rows,
-/// each seeing the keys up to its own position). Returns the first row.
-fn push_tokens(
-    layout: &mut BatchLayout,
-    tokens: impl IntoIterator<Item = u32>,
-    from: usize,
-    table: &[u32],
-    per_row: bool,
-) -> u32 {
-    let bs = layout.block_size as usize;
-    let start = layout.tokens.len() as u32;
-    let mut p = from;
-    for t in tokens {
-        layout.tokens.push(t);
-        layout.positions.push(p as u32);
-        layout
-            .slot_mapping
-            .push(table[p / bs] * bs as u32 + (p % bs) as u32);
-        if per_row {
-            layout.seqs.push(SeqLayout {
-                block_table: table.to_vec(),
-                context_len: p as u32 + 1,
-                query_start: layout.tokens.len() as u32 - 1,
-                query_len: 1,
-            });
-        }
-        p += 1;
-    }
-    if !per_row {
-        layout.seqs.push(SeqLayout {
-            block_table: table.to_vec(),
-            context_len: p as u32,
-            query_start: start,
-            query_len: (p - from) as u32,
-        });
-    }
-    start
 }
 
 pub struct Scheduler {
@@ -605,13 +564,7 @@ impl Scheduler {
             };
             let from = s.num_computed;
             let to = from + sch.num_tokens;
-            let start = push_tokens(
-                &mut layout,
-                s.tokens[from..to].iter().copied(),
-                from,
-                table,
-                false,
-            );
+            let start = layout.push_tokens(s.tokens[from..to].iter().copied(), from, table, false);
             if sch.sample {
                 logit_rows.push(start + sch.num_tokens as u32 - 1);
             }
@@ -770,7 +723,7 @@ impl Scheduler {
             };
             let p = s.num_computed;
             let inputs = std::iter::once(s.tokens[p]).chain(draft.iter().copied());
-            push_tokens(&mut layout, inputs, p, table, true);
+            layout.push_tokens(inputs, p, table, true);
             scheduled.push(Scheduled {
                 id: *id,
                 num_tokens: draft.len() + 1,

@@ -2,18 +2,21 @@
 //! prefill in chunks, then decode token by token with sampling, stop strings
 //! and streaming text. Used by `kestrel run` and `kestrel chat` (a chat keeps
 //! one session, so each turn only computes the tokens the cache lacks).
-
-use std::time::Instant;
+//! Greedy generations may speculate as the engine does (see
+//! [`crate::speculative`]): a step checks the last token and drafted ones
+//! together, with exactly the tokens of one-token steps.
 
 use kestrel_backend::{Backend, BatchLayout, KvDType};
 use kestrel_model::Model;
 use kestrel_tokenizer::{StreamDecoder, Tokenizer};
+use std::collections::VecDeque;
+use std::time::Instant;
 
 use crate::error::EngineError;
 pub use crate::events::FinishReason;
 use crate::sampling::{Sampled, Sampler, SamplingParams};
+use crate::speculative::{confirmed, NgramSpeculation};
 use crate::stop::StopMatcher;
-
 /// Tokens per KV block.
 pub const BLOCK_SIZE: usize = 16;
 
@@ -28,8 +31,11 @@ pub struct Generation {
     pub cached_tokens: usize,
     pub prefill_secs: f64,
     pub decode_secs: f64,
+    /// Tokens drafted by speculation, and how many of them the model
+    /// confirmed (0 and 0 without speculation).
+    pub draft_tokens: usize,
+    pub accepted_tokens: usize,
 }
-
 impl Generation {
     /// Prefill speed over the tokens actually computed.
     pub fn prefill_tok_s(&self) -> f64 {
@@ -65,6 +71,9 @@ pub struct Session<'m, B: Backend> {
     capacity: usize,
     /// Largest number of tokens per prefill step (bounds activation memory).
     pub prefill_chunk: usize,
+    /// N-gram speculation for plain greedy generations (`None`: one token
+    /// per step).
+    pub speculation: Option<NgramSpeculation>,
 }
 
 impl<'m, B: Backend> Session<'m, B> {
@@ -84,6 +93,7 @@ impl<'m, B: Backend> Session<'m, B> {
             cached: Vec::new(),
             capacity,
             prefill_chunk: 512,
+            speculation: None,
         })
     }
 
@@ -107,6 +117,34 @@ impl<'m, B: Backend> Session<'m, B> {
             be.read_act(&logits).map(StepOut::Logits)
         };
         out.map_err(|e| EngineError::Model(e.into()))
+    }
+
+    /// Runs `last` and `draft` as chained rows (each seeing the keys up to
+    /// its own position) and returns every row's argmax: row `j`'s is the
+    /// model's token after input `j`. The cache then holds all the inputs;
+    /// the caller truncates it to the confirmed ones.
+    fn step_draft(&mut self, last: u32, draft: &[u32]) -> Result<Vec<u32>, EngineError> {
+        let start = self.cached.len() as u32;
+        let mut input = Vec::with_capacity(draft.len() + 1);
+        input.push(last);
+        input.extend_from_slice(draft);
+        let layout = BatchLayout::chained(&input, start, &self.block_table, BLOCK_SIZE as u32);
+        let rows: Vec<u32> = (0..input.len() as u32).collect();
+        let logits = self.model.forward(&layout, &mut self.kv, &rows)?;
+        self.cached.extend_from_slice(&input);
+        let ids = self
+            .model
+            .backend
+            .argmax_rows(&logits)
+            .map_err(|e| EngineError::Model(e.into()))?;
+        if ids.len() != input.len() {
+            return Err(EngineError::Request(format!(
+                "the model returned {} ids for {} rows",
+                ids.len(),
+                input.len()
+            )));
+        }
+        Ok(ids)
     }
 
     /// Generate a continuation of `prompt` (the whole sequence so far: any
@@ -159,6 +197,17 @@ impl<'m, B: Backend> Session<'m, B> {
         let mut finish = FinishReason::Length;
         let mut first_token_at = None;
         let mut stopped_by_string = false;
+        let spec = self.speculation.filter(|_| greedy);
+        // The sequence so far (prompt, then generated tokens), where drafts
+        // are looked up; and the tokens a speculative step confirmed beyond
+        // the one in `step_out`, handed out before the next step.
+        let mut history: Vec<u32> = if spec.is_some() {
+            prompt.to_vec()
+        } else {
+            Vec::new()
+        };
+        let mut confirmed_ahead: VecDeque<u32> = VecDeque::new();
+        let (mut draft_tokens, mut accepted_tokens) = (0, 0);
         loop {
             let s = match &mut step_out {
                 StepOut::Token(id) => Sampled {
@@ -168,6 +217,9 @@ impl<'m, B: Backend> Session<'m, B> {
                 },
                 StepOut::Logits(logits) => sampler.sample(logits, prompt, &generated)?,
             };
+            if spec.is_some() {
+                history.push(s.token);
+            }
             generated.push(s.token);
             if first_token_at.is_none() {
                 first_token_at = Some(Instant::now());
@@ -188,7 +240,36 @@ impl<'m, B: Backend> Session<'m, B> {
             if generated.len() >= params.max_tokens || self.cached.len() + 1 >= self.capacity {
                 break;
             }
-            step_out = self.step(&[s.token], greedy)?;
+            if let Some(next) = confirmed_ahead.pop_front() {
+                step_out = StepOut::Token(next);
+                continue;
+            }
+            let draft = match &spec {
+                // Rows past the request's last token or past the context
+                // would be computed for nothing.
+                Some(sp) => sp.propose(
+                    &history,
+                    (params.max_tokens - generated.len())
+                        .saturating_sub(1)
+                        .min(self.capacity.saturating_sub(self.cached.len() + 2)),
+                ),
+                None => Vec::new(),
+            };
+            if draft.is_empty() {
+                step_out = self.step(&[s.token], greedy)?;
+                continue;
+            }
+            let before = self.cached.len();
+            let picks = self.step_draft(s.token, &draft)?;
+            let kept = confirmed(&draft, &picks);
+            draft_tokens += draft.len();
+            accepted_tokens += kept;
+            // The input token and the kept drafts have their K/V now; the
+            // rejected drafts' slots lie past the cache and are written
+            // again before any read.
+            self.cached.truncate(before + 1 + kept);
+            step_out = StepOut::Token(picks[0]);
+            confirmed_ahead.extend(&picks[1..=kept]);
         }
         if !stopped_by_string {
             // Release text held back for a possible multi-byte character or
@@ -219,6 +300,8 @@ impl<'m, B: Backend> Session<'m, B> {
             cached_tokens: reuse,
             prefill_secs,
             decode_secs,
+            draft_tokens,
+            accepted_tokens,
         })
     }
 }

@@ -854,6 +854,28 @@ fn shared_prefix_arriving_together_is_computed_once() {
 /// alone with counts that end it inside a step's accepted run, and with a
 /// stop string. The drafts must really run and be accepted (this model's
 /// greedy text repeats itself), or the test proves nothing.
+/// A stop string for `text` whose first occurrence is late: the shortest
+/// one (of at least 4 bytes) starting at the latest space where a phrase
+/// first occurs. In a looping text most late phrases already occurred
+/// early, and drafts must have run before such a stop. Returns its offset
+/// and the phrase.
+fn late_first_phrase(text: &str) -> (usize, String) {
+    let (cut, word) = text
+        .match_indices(' ')
+        .map(|(p, _)| p)
+        .rev()
+        .find_map(|p| {
+            (p + 4..=text.len())
+                .filter(|&end| text.is_char_boundary(end))
+                .map(|end| &text[p..end])
+                .find(|w| text.find(w) == Some(p))
+                .map(|w| (p, w.to_string()))
+        })
+        .expect("a phrase first occurring after the text's start");
+    assert!(cut > text.len() / 3, "{word:?} at {cut} of {text:?} is not late");
+    (cut, word)
+}
+
 #[test]
 fn speculative_decoding_keeps_greedy_output_identical() {
     let refs = references();
@@ -904,29 +926,14 @@ fn speculative_decoding_keeps_greedy_output_identical() {
     }
 
     // A stop string late in a repeating text: the output ends right before
-    // its first occurrence, as without speculation. The string is the
-    // shortest one (of at least 4 bytes) starting at the latest word whose
-    // first occurrence is there: in a looping text most late phrases
-    // already occurred early, and drafts must have run before the stop.
+    // its first occurrence, as without speculation.
     let (i, text) = plain
         .iter()
         .enumerate()
         .map(|(i, p)| (i, p.text.as_str()))
         .max_by_key(|(_, t)| t.len())
         .expect("outputs");
-    let (cut, word) = text
-        .match_indices(' ')
-        .map(|(p, _)| p)
-        .rev()
-        .find_map(|p| {
-            (p + 4..=text.len())
-                .filter(|&end| text.is_char_boundary(end))
-                .map(|end| &text[p..end])
-                .find(|w| text.find(w) == Some(p))
-                .map(|w| (p, w.to_string()))
-        })
-        .expect("a phrase first occurring after the text's start");
-    assert!(cut > text.len() / 3, "{word:?} at {cut} of {text:?} is not late");
+    let (cut, word) = late_first_phrase(text);
     let stopping = SamplingParams {
         stop: vec![word.clone()],
         ..greedy(gen)
@@ -942,4 +949,96 @@ fn speculative_decoding_keeps_greedy_output_identical() {
     assert!(e.stats().accepted_tokens > before, "drafts ran before the stop");
     assert_eq!(e.stats().kv_blocks_used, 0);
     e.block_manager().check_invariants().expect("pool consistent");
+}
+
+/// `kestrel run` and `kestrel chat` speculate through `Session`: a step
+/// checks the last token and its drafts as chained rows. Tokens, text and
+/// finish are plain greedy decoding's, also where a count or a stop string
+/// ends the generation mid-draft and where a later turn reuses a cache that
+/// holds drafted K/V.
+#[test]
+fn session_speculation_keeps_greedy_output_identical() {
+    let f = fixture();
+    let refs = references();
+    let gen = 40;
+    let spec = NgramSpeculation::default();
+    let run = |speculation: Option<NgramSpeculation>, prompt: &[u32], params: &SamplingParams| {
+        let mut s = Session::new(&f.model, 256).expect("session");
+        s.speculation = speculation;
+        s.generate(&f.tok, prompt, params, |_| {}).expect("generate")
+    };
+    let (mut drafted, mut accepted) = (0, 0);
+    let mut plain = Vec::new();
+    for r in &refs {
+        let p = run(None, &r.prompt, &greedy(gen));
+        let s = run(Some(spec), &r.prompt, &greedy(gen));
+        assert_eq!(
+            (p.draft_tokens, p.accepted_tokens),
+            (0, 0),
+            "plain sessions do not draft"
+        );
+        assert_eq!(
+            s.tokens, p.tokens,
+            "prompt {:?}: speculative tokens differ",
+            r.prompt
+        );
+        assert_eq!(s.text, p.text);
+        assert_eq!(s.finish, p.finish);
+        drafted += s.draft_tokens;
+        accepted += s.accepted_tokens;
+        plain.push(p);
+    }
+    assert!(
+        accepted > 0 && accepted <= drafted,
+        "drafts should run and some be accepted: {accepted} of {drafted}"
+    );
+
+    // Counts that end the generation mid-draft.
+    for (i, r) in refs.iter().enumerate().take(3) {
+        let n = 9 + 7 * i;
+        let s = run(Some(spec), &r.prompt, &greedy(n));
+        assert_eq!(s.tokens, plain[i].tokens[..n], "prompt {i} cut at {n}");
+    }
+
+    // A stop string late in the longest text.
+    let i = (0..plain.len())
+        .max_by_key(|&i| plain[i].text.len())
+        .expect("outputs");
+    let (cut, word) = late_first_phrase(&plain[i].text);
+    let stopping = SamplingParams {
+        stop: vec![word.clone()],
+        ..greedy(gen)
+    };
+    let s = run(Some(spec), &refs[i].prompt, &stopping);
+    assert_eq!(s.finish, FinishReason::Stop, "stop {word:?}");
+    assert_eq!(
+        s.text,
+        plain[i].text[..cut],
+        "text must end right before {word:?}"
+    );
+    assert!(s.accepted_tokens > 0, "drafts ran before the stop");
+
+    // A second turn on the same session (as `kestrel chat` does): its
+    // prompt extends the first turn's, and the cache may hold K/V of drafts
+    // confirmed past the first turn's end.
+    let mut s = Session::new(&f.model, 256).expect("session");
+    s.speculation = Some(spec);
+    let first = s
+        .generate(&f.tok, &refs[i].prompt, &greedy(21), |_| {})
+        .expect("turn 1");
+    let mut prompt2 = refs[i].prompt.clone();
+    prompt2.extend(&first.tokens);
+    prompt2.extend(&refs[0].prompt[1..]);
+    let second = s
+        .generate(&f.tok, &prompt2, &greedy(gen), |_| {})
+        .expect("turn 2");
+    assert!(
+        second.cached_tokens > refs[i].prompt.len(),
+        "turn 2 reuses the cache"
+    );
+    let want = run(None, &prompt2, &greedy(gen));
+    assert_eq!(
+        second.tokens, want.tokens,
+        "the second turn differs from a fresh plain session"
+    );
 }

@@ -13,6 +13,7 @@ use kestrel_engine::Session;
 use kestrel_tokenizer::ChatMessage;
 
 use super::sampling_args::SamplingArgs;
+use super::speculation_args::{DraftArgs, DEFAULT_SPEC_TOKENS};
 use crate::device::{dispatch, BackendTask, Device};
 use crate::{loading, model_path};
 
@@ -33,9 +34,13 @@ pub struct ChatArgs {
     pub verbose: bool,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub draft: DraftArgs,
 }
 
 pub fn main(args: ChatArgs) -> Result<()> {
+    // Out-of-range settings are named before the model loads.
+    args.draft.get(DEFAULT_SPEC_TOKENS, 1)?;
     let path = model_path::resolve(args.model.clone())?;
     dispatch(args.device, ChatTask { args, path })
 }
@@ -51,6 +56,7 @@ impl BackendTask for ChatTask {
         let a = &self.args;
         let (model, tok) = loading::load(&self.path, backend)?;
         let mut session = Session::new(&model, a.ctx)?;
+        session.speculation = a.draft.get(DEFAULT_SPEC_TOKENS, 1)?;
         let params = a.sampling.params();
         let mut history: Vec<ChatMessage> = Vec::new();
         if let Some(sys) = &a.system {

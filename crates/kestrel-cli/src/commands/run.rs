@@ -11,6 +11,7 @@ use kestrel_engine::Session;
 use kestrel_tokenizer::ChatMessage;
 
 use super::sampling_args::SamplingArgs;
+use super::speculation_args::{DraftArgs, DEFAULT_SPEC_TOKENS};
 use crate::device::{dispatch_with, BackendTask, Device, Kernels};
 use crate::{loading, model_path};
 
@@ -43,6 +44,8 @@ pub struct RunArgs {
     pub json: bool,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub draft: DraftArgs,
 }
 
 pub fn main(mut args: RunArgs) -> Result<()> {
@@ -51,6 +54,8 @@ pub fn main(mut args: RunArgs) -> Result<()> {
         std::io::stdin().read_to_string(&mut s)?;
         args.prompt = s;
     }
+    // Out-of-range settings are named before the model loads.
+    args.draft.get(DEFAULT_SPEC_TOKENS, 1)?;
     let path = model_path::resolve(args.model.clone())?;
     dispatch_with(args.device, args.kernels, RunTask { args, path })
 }
@@ -88,6 +93,7 @@ impl BackendTask for RunTask {
         let params = a.sampling.params();
         let ctx = a.ctx.unwrap_or(ids.len() + params.max_tokens + 1);
         let mut session = Session::new(&model, ctx)?;
+        session.speculation = a.draft.get(DEFAULT_SPEC_TOKENS, 1)?;
         let mut out = std::io::stdout().lock();
         let gen = session.generate(&tok, &ids, &params, |t| {
             // A closed stdout (e.g. `| head`) must not abort generation with a panic.
@@ -95,8 +101,16 @@ impl BackendTask for RunTask {
             let _ = out.flush();
         })?;
         let _ = writeln!(out);
+        let speculation = if gen.draft_tokens > 0 {
+            format!(
+                " | speculation: {} of {} drafted tokens accepted",
+                gen.accepted_tokens, gen.draft_tokens
+            )
+        } else {
+            String::new()
+        };
         eprintln!(
-            "prefill: {} tokens in {:.1} ms ({:.1} tok/s) | decode: {} tokens in {:.1} ms ({:.1} tok/s) | finish: {:?}",
+            "prefill: {} tokens in {:.1} ms ({:.1} tok/s) | decode: {} tokens in {:.1} ms ({:.1} tok/s) | finish: {:?}{speculation}",
             gen.prompt_tokens,
             gen.prefill_secs * 1e3,
             gen.prefill_tok_s(),
@@ -114,6 +128,8 @@ impl BackendTask for RunTask {
                 "prefill_tok_s": gen.prefill_tok_s(),
                 "decode_tok_s": gen.decode_tok_s(),
                 "finish_reason": gen.finish,
+                "draft_tokens": gen.draft_tokens,
+                "accepted_tokens": gen.accepted_tokens,
                 "tokens": gen.tokens,
             });
             eprintln!("{j}");

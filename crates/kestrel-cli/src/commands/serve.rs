@@ -16,7 +16,7 @@ use kestrel_engine::{Engine, EngineConfig};
 use kestrel_model::Model;
 use kestrel_server::{AppState, ServerOptions, DEFAULT_MAX_BODY_BYTES};
 
-use super::speculation_args::SERVE_SPEC_TOKENS;
+use super::speculation_args::DEFAULT_SPEC_TOKENS;
 use crate::device::{dispatch_with, BackendTask, Device, Kernels, KvArg};
 use crate::{loading, model_path};
 
@@ -75,7 +75,7 @@ pub struct ServeArgs {
 
 pub fn main(args: ServeArgs) -> Result<()> {
     // Settings are checked before the model loads.
-    args.speculation.get(SERVE_SPEC_TOKENS)?;
+    args.speculation.get(DEFAULT_SPEC_TOKENS)?;
     if !(args.shutdown_grace.is_finite() && args.shutdown_grace >= 0.0) {
         anyhow::bail!(
             "--shutdown-grace is {}, expected a number of seconds >= 0",
@@ -108,7 +108,7 @@ impl BackendTask for ServeTask {
             max_num_seqs: a.max_num_seqs,
             max_num_batched_tokens: a.max_num_batched_tokens,
             long_prefill: a.long_prefill.get(),
-            speculation: a.speculation.get(SERVE_SPEC_TOKENS)?,
+            speculation: a.speculation.get(DEFAULT_SPEC_TOKENS)?,
             ..EngineConfig::default()
         };
         let speculation = match config.speculation {
