@@ -102,7 +102,7 @@ pub fn hardware() -> Value {
 
 /// The commit the binary was built from (see build.rs); a binary built
 /// outside a checkout asks git in the working directory instead.
-fn git_commit() -> Option<String> {
+pub fn git_commit() -> Option<String> {
     if let Some(c) = option_env!("KESTREL_BUILD_COMMIT") {
         return Some(c.to_string());
     }

@@ -46,6 +46,7 @@ fn start_kestrel() -> String {
         max_running: 4,
         max_waiting: 64,
         max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+        identity: serde_json::json!({ "name": "kestrel", "commit": "test-build" }),
     };
     let state = AppState::new(engine, tok, options);
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -98,6 +99,14 @@ fn small_bench_against_kestrel_serve_gets_every_token() {
     let url = start_kestrel();
     let outcome = serve_load::run(&config(&url, Endpoint::Completions, 4)).expect("completions run");
     assert_eq!(outcome.targets[0].model, SERVED_NAME, "model from GET /v1/models");
+    // The capsule names the server it measured (GET /health's identity).
+    let result = Report::of(&outcome).result_json(&outcome);
+    assert_eq!(
+        result["baseline"]["server"]["status"], "ok",
+        "{}",
+        result["baseline"]
+    );
+    assert_eq!(result["baseline"]["server"]["server"]["commit"], "test-build");
     assert_eq!(outcome.warmup[0].errors, 0, "{:?}", outcome.warmup[0].first_error);
     let recs = &outcome.runs[0].run.records;
     assert_eq!(recs.len(), 4);

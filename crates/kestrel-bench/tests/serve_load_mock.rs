@@ -27,6 +27,8 @@ fn measured_latencies_match_the_mock_and_errors_are_counted() {
     let cfg = config(&server.url, Level::Concurrency(4), 12);
     let outcome = serve_load::run(&cfg).expect("run");
     assert_eq!(outcome.targets[0].model, MOCK_MODEL, "model from GET /v1/models");
+    // The mock has no /health: nothing names it, and the run goes on.
+    assert!(outcome.targets[0].server.is_null());
     let report = Report::of(&outcome);
     eprintln!("{}", report.text());
     let s = &report.levels[0].summary;

@@ -68,6 +68,10 @@ pub struct ServerOptions {
     /// more get 503.
     pub max_waiting: usize,
     pub max_body_bytes: usize,
+    /// What GET /health reports about this server under `"server"` (its
+    /// build, model, device and settings), so that a benchmark's capsule
+    /// can name the server it measured; `Value::Null`: nothing.
+    pub identity: serde_json::Value,
 }
 
 /// Everything the handlers share.

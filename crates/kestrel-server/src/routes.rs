@@ -417,8 +417,12 @@ async fn model_by_id(State(state): Shared, Path(id): Path<String>) -> Result<Jso
     Ok(Json(model_card(&state)))
 }
 
-async fn health() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+async fn health(State(state): Shared) -> Json<Value> {
+    let mut v = json!({ "status": "ok" });
+    if !state.options.identity.is_null() {
+        v["server"] = state.options.identity.clone();
+    }
+    Json(v)
 }
 
 async fn metrics(State(state): Shared) -> Response {

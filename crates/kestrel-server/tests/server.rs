@@ -531,7 +531,13 @@ async fn api_key_body_limit_and_info_routes() {
     let r = request(a, "POST", "/v1/completions", &auth, body.as_bytes()).await;
     assert_eq!(r.status, 200, "{}", r.text());
     // Open routes.
-    assert_eq!(get(a, "/health").await.status, 200);
+    let health = get(a, "/health").await;
+    assert_eq!(health.status, 200);
+    // It names the server (ServerOptions::identity), for benchmark capsules.
+    assert_eq!(
+        health.json(),
+        json!({"status": "ok", "server": {"name": "kestrel-test"}})
+    );
     assert_eq!(get(a, "/metrics").await.status, 200);
 
     // 413 over the body limit (with a valid key).

@@ -148,7 +148,33 @@ impl Client {
 
     /// The first model id of GET /v1/models.
     pub async fn first_model(&self, base: &str, api_key: Option<&str>) -> Result<String, String> {
-        let uri: Uri = format!("{base}/v1/models")
+        let (v, body) = self.get_json(base, "/v1/models", api_key).await?;
+        v["data"][0]["id"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| format!("expected {{\"data\": [{{\"id\": ...}}]}}, got {}", snippet(&body)))
+    }
+
+    /// What GET /health says about the server (kestrel names its build,
+    /// model, device and settings there), for the capsule; `Null` where the
+    /// server has no such route, answers something else than JSON or takes
+    /// more than 5 s: the answer only labels the run.
+    pub async fn health(&self, base: &str, api_key: Option<&str>) -> serde_json::Value {
+        let ask = self.get_json(base, "/health", api_key);
+        match tokio::time::timeout(std::time::Duration::from_secs(5), ask).await {
+            Ok(Ok((v, _))) => v,
+            _ => serde_json::Value::Null,
+        }
+    }
+
+    /// GET `base` + `path` as JSON (and the raw body, for messages).
+    async fn get_json(
+        &self,
+        base: &str,
+        path: &str,
+        api_key: Option<&str>,
+    ) -> Result<(serde_json::Value, Bytes), String> {
+        let uri: Uri = format!("{base}{path}")
             .parse()
             .map_err(|e| format!("not a valid URL ({e})"))?;
         let mut req = Request::builder().method(Method::GET).uri(uri);
@@ -171,10 +197,7 @@ impl Client {
         }
         let v: serde_json::Value =
             serde_json::from_slice(&body).map_err(|e| format!("the body is not JSON ({e})"))?;
-        v["data"][0]["id"]
-            .as_str()
-            .map(str::to_string)
-            .ok_or_else(|| format!("expected {{\"data\": [{{\"id\": ...}}]}}, got {}", snippet(&body)))
+        Ok((v, body))
     }
 
     /// Sends one streamed request and measures it; failures are recorded in

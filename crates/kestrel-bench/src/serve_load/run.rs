@@ -42,6 +42,9 @@ pub struct TargetInfo {
     pub role: Role,
     pub url: String,
     pub model: String,
+    /// GET /health's answer before the run (kestrel's names its build,
+    /// model, device and settings); `Null` where there is none.
+    pub server: serde_json::Value,
 }
 
 /// The unmeasured warmup requests of one server.
@@ -197,10 +200,12 @@ async fn resolve(client: &Client, role: Role, t: &Target, option: &'static str) 
                 reason,
             })?,
     };
+    let server = client.health(&t.url, t.api_key.as_deref()).await;
     Ok(TargetInfo {
         role,
         url: t.url.clone(),
         model,
+        server,
     })
 }
 

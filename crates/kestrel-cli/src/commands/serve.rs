@@ -111,6 +111,24 @@ impl BackendTask for ServeTask {
             speculation: a.speculation.get(DEFAULT_SPEC_TOKENS)?,
             ..EngineConfig::default()
         };
+        let identity = serde_json::json!({
+            "name": "kestrel",
+            "version": env!("CARGO_PKG_VERSION"),
+            "commit": kestrel_bench::capsule::git_commit(),
+            "model": self.path.display().to_string(),
+            "model_bytes": std::fs::metadata(&self.path).map(|m| m.len()).ok(),
+            "device": device,
+            "kv_dtype": format!("{kv_dtype:?}"),
+            "num_kv_blocks": num_kv_blocks,
+            "max_num_seqs": a.max_num_seqs,
+            "max_num_batched_tokens": a.max_num_batched_tokens,
+            "speculation": config.speculation.map(|s| serde_json::json!({
+                "tokens": s.tokens,
+                "min_ngram": s.min_ngram,
+                "max_ngram": s.max_ngram,
+                "max_seqs": s.max_seqs,
+            })),
+        });
         let speculation = match config.speculation {
             Some(s) => format!(
                 "n-gram, up to {} drafts (greedy requests, at most {} running)",
@@ -132,6 +150,7 @@ impl BackendTask for ServeTask {
             max_running: a.max_num_seqs,
             max_waiting: a.max_waiting,
             max_body_bytes: a.max_body_bytes,
+            identity,
         };
         let max_len = engine.max_model_len();
         let state = AppState::new(engine.clone(), tok, options);

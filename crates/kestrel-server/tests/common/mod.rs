@@ -82,6 +82,7 @@ pub async fn start(cfg: EngineConfig, edit: impl FnOnce(&mut ServerOptions)) -> 
         max_running: cfg.max_num_seqs,
         max_waiting: 256,
         max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+        identity: serde_json::json!({ "name": "kestrel-test" }),
     };
     edit(&mut options);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
