@@ -654,12 +654,7 @@ impl<B: Backend> Engine<B> {
             let mut ended = false;
             for &token in &picks[..=kept] {
                 report.num_sampled += 1;
-                let greedy = Sampled {
-                    token,
-                    logprob: None,
-                    top: Vec::new(),
-                };
-                if self.emit(*id, greedy, false, false)? {
+                if self.emit(*id, Sampled::token_only(token), false, false)? {
                     report.num_finished += 1;
                     ended = true;
                     break;
@@ -836,12 +831,7 @@ impl<B: Backend> Engine<B> {
     ) -> Result<(), EngineError> {
         for (token, &id) in tokens.into_iter().zip(ids) {
             report.num_sampled += 1;
-            let greedy = Sampled {
-                token,
-                logprob: None,
-                top: Vec::new(),
-            };
-            if self.emit(id, greedy, defer, replace)? {
+            if self.emit(id, Sampled::token_only(token), defer, replace)? {
                 report.num_finished += 1;
             }
         }

@@ -211,6 +211,18 @@ pub struct Sampled {
     pub top: Vec<(u32, f32)>,
 }
 
+impl Sampled {
+    /// A decision without logprobs (greedy argmaxes taken on the device,
+    /// and draws of requests that asked for none).
+    pub fn token_only(token: u32) -> Sampled {
+        Sampled {
+            token,
+            logprob: None,
+            top: Vec::new(),
+        }
+    }
+}
+
 /// Samples the tokens of one sequence. It owns the sequence's RNG, so a fixed
 /// seed replays the same choices, and its output token counts for penalties.
 pub struct Sampler {
@@ -307,11 +319,7 @@ impl Sampler {
                 logprob: Some(log_prob(logits[token], lse)),
                 top,
             },
-            None => Sampled {
-                token: token as u32,
-                logprob: None,
-                top: Vec::new(),
-            },
+            None => Sampled::token_only(token as u32),
         })
     }
 

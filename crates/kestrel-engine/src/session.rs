@@ -6,17 +6,19 @@
 //! [`crate::speculative`]): a step checks the last token and drafted ones
 //! together, with exactly the tokens of one-token steps.
 
+use std::collections::VecDeque;
+use std::time::Instant;
+
 use kestrel_backend::{Backend, BatchLayout, KvDType};
 use kestrel_model::Model;
 use kestrel_tokenizer::{StreamDecoder, Tokenizer};
-use std::collections::VecDeque;
-use std::time::Instant;
 
 use crate::error::EngineError;
 pub use crate::events::FinishReason;
 use crate::sampling::{Sampled, Sampler, SamplingParams};
 use crate::speculative::{confirmed, NgramSpeculation};
 use crate::stop::StopMatcher;
+
 /// Tokens per KV block.
 pub const BLOCK_SIZE: usize = 16;
 
@@ -36,6 +38,7 @@ pub struct Generation {
     pub draft_tokens: usize,
     pub accepted_tokens: usize,
 }
+
 impl Generation {
     /// Prefill speed over the tokens actually computed.
     pub fn prefill_tok_s(&self) -> f64 {
@@ -192,35 +195,25 @@ impl<'m, B: Backend> Session<'m, B> {
         } else {
             tok.eos_ids().to_vec()
         };
-        let mut generated: Vec<u32> = Vec::new();
+        // The sequence so far: the prompt, then the generated tokens (drafts
+        // are looked up in all of it).
+        let mut seq: Vec<u32> = prompt.to_vec();
         let mut text = String::new();
         let mut finish = FinishReason::Length;
         let mut first_token_at = None;
         let mut stopped_by_string = false;
         let spec = self.speculation.filter(|_| greedy);
-        // The sequence so far (prompt, then generated tokens), where drafts
-        // are looked up; and the tokens a speculative step confirmed beyond
-        // the one in `step_out`, handed out before the next step.
-        let mut history: Vec<u32> = if spec.is_some() {
-            prompt.to_vec()
-        } else {
-            Vec::new()
-        };
+        // Tokens a speculative step confirmed beyond the one in `step_out`,
+        // handed out before the next step.
         let mut confirmed_ahead: VecDeque<u32> = VecDeque::new();
         let (mut draft_tokens, mut accepted_tokens) = (0, 0);
         loop {
             let s = match &mut step_out {
-                StepOut::Token(id) => Sampled {
-                    token: *id,
-                    logprob: None,
-                    top: Vec::new(),
-                },
-                StepOut::Logits(logits) => sampler.sample(logits, prompt, &generated)?,
+                StepOut::Token(id) => Sampled::token_only(*id),
+                StepOut::Logits(logits) => sampler.sample(logits, prompt, &seq[prompt.len()..])?,
             };
-            if spec.is_some() {
-                history.push(s.token);
-            }
-            generated.push(s.token);
+            seq.push(s.token);
+            let generated = seq.len() - prompt.len();
             if first_token_at.is_none() {
                 first_token_at = Some(Instant::now());
             }
@@ -237,7 +230,7 @@ impl<'m, B: Backend> Session<'m, B> {
                 stopped_by_string = true;
                 break;
             }
-            if generated.len() >= params.max_tokens || self.cached.len() + 1 >= self.capacity {
+            if generated >= params.max_tokens || self.cached.len() + 1 >= self.capacity {
                 break;
             }
             if let Some(next) = confirmed_ahead.pop_front() {
@@ -248,8 +241,8 @@ impl<'m, B: Backend> Session<'m, B> {
                 // Rows past the request's last token or past the context
                 // would be computed for nothing.
                 Some(sp) => sp.propose(
-                    &history,
-                    (params.max_tokens - generated.len())
+                    &seq,
+                    (params.max_tokens - generated)
                         .saturating_sub(1)
                         .min(self.capacity.saturating_sub(self.cached.len() + 2)),
                 ),
@@ -293,7 +286,7 @@ impl<'m, B: Backend> Session<'m, B> {
         // per-token steps only (prefill has its own figure).
         let decode_secs = first_token_at.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
         Ok(Generation {
-            tokens: generated,
+            tokens: seq.split_off(prompt.len()),
             text,
             finish,
             prompt_tokens: prompt.len(),

@@ -20,7 +20,7 @@
 use crate::error::EngineError;
 
 /// Settings of n-gram speculation (`EngineConfig::speculation`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct NgramSpeculation {
     /// Most drafted tokens per sequence and step.
     pub tokens: usize,

@@ -107,29 +107,6 @@ fn a_new_kv_pool_never_reuses_an_old_pools_graphs() {
     }
 }
 
-/// A speculative step's layout: `tokens` at positions `start..`, one
-/// single-row sequence entry per token sharing `table`, each seeing the keys
-/// up to its own position (the rows before it store theirs in the same step).
-fn chained(tokens: &[u32], start: usize, table: &[u32], bs: usize) -> BatchLayout {
-    let mut l = BatchLayout {
-        block_size: bs as u32,
-        ..BatchLayout::default()
-    };
-    for (j, &t) in tokens.iter().enumerate() {
-        let p = start + j;
-        l.tokens.push(t);
-        l.positions.push(p as u32);
-        l.slot_mapping.push(table[p / bs] * bs as u32 + (p % bs) as u32);
-        l.seqs.push(kestrel_backend::layout::SeqLayout {
-            block_table: table.to_vec(),
-            context_len: p as u32 + 1,
-            query_start: j as u32,
-            query_len: 1,
-        });
-    }
-    l
-}
-
 /// Rows of one sequence at consecutive positions in one decode step (how
 /// the engine checks speculative drafts) read the keys the rows before them
 /// store in that same step: each row's logits equal those of decoding the
@@ -167,9 +144,9 @@ fn speculative_rows_equal_one_token_steps() {
             let all: Vec<u32> = (0..rows as u32).collect();
             let mut got = Vec::new();
             for _ in 0..2 {
-                let s = chained(&stale[..rows], prompt.len(), &table, bs);
+                let s = BatchLayout::chained(&stale[..rows], prompt.len() as u32, &table, bs as u32);
                 drop(model.forward(&s, &mut kv, &all).unwrap());
-                let l = chained(&next[..rows], prompt.len(), &table, bs);
+                let l = BatchLayout::chained(&next[..rows], prompt.len() as u32, &table, bs as u32);
                 let logits = model.forward(&l, &mut kv, &all).unwrap();
                 got = model.backend.read_act(&logits).unwrap();
             }

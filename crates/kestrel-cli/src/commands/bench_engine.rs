@@ -223,12 +223,13 @@ pub fn batch_curve<B: Backend>(
             .collect();
         out.push(
             json!({"sequences": n, "decode_tok_s": r_dec.raw, "end_to_end_tok_s": r_tot.raw,
-                        "step_ms": r_step.raw, "step_phases": phases,
-                        "speculation": o.speculation.map(|s| json!({
-                            "tokens": s.tokens, "min_ngram": s.min_ngram, "max_ngram": s.max_ngram,
-                            "max_seqs": s.max_seqs,
-                            "drafted": drafts.iter().map(|d| d.0).collect::<Vec<_>>(),
-                            "accepted": drafts.iter().map(|d| d.1).collect::<Vec<_>>()}))}),
+            "step_ms": r_step.raw, "step_phases": phases,
+            "speculation": o.speculation.map(|s| {
+                let mut v = json!(s);
+                v["drafted"] = json!(drafts.iter().map(|d| d.0).collect::<Vec<_>>());
+                v["accepted"] = json!(drafts.iter().map(|d| d.1).collect::<Vec<_>>());
+                v
+            })}),
         );
         rows.extend([r_dec, r_tot, r_step]);
     }

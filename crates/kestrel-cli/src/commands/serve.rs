@@ -122,12 +122,7 @@ impl BackendTask for ServeTask {
             "num_kv_blocks": num_kv_blocks,
             "max_num_seqs": a.max_num_seqs,
             "max_num_batched_tokens": a.max_num_batched_tokens,
-            "speculation": config.speculation.map(|s| serde_json::json!({
-                "tokens": s.tokens,
-                "min_ngram": s.min_ngram,
-                "max_ngram": s.max_ngram,
-                "max_seqs": s.max_seqs,
-            })),
+            "speculation": config.speculation,
         });
         let speculation = match config.speculation {
             Some(s) => format!(
