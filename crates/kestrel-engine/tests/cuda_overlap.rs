@@ -136,6 +136,11 @@ fn cuda_model() -> Option<(Arc<Model<CudaBackend>>, Arc<Tokenizer>)> {
     let be = match CudaBackend::new(0) {
         Ok(b) => Arc::new(b),
         Err(e) => {
+            assert_eq!(
+                kestrel_backend::cuda::device_count(),
+                0,
+                "a GPU is present but the CUDA backend failed: {e}"
+            );
             println!("SKIP: no CUDA device: {e}");
             return None;
         }

@@ -92,6 +92,11 @@ fn device_sampling_matches_the_sorted_reference_and_the_host_sampler() {
     let be = match CudaBackend::new(0) {
         Ok(b) => b,
         Err(e) => {
+            assert_eq!(
+                kestrel_backend::cuda::device_count(),
+                0,
+                "a GPU is present but the CUDA backend failed: {e}"
+            );
             println!("SKIP: no CUDA device: {e}");
             return;
         }

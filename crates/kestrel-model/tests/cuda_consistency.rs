@@ -42,6 +42,11 @@ fn cuda_model() -> Option<Model<CudaBackend>> {
     match CudaBackend::with_kernels(0, KernelSet::Fused) {
         Ok(be) => Some(Model::load(&common::default_model(), Arc::new(be)).unwrap()),
         Err(e) => {
+            assert_eq!(
+                kestrel_backend::cuda::device_count(),
+                0,
+                "a GPU is present but the CUDA backend failed: {e}"
+            );
             println!("SKIP: no CUDA device: {e}");
             None
         }

@@ -41,6 +41,11 @@ fn megakernel_steps_equal_graph_steps_bit_for_bit() {
     match CudaBackend::with_kernels(0, KernelSet::Fused) {
         Ok(b) => println!("device: {}", b.describe()),
         Err(e) => {
+            assert_eq!(
+                kestrel_backend::cuda::device_count(),
+                0,
+                "a GPU is present but the CUDA backend failed: {e}"
+            );
             println!("SKIP: no CUDA device: {e}");
             return;
         }

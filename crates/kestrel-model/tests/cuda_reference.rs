@@ -53,6 +53,11 @@ fn cuda_greedy_matches_cpu_reference_kernels_and_llama_cpp() {
     let fused = match CudaBackend::with_kernels(0, KernelSet::Fused) {
         Ok(b) => b,
         Err(e) => {
+            assert_eq!(
+                kestrel_backend::cuda::device_count(),
+                0,
+                "a GPU is present but the CUDA backend failed: {e}"
+            );
             println!("SKIP: no CUDA device: {e}");
             return;
         }

@@ -150,6 +150,11 @@ pub struct CudaWeight {
     /// Built on first use when this weight leads a group computed by one
     /// GEMM (see `Stacked`); None when the group did not fit the budget.
     pub(crate) stacked: std::sync::OnceLock<Option<Stacked>>,
+    /// A tall Q8_0 matrix (the LM head) also in the tile order that
+    /// `mma_q8_0t_*` reads (mma_q8.cu), made at upload from the dense
+    /// budget: (buffer, offset of its scales). The packed layout stays for
+    /// the embedding lookup and the other kernels.
+    pub(crate) tiled: Option<(DevBuf, usize)>,
 }
 
 /// f16 copies of several weights with the same columns stacked row-wise

@@ -224,6 +224,11 @@ fn layer_matches_cpu_backend() {
         let be = match CudaBackend::with_kernels(0, ks) {
             Ok(b) => b,
             Err(e) => {
+                assert_eq!(
+                    super::device_count(),
+                    0,
+                    "a GPU is present but the CUDA backend failed: {e}"
+                );
                 eprintln!("SKIP: no CUDA device: {e}");
                 return;
             }

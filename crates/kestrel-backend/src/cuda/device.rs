@@ -51,6 +51,19 @@ pub(crate) fn probe_libraries() -> Result<(), BackendError> {
     Ok(())
 }
 
+/// How many CUDA devices the driver reports (0 without the libraries or a
+/// driver). Tests use it to tell "no GPU here" (skip) from "a GPU is
+/// present and the backend failed" (a failure, never a skip).
+pub fn device_count() -> usize {
+    if probe_libraries().is_err() {
+        return 0;
+    }
+    guarded("counting CUDA devices", || {
+        CudaContext::device_count().map_err(|e| BackendError::Cuda(e.to_string()))
+    })
+    .map_or(0, |n| n.max(0) as usize)
+}
+
 fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
     if let Some(s) = p.downcast_ref::<String>() {
         s.clone()

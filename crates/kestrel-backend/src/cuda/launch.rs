@@ -45,7 +45,7 @@ pub(crate) struct Kernels {
     pdl: bool,
 }
 
-const PLAIN: [&str; 46] = [
+const PLAIN: [&str; 47] = [
     "hgemm_1c8",
     "tokens_from_keys",
     "sample_rows",
@@ -90,6 +90,7 @@ const PLAIN: [&str; 46] = [
     "residual_norm_pre",
     "qk_norm_rope_store_pre",
     "zero_u64",
+    "q8_tile_pack",
     "chain_pdl",
     "chain_flag",
 ];
@@ -106,6 +107,8 @@ impl Kernels {
             names.push(format!("gemv3_{t}"));
             names.push(format!("mma_q8_0_{t}"));
             names.push(format!("mma_q8_0_argmax_{t}"));
+            names.push(format!("mma_q8_0t_{t}"));
+            names.push(format!("mma_q8_0t_argmax_{t}"));
             names.push(format!("hgemm_{t}"));
         }
         for t in [1, 2, 4] {

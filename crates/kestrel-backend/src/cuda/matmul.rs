@@ -116,6 +116,15 @@ fn argmax_head_enabled() -> bool {
     *ON.get_or_init(|| super::knobs::on_unless_zero("KESTREL_ARGMAX_HEAD"))
 }
 
+/// Whether tall Q8_0 matrices get a tiled copy at upload, which the LM
+/// head's kernels then read (tuning knob `KESTREL_LMHEAD_TILED=0` turns it
+/// off; see mma_q8.cu). H100, default model: the LM head took 84 us at 66%
+/// of the DRAM bandwidth on the packed layout and 68 us at 81% tiled (ncu);
+/// tg128 +2.6% (benchmarks/NOTES-cuda.md, session 22).
+pub(crate) fn default_lmhead_tiled() -> bool {
+    super::knobs::on_unless_zero("KESTREL_LMHEAD_TILED")
+}
+
 /// Kernel family and output rows per warp for a weight.
 pub(crate) fn gemv_kernel(w: &CudaWeight, cap: usize) -> (&'static str, usize) {
     match w.format {
@@ -262,6 +271,47 @@ impl CudaBackend {
         Ok(true)
     }
 
+    /// The tiled copy of a tall Q8_0 matrix that `mma_q8_0t_*` reads (see
+    /// mma_q8.cu): quants then scales, charged to the dense budget like an
+    /// f16 mirror (188 MB for Gemma 3's 262,144 x 640 LM head). None for
+    /// other weights, the reference kernels, `KESTREL_LMHEAD_TILED=0`, or a
+    /// spent budget.
+    pub(crate) fn q8_tiled_copy(&self, w: &CudaWeight) -> Result<Option<(DevBuf, usize)>, BackendError> {
+        use std::sync::atomic::Ordering;
+        let tall = w.format == Format::Q8_0 && w.rows >= Q8_TALL && w.cols.is_multiple_of(64);
+        if !tall || self.kernels == KernelSet::Reference || !default_lmhead_tiled() {
+            return Ok(None);
+        }
+        let units = w.rows.div_ceil(32);
+        let scale_off = (units * 32 * w.cols).div_ceil(256) * 256;
+        let bytes = scale_off + units * 32 * (w.cols / 32) * 2;
+        let took = self
+            .dense_budget
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                left.checked_sub(bytes)
+            });
+        if took.is_err() {
+            return Ok(None);
+        }
+        let buf = DevBuf::alloc(&self.dev.stream, bytes, "tiled Q8_0 LM head")?;
+        let (p0, _, p2) = w.ptrs();
+        self.run(
+            "q8_tile_pack",
+            (4 * self.dev.sm_count.max(1) as u32, 1, 1),
+            256,
+            0,
+            &[
+                Arg::Ptr(p0),
+                Arg::Ptr(p2),
+                i32_of(w.rows, "weight rows")?,
+                i32_of(w.cols, "weight cols")?,
+                Arg::Ptr(buf.ptr),
+                Arg::Ptr(buf.ptr + scale_off as u64),
+            ],
+        )?;
+        Ok(Some((buf, scale_off)))
+    }
+
     fn mma_q8(&self, w: &CudaWeight, x: u64, t: usize, out: u64) -> Result<(), BackendError> {
         self.mma_q8_launch(w, x, t, out, "mma_q8_0")
     }
@@ -277,7 +327,21 @@ impl CudaBackend {
         family: &str,
     ) -> Result<(), BackendError> {
         let tiles = t.div_ceil(8).next_power_of_two();
-        let (p0, _, p2) = w.ptrs();
+        let tiled = w
+            .tiled
+            .as_ref()
+            .filter(|_| self.lmhead_tiled.load(std::sync::atomic::Ordering::Relaxed));
+        let (name, p0, p2) = match tiled {
+            Some((buf, off)) => (
+                family.replacen("mma_q8_0", "mma_q8_0t", 1),
+                buf.ptr,
+                buf.ptr + *off as u64,
+            ),
+            None => {
+                let (p0, _, p2) = w.ptrs();
+                (family.to_string(), p0, p2)
+            }
+        };
         let units = w.rows.div_ceil(32);
         let sms = self.dev.sm_count.max(1) as usize;
         let blocks = units.div_ceil(8).min(2 * sms) as u32;
@@ -291,7 +355,7 @@ impl CudaBackend {
             Arg::Ptr(out),
         ];
         let smem = mma_q8_smem(tiles, w.cols) as u32;
-        self.run(&format!("{family}_{tiles}"), (blocks, 1, 1), 256, smem, &args)
+        self.run(&format!("{name}_{tiles}"), (blocks, 1, 1), 256, smem, &args)
     }
 
     /// Where a producer kernel (residual norm, gated activation) should also
@@ -626,6 +690,7 @@ impl CudaBackend {
                 3..=4 => "hgemm_4",
                 _ => "hgemm_8",
             };
+            let a_ptr = super::knockout::shared_weights(m, w.cols, t, a_ptr);
             let args = [
                 Arg::Ptr(a_ptr),
                 i32_of(m, "weight rows")?,

@@ -40,6 +40,7 @@ use kestrel_formats::TensorView;
 
 pub use boundary::BoundaryCost;
 pub use buffers::{CudaAct, CudaBatch, CudaKvPool, CudaRope, CudaVector, CudaWeight, DevBuf};
+pub use device::device_count;
 pub use graph::DecodeGraph;
 
 use crate::backend::{
@@ -257,6 +258,8 @@ pub struct CudaBackend {
     attn_min_splits: std::sync::atomic::AtomicUsize,
     /// Most activation rows an f16 GEMM runs on `hgemm_*` (0: cuBLAS only).
     hgemm_rows: std::sync::atomic::AtomicUsize,
+    /// Whether the LM head's Q8_0 kernels read the tiled copy (mma_q8.cu).
+    lmhead_tiled: std::sync::atomic::AtomicBool,
     /// Most activation rows the GEMV kernels take when weights have f16
     /// mirrors (`matmul::default_gemv_rows`).
     gemv_rows: std::sync::atomic::AtomicUsize,
@@ -348,6 +351,8 @@ impl CudaBackend {
         for tiles in [1, 2, 4, 8] {
             k.set_max_dynamic_smem(&format!("mma_q8_0_{tiles}"), matmul::MMA_SMEM_MAX as u32)?;
             k.set_max_dynamic_smem(&format!("mma_q8_0_argmax_{tiles}"), matmul::MMA_SMEM_MAX as u32)?;
+            k.set_max_dynamic_smem(&format!("mma_q8_0t_{tiles}"), matmul::MMA_SMEM_MAX as u32)?;
+            k.set_max_dynamic_smem(&format!("mma_q8_0t_argmax_{tiles}"), matmul::MMA_SMEM_MAX as u32)?;
         }
         let gp_counter = DevBuf::alloc(&dev.stream, 4, "gemvp ticket counter")?;
         let prologue = std::env::var("KESTREL_PROLOGUE")
@@ -377,6 +382,7 @@ impl CudaBackend {
             attn_kps: std::sync::atomic::AtomicUsize::new(default_keys_per_split()),
             attn_min_splits: std::sync::atomic::AtomicUsize::new(default_min_splits().max(1)),
             hgemm_rows: std::sync::atomic::AtomicUsize::new(matmul::default_hgemm_rows()),
+            lmhead_tiled: std::sync::atomic::AtomicBool::new(true),
             gemv_rows: std::sync::atomic::AtomicUsize::new(matmul::default_gemv_rows()),
             _module: module,
             trace,
@@ -437,6 +443,14 @@ impl CudaBackend {
     pub fn set_attention_min_splits(&self, n: usize) {
         self.attn_min_splits
             .store(n.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether tall Q8_0 products (the LM head) read the tiled copy made at
+    /// upload, where there is one (default on; `KESTREL_LMHEAD_TILED=0`
+    /// makes none; see mma_q8.cu). Graphs captured before a change keep the
+    /// old choice.
+    pub fn set_lmhead_tiled(&self, on: bool) {
+        self.lmhead_tiled.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Most activation rows an f16 GEMM runs on the `hgemm_*` kernels
@@ -1161,8 +1175,10 @@ impl Backend for CudaBackend {
             dense: None,
             id: NEXT_WEIGHT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             stacked: std::sync::OnceLock::new(),
+            tiled: None,
         };
         w.dense = self.dense_mirror(&w)?;
+        w.tiled = self.q8_tiled_copy(&w)?;
         Ok(w)
     }
 

@@ -21,6 +21,11 @@ fn backend(ks: KernelSet) -> Option<CudaBackend> {
             Some(b)
         }
         Err(e) => {
+            assert_eq!(
+                super::device_count(),
+                0,
+                "a GPU is present but the CUDA backend failed: {e}"
+            );
             eprintln!("SKIP: no CUDA device: {e}");
             None
         }
@@ -90,6 +95,11 @@ fn no_device_error_is_clean() {
     match CudaBackend::new(0) {
         Err(e) => {
             let msg = e.to_string();
+            assert_eq!(
+                super::device_count(),
+                0,
+                "a GPU is present but the CUDA backend failed: {msg}"
+            );
             eprintln!("SKIP: no CUDA device: {msg}");
             assert!(
                 msg.contains("not found") || msg.contains("CUDA"),
@@ -229,6 +239,59 @@ fn mma_q8_tall_matches_f64_on_f16_operands() {
             let (_, err) = matmul_vs_f16_operands(&be, &w, &deq, t, &x);
             assert!(err < 1e-5, "mma_q8_0 [{rows}x{cols}] rows={t}: rel err {err:e}");
         }
+    }
+}
+
+/// The tiled copy of the LM head (`set_lmhead_tiled`) changes where the
+/// Q8_0 kernel reads each weight from, not what it computes: logits and
+/// folded argmax ids are bit-identical to the plain layout at every tile
+/// count, on a height with a partial last unit (its padding rows repeat the
+/// last row and must not be stored).
+#[test]
+fn mma_q8_tiled_copy_gives_the_same_bits() {
+    let mut rng = ChaCha8Rng::seed_from_u64(17);
+    let Some(be) = backend(KernelSet::Fused) else {
+        return;
+    };
+    let (rows, cols) = (16_384 + 37, 640);
+    let (bytes, _) = make_weight(&mut rng, DType::Q8_0, rows, cols);
+    let shape = [rows, cols];
+    let w = be
+        .upload_matrix(&view("w", DType::Q8_0, &shape, &bytes))
+        .expect("upload");
+    assert!(
+        w.tiled.is_some(),
+        "a tall Q8_0 matrix gets its tiled copy at upload"
+    );
+    // As in decode steps: every row count takes the Q8_0 kernel.
+    be.set_gemv_rows(0);
+    for t in [1usize, 5, 8, 9, 16, 23, 33, 64] {
+        assert!(be.mma_q8_takes(t, &w), "{t} rows should take mma_q8_0");
+        let x = rvec(&mut rng, t * cols, 2.0);
+        let xa = act(&be, t, cols, &x);
+        let mut logits = Vec::new();
+        let mut ids = Vec::new();
+        for tiled in [false, true] {
+            be.set_lmhead_tiled(tiled);
+            let mut out = poisoned(&be, t, rows);
+            be.matmul(&xa, &w, &mut out).expect("matmul");
+            logits.push(be.read_act(&out).expect("read"));
+            let mut keys = poisoned(&be, t, rows);
+            assert!(be.matmul_argmax(&xa, &w, &mut keys).expect("matmul_argmax"));
+            be.argmax_ready(&keys).expect("ready");
+            ids.push(be.argmax_rows(&keys).expect("folded argmax"));
+        }
+        be.set_lmhead_tiled(true);
+        let same = logits[0]
+            .iter()
+            .zip(&logits[1])
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "rows={t}: tiled logits differ from the plain layout's");
+        assert!(
+            logits[0].iter().all(|v| v.is_finite()),
+            "rows={t}: every logit written"
+        );
+        assert_eq!(ids[0], ids[1], "rows={t}: tiled argmax ids differ");
     }
 }
 

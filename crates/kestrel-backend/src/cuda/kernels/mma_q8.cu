@@ -75,6 +75,51 @@ __device__ __forceinline__ void q8_span_load(Q8Span& sp, const u8* wb, const u16
     }
 }
 
+// Tiled copy of the matrix (`KESTREL_LMHEAD_TILED`, matmul.rs): the quants
+// of unit u (32 rows) and span p (64 columns) are one 2 KB tile at
+// (u * nsp + p) * 2048, ordered [m][lane][16 bytes] exactly as the lanes
+// load them, so each warp load reads 512 contiguous bytes and a unit is read
+// front to back, instead of 32 rows x 64 bytes 640 bytes apart per span
+// (DRAM pages opened for 64 bytes and opened again by the next span). The
+// scales of a tile are 64 f16 at (u * nsp + p) * 64, ordered [g][block][m],
+// so a lane's four scales are one 8-byte load. Rows past the end repeat the
+// last row (their results are not stored).
+__device__ __forceinline__ void q8_span_load_tiled(Q8Span& sp, const u8* tq, const u16* ts, int lane, int p) {
+    #pragma unroll
+    for (int m = 0; m < 4; m++) sp.raw[m] = *(const uint4*)(tq + (p * 4 + m) * 512 + lane * 16);
+    int g = lane >> 2, t = lane & 3;
+    uint2 d = *(const uint2*)(ts + p * 64 + (g * 2 + (t >> 1)) * 4);
+    sp.d2[0] = (d.x & 0xffffu) * 0x10001u;
+    sp.d2[1] = (d.x >> 16) * 0x10001u;
+    sp.d2[2] = (d.y & 0xffffu) * 0x10001u;
+    sp.d2[3] = (d.y >> 16) * 0x10001u;
+}
+
+// Builds the tiled copy from the packed quants q and scales s (grid-stride;
+// one thread per 16-byte quant chunk, then per scale).
+extern "C" __global__ void q8_tile_pack(const u8* q, const u16* s, int wrows, int cols, u8* tq, u16* ts) {
+    int nsp = cols >> 6, nb = cols >> 5;
+    long long units = (wrows + MMA_ROWS_PER_WARP - 1) / MMA_ROWS_PER_WARP;
+    long long chunks = units * nsp * 128;
+    for (long long c = blockIdx.x * (long long)blockDim.x + threadIdx.x; c < chunks; c += (long long)gridDim.x * blockDim.x) {
+        int lane = (int)(c & 31), m = (int)((c >> 5) & 3);
+        long long up = c >> 7;
+        int p = (int)(up % nsp);
+        long long u = up / nsp;
+        long long row = min(u * 32 + (lane >> 2) + 8 * m, (long long)wrows - 1);
+        *(uint4*)(tq + c * 16) = *(const uint4*)(q + row * cols + p * 64 + (lane & 3) * 16);
+    }
+    long long scales = units * nsp * 64;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < scales; i += (long long)gridDim.x * blockDim.x) {
+        int m = (int)(i & 3), gb = (int)((i >> 2) & 15);
+        long long up = i >> 6;
+        int p = (int)(up % nsp);
+        long long u = up / nsp;
+        long long row = min(u * 32 + (gb >> 1) + 8 * m, (long long)wrows - 1);
+        ts[i] = s[row * nb + 2 * p + (gb & 1)];
+    }
+}
+
 // A lane's share of its warp's running argmax (argmax mode): lane (g, t)
 // keeps, for activation rows n = 8g + 2t + j (j = 0, 1; tile q = g, so
 // only lanes g < NT hold any), the best value over the weight rows seen so
@@ -91,11 +136,13 @@ __device__ __forceinline__ void q8_best_merge(float& v, int& i, float ov, int oi
     if (ov > v || (ov == v && oi < i)) { v = ov; i = oi; }
 }
 
-template <int NT>
+template <int NT, bool TL>
 __device__ __forceinline__ void mma_q8_unit(const u8* p0, const u16* p2, int wrows, int cols, const u16* xs,
                                             int nt, float* out, long long row0, Q8Best* best) {
     int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     int stride = mma_x_stride(cols), nsp = cols >> 6;
+    // The tiled copy puts unit u at the same offsets (u * nsp tiles of 2 KB
+    // and of 64 scales), a permutation within each unit.
     const u8* wb = p0 + row0 * cols;
     const u16* sb = p2 + row0 * (cols >> 5);
     int last = (int)min((long long)MMA_ROWS_PER_WARP, wrows - row0) - 1;
@@ -114,9 +161,13 @@ __device__ __forceinline__ void mma_q8_unit(const u8* p0, const u16* p2, int wro
     // it (ptxas: 120 bytes of spills) and rely on the other warps instead.
     const bool ahead = NT <= 4;
     Q8Span cur, nxt;
-    q8_span_load(cur, wb, sb, roff, cols, t, 0);
+    auto load = [&](Q8Span& sp, int p) {
+        if (TL) q8_span_load_tiled(sp, wb, sb, lane, p);
+        else q8_span_load(sp, wb, sb, roff, cols, t, p);
+    };
+    load(cur, 0);
     for (int p = 0; p < nsp; p++) {
-        if (ahead && p + 1 < nsp) q8_span_load(nxt, wb, sb, roff, cols, t, p + 1);
+        if (ahead && p + 1 < nsp) load(nxt, p + 1);
         #pragma unroll
         for (int s = 0; s < 4; s++) {
             // A fragments of both m16 tiles: rows (g, g+8) and (16+g, 24+g).
@@ -138,7 +189,7 @@ __device__ __forceinline__ void mma_q8_unit(const u8* p0, const u16* p2, int wro
         }
         if (p + 1 < nsp) {
             if (ahead) cur = nxt;
-            else q8_span_load(cur, wb, sb, roff, cols, t, p + 1);
+            else load(cur, p + 1);
         }
     }
     if (!best) {
@@ -208,7 +259,7 @@ __device__ __forceinline__ void mma_q8_argmax_store(const Q8Best& b, int nt, u64
     }
 }
 
-template <int NT>
+template <int NT, bool TL>
 __device__ __forceinline__ void mma_q8_body(const u8* p0, const u16* p2, int wrows, int cols, const float* x, int nt,
                                             float* out, u64* keys) {
     extern __shared__ __align__(16) u16 xs[];
@@ -219,7 +270,7 @@ __device__ __forceinline__ void mma_q8_body(const u8* p0, const u16* p2, int wro
     if (first < units) {
         long long row0 = first * MMA_ROWS_PER_WARP;
         int rows = (int)min((long long)MMA_ROWS_PER_WARP, wrows - row0);
-        long long bytes = (long long)rows * cols;
+        long long bytes = TL ? (long long)MMA_ROWS_PER_WARP * cols : (long long)rows * cols;
         for (long long off = (long long)lane * 128; off < bytes; off += 32 * 128)
             asm volatile("prefetch.global.L2 [%0];" ::"l"(p0 + row0 * cols + off));
     }
@@ -251,14 +302,14 @@ __device__ __forceinline__ void mma_q8_body(const u8* p0, const u16* p2, int wro
     __syncthreads();
     if (!keys) {
         for (long long u = first; u < units; u += (long long)gridDim.x * MMA_WARPS)
-            mma_q8_unit<NT>(p0, p2, wrows, cols, xs, nt, out, u * MMA_ROWS_PER_WARP, nullptr);
+            mma_q8_unit<NT, TL>(p0, p2, wrows, cols, xs, nt, out, u * MMA_ROWS_PER_WARP, nullptr);
         return;
     }
     Q8Best best;
     #pragma unroll
     for (int j = 0; j < 2; j++) { best.v[j] = -__int_as_float(0x7f800000); best.i[j] = 0x7fffffff; }
     for (long long u = first; u < units; u += (long long)gridDim.x * MMA_WARPS)
-        mma_q8_unit<NT>(p0, p2, wrows, cols, xs, nt, out, u * MMA_ROWS_PER_WARP, &best);
+        mma_q8_unit<NT, TL>(p0, p2, wrows, cols, xs, nt, out, u * MMA_ROWS_PER_WARP, &best);
     // The reduction reuses the activations' shared memory (every warp is
     // past its last read of them after this barrier).
     __syncthreads();
@@ -266,18 +317,23 @@ __device__ __forceinline__ void mma_q8_body(const u8* p0, const u16* p2, int wro
     mma_q8_argmax_store<NT>(best, nt, keys, rv, (int*)(rv + MMA_WARPS * 8 * NT));
 }
 
-#define MMA_Q8_ENTRY(NT)                                                                           \
-    extern "C" __global__ void __launch_bounds__(256, 2) mma_q8_0_##NT(                            \
+#define MMA_Q8_ENTRY(NT, SUF, TL)                                                                  \
+    extern "C" __global__ void __launch_bounds__(256, 2) mma_q8_0##SUF##_##NT(                     \
         const u8* p0, const u16* p2, int wrows, int cols, const float* x, int nt, float* out) {    \
-        mma_q8_body<NT>(p0, p2, wrows, cols, x, nt, out, nullptr);                                 \
+        mma_q8_body<NT, TL>(p0, p2, wrows, cols, x, nt, out, nullptr);                             \
     }                                                                                              \
     /* Argmax mode: no logits; each row's argmax key into keys (zeroed before). */                 \
-    extern "C" __global__ void __launch_bounds__(256, 2) mma_q8_0_argmax_##NT(                     \
+    extern "C" __global__ void __launch_bounds__(256, 2) mma_q8_0##SUF##_argmax_##NT(              \
         const u8* p0, const u16* p2, int wrows, int cols, const float* x, int nt, u64* keys) {     \
-        mma_q8_body<NT>(p0, p2, wrows, cols, x, nt, nullptr, keys);                                \
+        mma_q8_body<NT, TL>(p0, p2, wrows, cols, x, nt, nullptr, keys);                            \
     }
 
-MMA_Q8_ENTRY(1)
-MMA_Q8_ENTRY(2)
-MMA_Q8_ENTRY(4)
-MMA_Q8_ENTRY(8)
+// Plain (mma_q8_0_*) and tiled (mma_q8_0t_*: p0, p2 the tiled copy) weights.
+MMA_Q8_ENTRY(1, , false)
+MMA_Q8_ENTRY(2, , false)
+MMA_Q8_ENTRY(4, , false)
+MMA_Q8_ENTRY(8, , false)
+MMA_Q8_ENTRY(1, t, true)
+MMA_Q8_ENTRY(2, t, true)
+MMA_Q8_ENTRY(4, t, true)
+MMA_Q8_ENTRY(8, t, true)
