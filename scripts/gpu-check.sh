@@ -22,7 +22,7 @@ echo "== batch curve"
 timeout 150 $K bench $M --device cuda --batch 1,8,32,64,128,256 --runs 3 --out $OUT/batch-curve.json | grep -v '^loaded'
 echo "== CUDA tests"
 timeout 120 $B/kestrel_backend cuda 2>&1 | grep -E "FAIL|panicked|test result"
-for t in cuda_megakernel cuda_consistency cuda_overlap; do
+for t in cuda_megakernel cuda_consistency cuda_overlap cuda_memory; do
   timeout 90 $B/$t --nocapture 2>&1 | grep -E "test result|panicked|overlapped|SKIP"
 done
 echo "== serve"

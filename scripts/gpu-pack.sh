@@ -19,7 +19,7 @@ cargo build --release -p kestrel-cli
 cargo test --release --no-run 2>/dev/null
 rm -rf .gpu/bin .gpu/kcache && mkdir -p .gpu/bin .gpu/kcache .gpu/model
 cp target/release/kestrel .gpu/bin/
-for t in kestrel_backend cuda_overlap cuda_consistency cuda_megakernel cuda_reference cuda_sampling; do
+for t in kestrel_backend cuda_overlap cuda_consistency cuda_megakernel cuda_reference cuda_sampling cuda_memory; do
   f=$(ls -t target/release/deps/${t}-* | grep -v '\.d$' | head -1)
   cp "$f" .gpu/bin/$t
 done

@@ -393,6 +393,12 @@ pub trait Backend: Send + Sync {
         None
     }
 
+    /// Device buffers this process holds, by class (weights, weight copies,
+    /// KV, workspace); `None` for backends without device memory.
+    fn device_allocations(&self) -> Option<crate::memory::DeviceAllocations> {
+        None
+    }
+
     // ---- graphs (defaults: unsupported) -------------------------------------
 
     /// Whether `begin_capture` / `end_capture` / `replay` work here.

@@ -9,6 +9,7 @@ use cudarc::driver::{
 use super::weights::Format;
 use crate::error::BackendError;
 use crate::layout::{KvSpec, RopeStyle};
+use crate::memory::{Ledger, MemClass};
 
 /// A raw device allocation with its address cached (kernels take raw
 /// pointers; event tracking is off, so no per-use bookkeeping is needed).
@@ -16,10 +17,26 @@ pub struct DevBuf {
     _slice: CudaSlice<u8>,
     pub(crate) ptr: u64,
     pub(crate) bytes: usize,
+    /// What it holds, and the bytes the ledger counted for it.
+    class: MemClass,
+    counted: u64,
 }
 
+/// Every device buffer of this process, by class (`device_allocations`).
+pub(crate) static LEDGER: Ledger = Ledger::new();
+
 impl DevBuf {
+    /// Workspace (activations, scratch, metadata): see `alloc_in`.
     pub(crate) fn alloc(stream: &Arc<CudaStream>, bytes: usize, what: &str) -> Result<DevBuf, BackendError> {
+        Self::alloc_in(MemClass::Workspace, stream, bytes, what)
+    }
+
+    pub(crate) fn alloc_in(
+        class: MemClass,
+        stream: &Arc<CudaStream>,
+        bytes: usize,
+        what: &str,
+    ) -> Result<DevBuf, BackendError> {
         // Never allocate 0 bytes: the driver rejects it and every kernel
         // expects a valid address.
         let n = bytes.max(16);
@@ -30,11 +47,20 @@ impl DevBuf {
             let (p, _sync) = slice.device_ptr(stream);
             p
         };
+        LEDGER.add(class, n as u64);
         Ok(DevBuf {
             _slice: slice,
             ptr,
             bytes,
+            class,
+            counted: n as u64,
         })
+    }
+}
+
+impl Drop for DevBuf {
+    fn drop(&mut self) {
+        LEDGER.sub(self.class, self.counted);
     }
 }
 

@@ -10,6 +10,7 @@ use super::lt_gemm::{gemm_mode, GemmMode, LtGemm, Operands, Shape, TUNE_MAX_ROWS
 use super::weights::Format;
 use super::{CudaBackend, KernelSet};
 use crate::error::BackendError;
+use crate::memory::MemClass;
 
 /// At most this many activation rows go through the GEMV kernels in one launch.
 pub(crate) const GEMV_MAX_ROWS: usize = 8;
@@ -293,7 +294,12 @@ impl CudaBackend {
         if took.is_err() {
             return Ok(None);
         }
-        let buf = DevBuf::alloc(&self.dev.stream, bytes, "tiled Q8_0 LM head")?;
+        let buf = DevBuf::alloc_in(
+            MemClass::WeightCopies,
+            &self.dev.stream,
+            bytes,
+            "tiled Q8_0 LM head",
+        )?;
         let (p0, _, p2) = w.ptrs();
         self.run(
             "q8_tile_pack",
@@ -437,7 +443,12 @@ impl CudaBackend {
         if took.is_err() {
             return Ok(None);
         }
-        let buf = DevBuf::alloc(&self.dev.stream, bytes, "f16 weight mirror")?;
+        let buf = DevBuf::alloc_in(
+            MemClass::WeightCopies,
+            &self.dev.stream,
+            bytes,
+            "f16 weight mirror",
+        )?;
         self.dequant_f16_into(w, buf.ptr)?;
         Ok(Some(buf))
     }
@@ -545,7 +556,12 @@ impl CudaBackend {
                 })
                 .is_ok();
         let stacked = if took {
-            let buf = DevBuf::alloc(&self.dev.stream, bytes, "stacked f16 weight mirror")?;
+            let buf = DevBuf::alloc_in(
+                MemClass::WeightCopies,
+                &self.dev.stream,
+                bytes,
+                "stacked f16 weight mirror",
+            )?;
             let mut r0 = 0;
             for w in ws {
                 self.dequant_f16_into(w, buf.ptr + (r0 * w.cols * 2) as u64)?;

@@ -766,7 +766,11 @@ impl CudaBackend {
                 plan.ops.len() * std::mem::size_of::<MkOp>(),
             )
         };
-        let ops = self.upload_bytes(bytes, "decode megakernel program")?;
+        let ops = self.upload_bytes(
+            crate::memory::MemClass::Workspace,
+            bytes,
+            "decode megakernel program",
+        )?;
         let bar = DevBuf::alloc(&self.dev.stream, 8, "decode megakernel barrier")?;
         let trace = if super::knobs::on_if_one("KESTREL_MEGAKERNEL_TRACE") {
             Some(Trace {

@@ -49,6 +49,7 @@ use crate::backend::{
 };
 use crate::error::BackendError;
 use crate::layout::{AttnParams, BatchLayout, KvSpec, RopeParams};
+use crate::memory::MemClass;
 use device::Device;
 use launch::{grid_for, i32_of, Arg, Kernels};
 use meta::Meta;
@@ -722,16 +723,16 @@ impl CudaBackend {
         Ok(())
     }
 
-    fn upload_bytes(&self, bytes: &[u8], what: &str) -> Result<DevBuf> {
+    fn upload_bytes(&self, class: MemClass, bytes: &[u8], what: &str) -> Result<DevBuf> {
         self.refuse_in_capture(what)?;
-        let buf = DevBuf::alloc(&self.dev.stream, bytes.len(), what)?;
+        let buf = DevBuf::alloc_in(class, &self.dev.stream, bytes.len(), what)?;
         self.htod(buf.ptr, bytes, &format!("uploading {what}"))?;
         Ok(buf)
     }
 
     fn upload_f32(&self, v: &[f32], what: &str) -> Result<DevBuf> {
         let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-        self.upload_bytes(&bytes, what)
+        self.upload_bytes(MemClass::Weights, &bytes, what)
     }
 
     /// Writes f32 values into an existing activation (tests, host inputs).
@@ -1162,7 +1163,7 @@ impl Backend for CudaBackend {
     fn upload_matrix(&self, t: &TensorView<'_>) -> Result<CudaWeight> {
         static NEXT_WEIGHT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let p = weights::pack(t)?;
-        let buf = self.upload_bytes(&p.bytes, t.name)?;
+        let buf = self.upload_bytes(MemClass::Weights, &p.bytes, t.name)?;
         let mut w = CudaWeight {
             buf,
             format: p.format,
@@ -1212,7 +1213,7 @@ impl Backend for CudaBackend {
                 "KvSpec has a zero dimension: {spec:?}"
             )));
         }
-        let buf = DevBuf::alloc(&self.dev.stream, spec.bytes(), "KV pool")?;
+        let buf = DevBuf::alloc_in(MemClass::Kv, &self.dev.stream, spec.bytes(), "KV pool")?;
         static NEXT_POOL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Ok(CudaKvPool {
             buf,
@@ -1940,6 +1941,10 @@ impl Backend for CudaBackend {
 
     fn runs_async(&self) -> bool {
         true
+    }
+
+    fn device_allocations(&self) -> Option<crate::memory::DeviceAllocations> {
+        Some(buffers::LEDGER.snapshot())
     }
 
     fn device_memory(&self) -> Option<(u64, u64)> {

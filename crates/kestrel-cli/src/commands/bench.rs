@@ -228,7 +228,11 @@ impl BackendTask for BenchTask {
             bar.finish_and_clear();
         }
         let device_mem = backend.device_memory();
-        let mem = memory::report(device_mem, model_bytes_hint(&self.path));
+        let mem = memory::report(
+            device_mem,
+            backend.device_allocations(),
+            model_bytes_hint(&self.path),
+        );
         eprintln!("{}", memory::describe(&mem));
         rows.push(Row::new(
             "memory",

@@ -18,7 +18,7 @@ use kestrel_server::{AppState, ServerOptions, DEFAULT_MAX_BODY_BYTES};
 
 use super::speculation_args::DEFAULT_SPEC_TOKENS;
 use crate::device::{dispatch_with, BackendTask, Device, Kernels, KvArg};
-use crate::{loading, model_path};
+use crate::{loading, memory, model_path};
 
 #[derive(Args, Clone, Debug)]
 pub struct ServeArgs {
@@ -132,7 +132,14 @@ impl BackendTask for ServeTask {
             None => "off".into(),
         };
         let tok = Arc::new(tok);
+        let backend = model.backend.clone();
         let engine = Engine::new(Arc::new(model), tok.clone(), config)?.spawn()?;
+        // What the device holds once the KV pool is allocated (GPU only).
+        if let Some(buffers) = backend.device_allocations() {
+            let file_bytes = std::fs::metadata(&self.path).map_or(0, |m| m.len());
+            let report = memory::report(backend.device_memory(), Some(buffers), file_bytes);
+            eprintln!("kestrel serve: {}", memory::describe(&report));
+        }
         let name = a.served_model_name.clone().unwrap_or_else(|| {
             self.path
                 .file_stem()
