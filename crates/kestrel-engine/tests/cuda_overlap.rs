@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use kestrel_backend::cuda::CudaBackend;
+use kestrel_backend::cuda::{CudaBackend, KernelSet};
 use kestrel_backend::Backend as _;
 use kestrel_engine::engine::{Engine, EngineConfig};
 use kestrel_engine::events::{Event, FinishReason};
@@ -133,18 +133,7 @@ fn overlapped_sampled_steps_match_plain_steps() {
 /// The default model on CUDA with its tokenizer; None (after saying SKIP)
 /// without a usable GPU.
 fn cuda_model() -> Option<(Arc<Model<CudaBackend>>, Arc<Tokenizer>)> {
-    let be = match CudaBackend::new(0) {
-        Ok(b) => Arc::new(b),
-        Err(e) => {
-            assert_eq!(
-                kestrel_backend::cuda::device_count(),
-                0,
-                "a GPU is present but the CUDA backend failed: {e}"
-            );
-            println!("SKIP: no CUDA device: {e}");
-            return None;
-        }
-    };
+    let be = Arc::new(CudaBackend::for_tests(KernelSet::Fused)?);
     let path = kestrel_formats::default_model_path();
     let model =
         Arc::new(Model::load(&path, be).unwrap_or_else(|e| panic!("loading {}: {e}", path.display())));

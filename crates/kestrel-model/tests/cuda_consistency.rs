@@ -39,18 +39,8 @@ fn last_logits(model: &Model<CudaBackend>, seq: &[u32], split: usize, spare: usi
 /// The default model on the fused CUDA kernels; None (after saying SKIP)
 /// without a usable GPU.
 fn cuda_model() -> Option<Model<CudaBackend>> {
-    match CudaBackend::with_kernels(0, KernelSet::Fused) {
-        Ok(be) => Some(Model::load(&common::default_model(), Arc::new(be)).unwrap()),
-        Err(e) => {
-            assert_eq!(
-                kestrel_backend::cuda::device_count(),
-                0,
-                "a GPU is present but the CUDA backend failed: {e}"
-            );
-            println!("SKIP: no CUDA device: {e}");
-            None
-        }
-    }
+    let be = CudaBackend::for_tests(KernelSet::Fused)?;
+    Some(Model::load(&common::default_model(), Arc::new(be)).unwrap())
 }
 
 #[test]

@@ -50,17 +50,8 @@ fn run_all<B: Backend>(model: &Model<B>, cases: &[common::RefCase]) -> Vec<(Vec<
 
 #[test]
 fn cuda_greedy_matches_cpu_reference_kernels_and_llama_cpp() {
-    let fused = match CudaBackend::with_kernels(0, KernelSet::Fused) {
-        Ok(b) => b,
-        Err(e) => {
-            assert_eq!(
-                kestrel_backend::cuda::device_count(),
-                0,
-                "a GPU is present but the CUDA backend failed: {e}"
-            );
-            println!("SKIP: no CUDA device: {e}");
-            return;
-        }
+    let Some(fused) = CudaBackend::for_tests(KernelSet::Fused) else {
+        return;
     };
     println!("device: {}", fused.describe());
     let path = common::default_model();

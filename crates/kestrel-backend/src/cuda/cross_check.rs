@@ -221,17 +221,8 @@ fn layer_matches_cpu_backend() {
     };
     let cpu = run(&CpuBackend::new(), &m);
     for ks in [KernelSet::Fused, KernelSet::Reference] {
-        let be = match CudaBackend::with_kernels(0, ks) {
-            Ok(b) => b,
-            Err(e) => {
-                assert_eq!(
-                    super::device_count(),
-                    0,
-                    "a GPU is present but the CUDA backend failed: {e}"
-                );
-                eprintln!("SKIP: no CUDA device: {e}");
-                return;
-            }
+        let Some(be) = CudaBackend::for_tests(ks) else {
+            return;
         };
         let gpu = run(&be, &m);
         assert_eq!(gpu.len(), cpu.len());

@@ -278,7 +278,6 @@ impl CudaBackend {
     /// other weights, the reference kernels, `KESTREL_LMHEAD_TILED=0`, or a
     /// spent budget.
     pub(crate) fn q8_tiled_copy(&self, w: &CudaWeight) -> Result<Option<(DevBuf, usize)>, BackendError> {
-        use std::sync::atomic::Ordering;
         let tall = w.format == Format::Q8_0 && w.rows >= Q8_TALL && w.cols.is_multiple_of(64);
         if !tall || self.kernels == KernelSet::Reference || !default_lmhead_tiled() {
             return Ok(None);
@@ -286,20 +285,9 @@ impl CudaBackend {
         let units = w.rows.div_ceil(32);
         let scale_off = (units * 32 * w.cols).div_ceil(256) * 256;
         let bytes = scale_off + units * 32 * (w.cols / 32) * 2;
-        let took = self
-            .dense_budget
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
-                left.checked_sub(bytes)
-            });
-        if took.is_err() {
+        let Some(buf) = self.weight_copy(bytes, "tiled Q8_0 LM head")? else {
             return Ok(None);
-        }
-        let buf = DevBuf::alloc_in(
-            MemClass::WeightCopies,
-            &self.dev.stream,
-            bytes,
-            "tiled Q8_0 LM head",
-        )?;
+        };
         let (p0, _, p2) = w.ptrs();
         self.run(
             "q8_tile_pack",
@@ -430,11 +418,22 @@ impl CudaBackend {
     /// An f16 copy of `w` when the dense budget has room for it (the fused
     /// set only; the reference set keeps to its plain kernel).
     pub(crate) fn dense_mirror(&self, w: &CudaWeight) -> Result<Option<DevBuf>, BackendError> {
-        use std::sync::atomic::Ordering;
         if self.kernels == KernelSet::Reference {
             return Ok(None);
         }
         let bytes = w.rows * w.cols * 2;
+        let Some(buf) = self.weight_copy(bytes, "f16 weight mirror")? else {
+            return Ok(None);
+        };
+        self.dequant_f16_into(w, buf.ptr)?;
+        Ok(Some(buf))
+    }
+
+    /// A buffer for a weight copy kept for speed (f16 mirrors, stacked
+    /// mirrors, the LM head's tiled copy), its bytes taken from the dense
+    /// budget; None when too little of the budget is left.
+    fn weight_copy(&self, bytes: usize, what: &str) -> Result<Option<DevBuf>, BackendError> {
+        use std::sync::atomic::Ordering;
         let took = self
             .dense_budget
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
@@ -443,14 +442,7 @@ impl CudaBackend {
         if took.is_err() {
             return Ok(None);
         }
-        let buf = DevBuf::alloc_in(
-            MemClass::WeightCopies,
-            &self.dev.stream,
-            bytes,
-            "f16 weight mirror",
-        )?;
-        self.dequant_f16_into(w, buf.ptr)?;
-        Ok(Some(buf))
+        DevBuf::alloc_in(MemClass::WeightCopies, &self.dev.stream, bytes, what).map(Some)
     }
 
     /// All of `w` dequantized to f16, row-major, at device address `dst`.
@@ -536,7 +528,6 @@ impl CudaBackend {
     /// columns differ, the dense budget is spent, or the leading weight
     /// already leads another group.
     fn stacked<'w>(&self, ws: &[&'w CudaWeight]) -> Result<Option<&'w Stacked>, BackendError> {
-        use std::sync::atomic::Ordering;
         let lead = ws[0];
         let ids = || ws[1..].iter().map(|w| w.id);
         if let Some(s) = lead.stacked.get() {
@@ -548,20 +539,12 @@ impl CudaBackend {
         let fits = ws.iter().all(|w| w.dense.is_some() && w.cols == lead.cols);
         let rows: usize = ws.iter().map(|w| w.rows).sum();
         let bytes = rows * lead.cols * 2;
-        let took = fits
-            && self
-                .dense_budget
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
-                    left.checked_sub(bytes)
-                })
-                .is_ok();
-        let stacked = if took {
-            let buf = DevBuf::alloc_in(
-                MemClass::WeightCopies,
-                &self.dev.stream,
-                bytes,
-                "stacked f16 weight mirror",
-            )?;
+        let buf = if fits {
+            self.weight_copy(bytes, "stacked f16 weight mirror")?
+        } else {
+            None
+        };
+        let stacked = if let Some(buf) = buf {
             let mut r0 = 0;
             for w in ws {
                 self.dequant_f16_into(w, buf.ptr + (r0 * w.cols * 2) as u64)?;

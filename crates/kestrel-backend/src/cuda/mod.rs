@@ -337,6 +337,25 @@ impl CudaBackend {
         Self::with_kernels(ordinal, KernelSet::Fused)
     }
 
+    /// For tests that need a GPU: device 0 with `kernels`, or None after
+    /// printing "SKIP: no CUDA device" where this machine has none. Where a
+    /// device is present and the backend still fails to start, it panics: a
+    /// broken build must not pass as skipped.
+    pub fn for_tests(kernels: KernelSet) -> Option<CudaBackend> {
+        match Self::with_kernels(0, kernels) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                assert_eq!(
+                    device_count(),
+                    0,
+                    "a GPU is present but the CUDA backend failed: {e}"
+                );
+                println!("SKIP: no CUDA device: {e}");
+                None
+            }
+        }
+    }
+
     /// Opens device `ordinal`; errors (never panics) when no driver, NVRTC,
     /// cuBLAS or GPU is available, saying which.
     pub fn with_kernels(ordinal: usize, kernels: KernelSet) -> Result<CudaBackend> {

@@ -15,21 +15,9 @@ use crate::layout::{AttnParams, BatchLayout, KvDType, KvSpec, RopeParams, RopeSt
 /// megakernel's path and the fusions' tests; the default sends them to the
 /// f16 mirrors, covered by `hgemm_matches_f64_on_f16_operands_and_is_batch_invariant`).
 fn backend(ks: KernelSet) -> Option<CudaBackend> {
-    match CudaBackend::with_kernels(0, ks) {
-        Ok(b) => {
-            b.set_gemv_rows(4);
-            Some(b)
-        }
-        Err(e) => {
-            assert_eq!(
-                super::device_count(),
-                0,
-                "a GPU is present but the CUDA backend failed: {e}"
-            );
-            eprintln!("SKIP: no CUDA device: {e}");
-            None
-        }
-    }
+    let b = CudaBackend::for_tests(ks)?;
+    b.set_gemv_rows(4);
+    Some(b)
 }
 
 const SETS: [KernelSet; 2] = [KernelSet::Fused, KernelSet::Reference];
