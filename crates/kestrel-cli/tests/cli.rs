@@ -157,6 +157,14 @@ fn chat_flag_uses_the_built_in_gemma_template() {
         (10..=14).contains(&prompt_tokens),
         "prompt tokens {prompt_tokens}"
     );
+    // The memory report: the host peak holds at least the mapped weights'
+    // touched pages; no device figures on the CPU.
+    let mem = &stats["memory"];
+    assert!(mem["peak_host_mib"].as_f64().unwrap() > 100.0, "{mem}");
+    assert!(
+        mem["device_buffers"].is_null() && mem["device_used_mib"].is_null(),
+        "{mem}"
+    );
 }
 
 #[test]

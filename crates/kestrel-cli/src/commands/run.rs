@@ -13,7 +13,7 @@ use kestrel_tokenizer::ChatMessage;
 use super::sampling_args::SamplingArgs;
 use super::speculation_args::{DraftArgs, DEFAULT_SPEC_TOKENS};
 use crate::device::{dispatch_with, BackendTask, Device, Kernels};
-use crate::{loading, model_path};
+use crate::{loading, memory, model_path};
 
 #[derive(Args, Clone, Debug)]
 pub struct RunArgs {
@@ -119,6 +119,17 @@ impl BackendTask for RunTask {
             gen.decode_tok_s(),
             gen.finish
         );
+        // Host peak, and on a GPU the device in use and this process's
+        // buffers by class.
+        let file_bytes = std::fs::metadata(&self.path).map_or(0, |m| m.len());
+        let mem = memory::report(
+            model.backend.device_memory(),
+            model.backend.device_allocations(),
+            file_bytes,
+        );
+        if mem.device_buffers.is_some() {
+            eprintln!("{}", memory::describe(&mem));
+        }
         if a.json {
             let j = serde_json::json!({
                 "prompt_tokens": gen.prompt_tokens,
@@ -131,6 +142,7 @@ impl BackendTask for RunTask {
                 "draft_tokens": gen.draft_tokens,
                 "accepted_tokens": gen.accepted_tokens,
                 "tokens": gen.tokens,
+                "memory": mem,
             });
             eprintln!("{j}");
         }
