@@ -2,7 +2,9 @@
 //! mark, so it covers every allocation and mapped weight page touched) and
 //! device memory in use as the driver reports it.
 
-use kestrel_backend::DeviceAllocations;
+use std::path::Path;
+
+use kestrel_backend::{Backend, DeviceAllocations};
 use serde::Serialize;
 
 #[derive(Clone, Debug, Serialize)]
@@ -58,7 +60,13 @@ pub fn peak_host_mib() -> f64 {
     host_peak_kib().map_or(0.0, |kb| kb as f64 / 1024.0)
 }
 
-pub fn report(
+/// The report for a run on `be` of the model file at `model`.
+pub fn report<B: Backend + ?Sized>(be: &B, model: &Path) -> MemoryReport {
+    let file_bytes = std::fs::metadata(model).map_or(0, |m| m.len());
+    report_from(be.device_memory(), be.device_allocations(), file_bytes)
+}
+
+fn report_from(
     device: Option<(u64, u64)>,
     buffers: Option<DeviceAllocations>,
     model_file_bytes: u64,
@@ -104,7 +112,7 @@ mod tests {
             kv: 18 << 20,
             workspace: 60 << 20,
         };
-        let m = report(Some((78_000 << 20, 80_000 << 20)), Some(a), 253 << 20);
+        let m = report_from(Some((78_000 << 20, 80_000 << 20)), Some(a), 253 << 20);
         let d = describe(&m);
         assert!(
             d.contains(
@@ -112,7 +120,7 @@ mod tests {
             ),
             "{d}"
         );
-        let cpu = describe(&report(None, None, 253 << 20));
+        let cpu = describe(&report_from(None, None, 253 << 20));
         assert!(!cpu.contains("device") && !cpu.contains("weights"), "{cpu}");
     }
 
@@ -128,7 +136,7 @@ mod tests {
         // This test process has touched at least a few MiB.
         let v = peak_host_mib();
         assert!(v > 1.0, "VmHWM {v} MiB");
-        let r = report(Some((1 << 30, 4 << 30)), None, 0);
+        let r = report_from(Some((1 << 30, 4 << 30)), None, 0);
         assert_eq!(r.device_used_mib, Some(3072.0));
     }
 }

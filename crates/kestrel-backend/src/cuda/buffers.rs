@@ -17,9 +17,8 @@ pub struct DevBuf {
     _slice: CudaSlice<u8>,
     pub(crate) ptr: u64,
     pub(crate) bytes: usize,
-    /// What it holds, and the bytes the ledger counted for it.
+    /// What it holds, for the ledger.
     class: MemClass,
-    counted: u64,
 }
 
 /// Every device buffer of this process, by class (`device_allocations`).
@@ -53,14 +52,14 @@ impl DevBuf {
             ptr,
             bytes,
             class,
-            counted: n as u64,
         })
     }
 }
 
 impl Drop for DevBuf {
     fn drop(&mut self) {
-        LEDGER.sub(self.class, self.counted);
+        // What `alloc_in` counted: the allocated size.
+        LEDGER.sub(self.class, self.bytes.max(16) as u64);
     }
 }
 

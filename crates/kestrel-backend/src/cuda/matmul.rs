@@ -117,6 +117,15 @@ fn argmax_head_enabled() -> bool {
     *ON.get_or_init(|| super::knobs::on_unless_zero("KESTREL_ARGMAX_HEAD"))
 }
 
+/// Whether the tensor-core Q8_0 kernel can take `w` at all: a tall Q8_0
+/// matrix (the LM head) whose columns fit its layout and shared memory.
+fn mma_q8_fits(w: &CudaWeight) -> bool {
+    w.format == Format::Q8_0
+        && w.rows >= Q8_TALL
+        && w.cols.is_multiple_of(64)
+        && mma_q8_smem(8, w.cols) <= MMA_SMEM_MAX
+}
+
 /// Whether tall Q8_0 matrices get a tiled copy at upload, which the LM
 /// head's kernels then read (tuning knob `KESTREL_LMHEAD_TILED=0` turns it
 /// off; see mma_q8.cu). H100, default model: the LM head took 84 us at 66%
@@ -152,11 +161,7 @@ impl CudaBackend {
     /// tall Q8_0 matrices (the LM head) whose columns fit its layout.
     pub(crate) fn mma_q8_takes(&self, t: usize, w: &CudaWeight) -> bool {
         let min = mma_min_rows_knob().unwrap_or(self.gemv_rows() + 1);
-        w.format == Format::Q8_0
-            && w.rows >= Q8_TALL
-            && w.cols.is_multiple_of(64)
-            && mma_q8_smem(8, w.cols) <= MMA_SMEM_MAX
-            && (min..=MMA_MAX_ROWS).contains(&t)
+        mma_q8_fits(w) && (min..=MMA_MAX_ROWS).contains(&t)
     }
 
     pub(crate) fn weight_args(w: &CudaWeight) -> Result<[Arg; 6], BackendError> {
@@ -275,11 +280,12 @@ impl CudaBackend {
     /// The tiled copy of a tall Q8_0 matrix that `mma_q8_0t_*` reads (see
     /// mma_q8.cu): quants then scales, charged to the dense budget like an
     /// f16 mirror (188 MB for Gemma 3's 262,144 x 640 LM head). None for
-    /// other weights, the reference kernels, `KESTREL_LMHEAD_TILED=0`, or a
-    /// spent budget.
+    /// weights the Q8_0 kernel cannot take, the reference kernels,
+    /// `KESTREL_LMHEAD_TILED=0`, or a spent budget.
     pub(crate) fn q8_tiled_copy(&self, w: &CudaWeight) -> Result<Option<(DevBuf, usize)>, BackendError> {
-        let tall = w.format == Format::Q8_0 && w.rows >= Q8_TALL && w.cols.is_multiple_of(64);
-        if !tall || self.kernels == KernelSet::Reference || !default_lmhead_tiled() {
+        // Only a matrix the Q8_0 kernel can take: a copy it never reads
+        // would be wasted memory.
+        if !mma_q8_fits(w) || self.kernels == KernelSet::Reference || !default_lmhead_tiled() {
             return Ok(None);
         }
         let units = w.rows.div_ceil(32);

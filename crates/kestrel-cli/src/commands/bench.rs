@@ -227,12 +227,7 @@ impl BackendTask for BenchTask {
             }
             bar.finish_and_clear();
         }
-        let device_mem = backend.device_memory();
-        let mem = memory::report(
-            device_mem,
-            backend.device_allocations(),
-            model_bytes_hint(&self.path),
-        );
+        let mem = memory::report(backend.as_ref(), &self.path);
         eprintln!("{}", memory::describe(&mem));
         rows.push(Row::new(
             "memory",
@@ -266,9 +261,4 @@ impl BackendTask for BenchTask {
         }
         Ok(())
     }
-}
-
-/// Size of the model file (for the memory report's context).
-fn model_bytes_hint(path: &std::path::Path) -> u64 {
-    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }

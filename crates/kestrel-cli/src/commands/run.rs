@@ -121,12 +121,7 @@ impl BackendTask for RunTask {
         );
         // Host peak, and on a GPU the device in use and this process's
         // buffers by class.
-        let file_bytes = std::fs::metadata(&self.path).map_or(0, |m| m.len());
-        let mem = memory::report(
-            model.backend.device_memory(),
-            model.backend.device_allocations(),
-            file_bytes,
-        );
+        let mem = memory::report(model.backend.as_ref(), &self.path);
         if mem.device_buffers.is_some() {
             eprintln!("{}", memory::describe(&mem));
         }

@@ -135,10 +135,9 @@ impl BackendTask for ServeTask {
         let backend = model.backend.clone();
         let engine = Engine::new(Arc::new(model), tok.clone(), config)?.spawn()?;
         // What the device holds once the KV pool is allocated (GPU only).
-        if let Some(buffers) = backend.device_allocations() {
-            let file_bytes = std::fs::metadata(&self.path).map_or(0, |m| m.len());
-            let report = memory::report(backend.device_memory(), Some(buffers), file_bytes);
-            eprintln!("kestrel serve: {}", memory::describe(&report));
+        let mem = memory::report(backend.as_ref(), &self.path);
+        if mem.device_buffers.is_some() {
+            eprintln!("kestrel serve: {}", memory::describe(&mem));
         }
         let name = a.served_model_name.clone().unwrap_or_else(|| {
             self.path
